@@ -1,0 +1,55 @@
+"""The entrypoint: parse the two flags, read settings, run, and turn every outcome into an exit code."""
+
+import logging
+import sys
+
+from job import storage
+from job.errors import DataError, JobError, OutputError
+from job.report import setup_logging
+from job.settings import help_text, load_settings
+
+log = logging.getLogger("job")
+
+
+def check(settings) -> None:
+    """--check: settings are valid (already), the dataset is reachable and the output writable."""
+    from job import data
+    from job.runtime import pick_device
+
+    pick_device(settings.device)
+    with storage.errors(settings.data_uri, DataError, "read dataset"):
+        fmt = data.check(settings.data_uri, settings.data_format)
+    run_uri = storage.join(settings.output_uri, settings.run_name)
+    with storage.errors(run_uri, OutputError, "write to"):
+        storage.check_writable(run_uri)
+    log.info(f"check passed: dataset {storage.redact_uri(settings.data_uri)} ({fmt}) is readable; "
+             f"{storage.redact_uri(run_uri)} is writable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
+    unknown = [a for a in argv if a != "--check"]
+    if unknown:
+        print(f"error: unknown argument(s) {' '.join(unknown)}; the job is configured by JOB_* variables "
+              "(see python -m job --help)", file=sys.stderr)
+        return 2
+    setup_logging(enabled=True)
+    try:
+        settings = load_settings()
+        storage.configure(settings.storage_retries)
+        if "--check" in argv:
+            check(settings)
+            return 0
+        from job.runtime import setup  # imports torch: keep --help and settings errors fast
+        from job.train import run
+        run(settings, setup(settings))
+        return 0
+    except JobError as exc:
+        log.error(f"{exc} (exit {exc.exit_code})")
+        return exc.exit_code
+    except Exception:
+        log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
+        return 1

@@ -1,0 +1,169 @@
+"""Datasets: find and validate what the job was pointed at, and hold small ones as tensors.
+
+MNIST-format data (four IDX files, gzip or raw) is small enough to live as tensors on the
+device: batches are taken by index, with no per-item Dataset/DataLoader on the hot path.
+"""
+
+import gzip
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from job import storage
+from job.errors import DataError
+
+# role -> file stem; each may be stored raw or with .gz
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes, the only one MNIST uses
+
+
+@dataclass
+class TensorData:
+    """A dataset held in memory: images as float in [0, 1], shape (N, C, H, W); labels int64."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    test_x: torch.Tensor | None
+    test_y: torch.Tensor | None
+    class_names: list[str]
+    fingerprint: str  # sha256 over the data files' names and contents
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _find(root: str, stem: str) -> str | None:
+    for name in (stem, stem + ".gz"):
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+def detect_format(root: str) -> str:
+    if _find(root, MNIST_FILES["train_images"]):
+        return "mnist"
+    if os.path.isdir(os.path.join(root, "train")):
+        return "imagefolder"
+    raise DataError(f"no dataset found in {root}: expected {MNIST_FILES['train_images']}[.gz] "
+                    "(MNIST format) or a train/ folder of class folders; check JOB_DATA_URI")
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """Read one IDX file, checking the magic number and that the payload matches the header."""
+    name = os.path.basename(path)
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{name}: cannot read ({exc.__class__.__name__}: {exc}); the file is corrupt or truncated") from None
+    if len(raw) < 4 + 4 * ndim or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{name}: not an IDX file (bad magic number)")
+    if raw[2] != IDX_UBYTE or raw[3] != ndim:
+        raise DataError(f"{name}: bad magic number 0x{raw[:4].hex()}; expected 0x0000{IDX_UBYTE:02x}{ndim:02x} "
+                        f"(unsigned bytes, {ndim} dimensions)")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(raw) - offset != expected:
+        raise DataError(f"{name}: header says {dims} ({expected} bytes) but the file holds {len(raw) - offset}; "
+                        "the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _read_pair(root: str, images_stem: str, labels_stem: str, required: bool):
+    images_path, labels_path = _find(root, images_stem), _find(root, labels_stem)
+    if not images_path and not labels_path and not required:
+        return None
+    for stem, path in ((images_stem, images_path), (labels_stem, labels_path)):
+        if not path:
+            raise DataError(f"{stem}[.gz] is missing from the dataset at {root}")
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise DataError(f"{os.path.basename(images_path)} holds {len(images)} images but "
+                        f"{os.path.basename(labels_path)} holds {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError(f"{os.path.basename(images_path)} holds no images")
+    return images, labels, [images_path, labels_path]
+
+
+def fingerprint(paths: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
+def load_mnist(root: str, device: torch.device) -> TensorData:
+    train = _read_pair(root, MNIST_FILES["train_images"], MNIST_FILES["train_labels"], required=True)
+    test = _read_pair(root, MNIST_FILES["test_images"], MNIST_FILES["test_labels"], required=False)
+    num_classes = int(train[1].max()) + 1
+    if test is not None and int(test[1].max()) >= num_classes:
+        raise DataError(f"{os.path.basename(test[2][1])} has label {int(test[1].max())}, "
+                        f"outside the {num_classes} classes of the training labels")
+
+    def tensors(images, labels):
+        # One copy to the device, then float in [0, 1] as torchvision's ToTensor gives.
+        x = torch.from_numpy(images.copy()).to(device).unsqueeze(1).float().div_(255)
+        return x, torch.from_numpy(labels.astype(np.int64)).to(device)
+
+    x, y = tensors(train[0], train[1])
+    test_x, test_y = tensors(test[0], test[1]) if test else (None, None)
+    files = train[2] + (test[2] if test else [])
+    return TensorData(x, y, test_x, test_y, [str(i) for i in range(num_classes)], fingerprint(files))
+
+
+def load(settings, device: torch.device) -> TensorData:
+    """Pull the dataset into the local cache and load it; every problem is a DataError (exit 3)."""
+    with storage.errors(settings.data_uri, DataError, "read dataset"):
+        root = storage.pull(settings.data_uri, settings.cache_dir)
+    fmt = detect_format(root) if settings.data_format == "auto" else settings.data_format
+    if fmt != "mnist":
+        raise DataError(f"JOB_DATA_FORMAT={fmt} is not supported by this version; accepted: mnist")
+    return load_mnist(root, device)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random (train, val) split of range(n) as in the tutorial's split_indices, but seeded."""
+    n_val = int(val_fraction * n)
+    if n_val < 1 or n - n_val < 1:
+        raise DataError(f"JOB_VAL_FRACTION={val_fraction} leaves an empty split of {n} samples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
+
+
+def epoch_order(train_idx: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """The training indices in this epoch's order: a fresh shuffle per epoch that depends only on
+    (seed, epoch), so a resumed run replays exactly the order an uninterrupted run would use."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return train_idx[torch.randperm(len(train_idx), generator=g)]
+
+
+def check(uri: str, data_format: str) -> str:
+    """Reach the dataset without pulling it: list its top level and recognise the format."""
+    names = storage.list_names(uri)
+    if not names:
+        raise FileNotFoundError(uri)
+    found = "mnist" if any(n.startswith(MNIST_FILES["train_images"]) for n in names) else (
+        "imagefolder" if "train" in names else None)
+    if found is None or data_format not in ("auto", found):
+        expected = data_format if data_format != "auto" else "mnist or imagefolder"
+        raise DataError(f"{uri} does not look like {expected} data (found {', '.join(names[:5])}); check JOB_DATA_URI")
+    return found
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as an IDX file (the inverse of read_idx)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, IDX_UBYTE, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()

@@ -1,0 +1,52 @@
+"""Errors a user or a scheduler can act on, and the exit code each one ends the job with.
+
+The table is a public contract: the README documents it and the Kubernetes podFailurePolicy is
+generated from it (tests import it from here rather than copying the numbers).
+"""
+
+# exit code -> (meaning, what a scheduler should do with it)
+EXIT_CODES: dict[int, tuple[str, str]] = {
+    0: ("completed", "done"),
+    1: ("unexpected error (a bug: please report it with the log)", "retry"),
+    2: ("invalid settings", "fail at once"),
+    3: ("dataset or checkpoint missing, invalid or incompatible", "fail at once"),
+    4: ("output location not writable", "fail at once"),
+    65: ("training diverged (NaN or infinite loss)", "fail at once"),
+    75: ("transient storage failure after retries", "retry"),
+    130: ("stopped by SIGINT after saving a checkpoint", "retry"),
+    143: ("stopped by SIGTERM after saving a checkpoint", "retry"),
+}
+
+
+class JobError(Exception):
+    """An error with a one-line message for the person on call and an exit code for the scheduler."""
+
+    exit_code = 1
+
+
+class SettingsError(JobError):
+    exit_code = 2
+
+
+class DataError(JobError):
+    exit_code = 3
+
+
+class OutputError(JobError):
+    exit_code = 4
+
+
+class DivergedError(JobError):
+    exit_code = 65
+
+
+class TransientStorageError(JobError):
+    exit_code = 75
+
+
+class Stopped(JobError):
+    """Raised once a signal-triggered checkpoint is safely written; carries 128 + signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum} after saving a checkpoint")
+        self.exit_code = 128 + signum

@@ -1,0 +1,72 @@
+"""What a run tells people: log lines, history.jsonl, summary.json, failure.json and plots.
+
+Metrics are data: the same names appear in the log line, the history rows and the plots.
+"""
+
+import io
+import json
+import logging
+import sys
+
+from job import storage
+
+log = logging.getLogger("job")
+METRIC_FORMATS = {"train_loss": ".4f", "train_accuracy": ".4f", "val_loss": ".4f", "val_accuracy": ".4f",
+                  "lr": ".4g", "epoch_seconds": ".2f", "train_samples_per_second": ".0f"}
+
+
+def setup_logging(enabled: bool) -> None:
+    """Plain timestamped lines on stdout for `kubectl logs`; only the main process speaks."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if enabled else logging.ERROR)
+    log.propagate = False
+
+
+def format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}"]
+    parts += [f"{k}={row[k]:{fmt}}" for k, fmt in METRIC_FORMATS.items() if k in row]
+    return " ".join(parts)
+
+
+def history_bytes(history: list[dict]) -> bytes:
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in history).encode()
+
+
+def read_history(run_uri: str) -> list[dict]:
+    uri = storage.join(run_uri, "history.jsonl")
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def plot_png(history: list[dict], metric: str) -> bytes:
+    """Train and val curves of one metric per epoch. Uses matplotlib's object API (no pyplot
+    global state) so it is safe in the uploader thread."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    epochs = [row["epoch"] for row in history]
+    for split in ("train", "val"):
+        ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def publish(run_uri: str, history: list[dict], summary: dict) -> None:
+    """Rewrite history, summary and plots whole (object stores cannot append)."""
+    storage.write_bytes(storage.join(run_uri, "history.jsonl"), history_bytes(history))
+    if history:
+        for metric in ("accuracy", "loss"):
+            storage.write_bytes(storage.join(run_uri, "plots", f"{metric}.png"), plot_png(history, metric))
+    storage.write_json(storage.join(run_uri, "summary.json"), summary)

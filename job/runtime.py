@@ -1,0 +1,90 @@
+"""Where the job runs: device, CPU threads, seeds and stop signals, decided once at start.
+
+The rest of the code receives a Runtime and never asks "is CUDA here?" again.
+"""
+
+import os
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from job.errors import SettingsError, Stopped
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGTERM/SIGINT. Before training starts a signal ends the job at once (nothing to
+    save yet); once training owns the state, the loop polls `signum` and stops at a step edge."""
+
+    signum: int = 0
+    at: float = 0.0  # time.monotonic() when the signal arrived; the grace period counts from here
+    deferred: bool = False  # True while the training loop is able to save
+
+    def handler(self, signum, frame):
+        if self.signum:  # a second signal: the user insists
+            raise Stopped(signum)
+        self.signum, self.at = signum, time.monotonic()
+        if not self.deferred:
+            raise Stopped(signum)
+
+    def deadline(self, grace_seconds: float) -> float:
+        return self.at + grace_seconds
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    threads: int
+    stop: StopRequest = field(default_factory=StopRequest)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        return f"{self.device} ({name}), {self.threads} CPU threads"
+
+
+def cpus_available() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SettingsError(f"JOB_DEVICE={requested}: no CUDA device is visible to this process; use auto or cpu")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise SettingsError(f"JOB_DEVICE={requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def setup(settings) -> Runtime:
+    device = pick_device(settings.device)
+    # Small models on few cores lose badly to thread oversubscription (one epoch of a 784-32-10
+    # MLP ran ~10x slower with the default count while another process was busy; ../shared
+    # INFRA.md). One thread per process is the measured best for the in-memory MLP on CPU
+    # (scripts/bench_mlp.py --threads); larger models get the CPUs this process may use.
+    threads = settings.threads or (1 if settings.model == "mlp" else cpus_available())
+    torch.set_num_threads(threads)
+    torch.manual_seed(settings.seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    runtime = Runtime(device=device, threads=threads)
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, runtime.stop.handler)
+    return runtime

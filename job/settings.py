@@ -1,0 +1,219 @@
+"""Every setting of the job, in one typed object read from `JOB_*` environment variables.
+
+The field names are a public contract: manifests, ConfigMaps and users' scripts set them. Each
+field's description is its one-line documentation; `python -m job --help` prints them.
+"""
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import typing
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from job.errors import SettingsError
+
+ENV_PREFIX = "JOB_"
+URI_SCHEMES = ("file", "s3", "gs", "gcs", "memory")
+# Settings that change what is trained; together they name the run, so a restarted pod with the
+# same settings finds its own run directory. Epochs are left out on purpose (asking for more
+# epochs continues the same run) except where the schedule's shape depends on them.
+EXPERIMENT_FIELDS = (
+    "data_uri", "data_format", "model", "hidden_sizes", "batch_size", "lr", "optimizer",
+    "momentum", "weight_decay", "lr_schedule", "lr_milestones", "lr_gamma", "val_fraction", "seed",
+)
+
+
+def _split_ints(value):
+    """`"256,128"` -> [256, 128]; an empty string is an empty list (e.g. no hidden layers)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            return [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers such as 256,128, got {value!r}")
+    return value
+
+
+IntList = Annotated[list[int], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # --- data -------------------------------------------------------------------------------
+    data_uri: str = Field(description="dataset location: a local path, file://, s3://, gs:// or memory:// URI (required)")
+    data_format: Literal["auto", "mnist", "imagefolder"] = Field("auto", description="dataset layout; auto detects MNIST IDX files or class folders")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the training set held out for validation (random, seeded, saved with the run)")
+    cache_dir: str = Field(os.path.join(tempfile.gettempdir(), "trainjob-cache"), description="local directory the dataset is pulled into (must be writable; works with a read-only root via TMPDIR)")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes for datasets read from files (default: from the CPUs available)")
+    # --- model ------------------------------------------------------------------------------
+    model: Literal["mlp"] = Field("mlp", description="architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear)")
+    hidden_sizes: IntList = Field([32], description="hidden layer widths for mlp, comma-separated, e.g. 32 or 256,128")
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: int = Field(10, ge=1, description="number of passes over the training set")
+    batch_size: int = Field(100, ge=1, description="samples per optimizer step (per process when distributed)")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer")
+    lr: float = Field(0.5, gt=0.0, description="peak learning rate")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0.0, description="weight decay (decoupled for adamw)")
+    lr_schedule: Literal["constant", "step", "cosine", "onecycle"] = Field("step", description="learning-rate schedule over the run")
+    lr_milestones: IntList = Field([5], description="epochs after which the step schedule multiplies the lr by lr_gamma, comma-separated")
+    lr_gamma: float = Field(0.2, gt=0.0, le=1.0, description="step schedule's lr multiplier at each milestone")
+    seed: int = Field(0, ge=0, description="seed for the split, initialisation and data order")
+    # --- run and outputs --------------------------------------------------------------------
+    output_uri: str = Field("./runs", description="where run directories are written: a local path or an object-store URI")
+    run_name: str | None = Field(None, description="run directory name (default: the model plus a hash of the experiment settings)")
+    resume: Literal["auto", "never", "require"] = Field("auto", description="auto: continue from the run's last good checkpoint if any; never: refuse a run that has one; require: fail if none")
+    keep_checkpoints: int = Field(2, ge=1, description="recent epoch checkpoints kept besides best.pt")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
+    stop_grace_seconds: float = Field(25.0, gt=0.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
+    # --- runtime ----------------------------------------------------------------------------
+    device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: 1 per process for the small in-memory models, else the CPUs available)")
+    log_every_seconds: float = Field(10.0, gt=0.0, description="at most one progress line per this many seconds within an epoch")
+    storage_retries: int = Field(10, ge=1, description="attempts per object-store request (botocore standard retry mode: exponential backoff with jitter)")
+
+    @field_validator("hidden_sizes", "lr_milestones", mode="before")
+    @classmethod
+    def _comma_ints(cls, value):
+        return _split_ints(value)
+
+    @field_validator("hidden_sizes", "lr_milestones")
+    @classmethod
+    def _positive_ints(cls, value: list[int]):
+        if any(v < 1 for v in value):
+            raise ValueError("every entry must be a positive integer")
+        return value
+
+    @field_validator("data_uri", "output_uri")
+    @classmethod
+    def _uri(cls, value: str):
+        return check_uri(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("accepted values: auto, cpu, cuda, cuda:N")
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, value: str | None):
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+            raise ValueError("use letters, digits, '.', '_' and '-' (at most 128 characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_run_name(self):
+        if self.run_name is None:
+            self.run_name = f"{self.model}-{self.experiment_hash()}"
+        return self
+
+    def experiment_hash(self) -> str:
+        fields = EXPERIMENT_FIELDS + (("epochs",) if self.lr_schedule in ("cosine", "onecycle") else ())
+        blob = json.dumps({k: getattr(self, k) for k in fields}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    def public_dict(self) -> dict:
+        """The resolved settings as stored with every artefact; URIs have any embedded password removed."""
+        out = self.model_dump()
+        for key in ("data_uri", "output_uri"):
+            out[key] = redact_uri(out[key])
+        return out
+
+
+def check_uri(value: str) -> str:
+    """Accept a local path or scheme://location for a scheme fsspec can reach here."""
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(/*)(.*)$", value)
+    if match and len(match.group(1)) > 1:  # one letter is a Windows drive, not a scheme
+        scheme, slashes, rest = match.group(1).lower(), match.group(2), match.group(3)
+        if scheme not in URI_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme}://; accepted: a local path or {', '.join(s + '://' for s in URI_SCHEMES)}")
+        if slashes != "//":
+            raise ValueError(f"malformed URI: expected {scheme}://...")
+        if scheme in ("s3", "gs", "gcs") and not rest.split("/")[0]:
+            raise ValueError(f"malformed URI: {scheme}:// needs a bucket name, e.g. {scheme}://bucket/path")
+    return value
+
+
+def redact_uri(uri: str) -> str:
+    """Drop user:password@ from a URI so it can be logged."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def unknown_variables(environ) -> list[str]:
+    """One message per `JOB_*` variable that is not a setting, with the closest setting suggested."""
+    known = [_env_name(f) for f in Settings.model_fields]
+    messages = []
+    for name in sorted(k for k in environ if k.upper().startswith(ENV_PREFIX)):
+        if name.upper() in known:
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see python -m job --help"
+        messages.append(f"{name} is not a setting{hint}")
+    return messages
+
+
+def load_settings() -> Settings:
+    """Read and validate the settings once; every problem becomes one SettingsError line."""
+    environ = os.environ
+    problems = unknown_variables(environ)
+    settings = None
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            name = _env_name(field) if field else "settings"
+            given = environ.get(name)
+            shown = f"={given}" if given is not None else ""
+            reason = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                reason = "is required: " + Settings.model_fields[field].description
+            problems.append(f"{name}{shown}: {reason}")
+    if problems:
+        raise SettingsError("invalid settings: " + "; ".join(problems))
+    return settings
+
+
+def _type_name(annotation) -> str:
+    """How a field's type reads in --help: `auto|mnist|imagefolder`, `int list`, `int (optional)`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return "|".join(map(str, args))
+    if typing.get_origin(annotation) is list:
+        return f"{_type_name(args[0])} list (comma-separated)"
+    if type(None) in typing.get_args(annotation):
+        return f"{_type_name(args[0])} (optional)"
+    if typing.get_origin(annotation) is Annotated:
+        return _type_name(args[0])
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def help_text() -> str:
+    lines = ["trainjob: train an image classifier; configured only by environment variables.", "",
+             "usage: python -m job [--check | --help]", "",
+             "  --check  validate settings, reach the dataset and the output location, then exit", "",
+             "settings:"]
+    for field, info in Settings.model_fields.items():
+        annotation = _type_name(info.annotation)
+        default = "required" if info.is_required() else f"default {info.default!r}"
+        lines.append(f"  {_env_name(field):28} {annotation} ({default})")
+        lines.append(f"  {'':28} {info.description}")
+    lines += ["", "S3-compatible storage: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION",
+              "(or any credential source botocore supports, e.g. IRSA web identity)."]
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Shared fixtures: a real S3-compatible server (moto, its own process on loopback), staged
+datasets, and a helper that runs the job as a real subprocess with real environment variables."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import stage_dataset  # noqa: E402
+
+SHARED_MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist-t10k")
+# Deliberately recognisable so tests can prove it never leaks into logs or outputs.
+SECRET = "tEsT-sEcReT-9f8e7d6c5b4a"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto in server mode, as s3fs's own test suite runs it; yields the endpoint URL."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.1)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A clean S3 server for one test, with this process's s3fs pointed at it. Yields an
+    s3fs filesystem for reading results back and a dict of the AWS variables the job gets."""
+    import s3fs
+
+    urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"))
+    aws = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing-key-id",
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in aws.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(use_listings_cache=False)
+    fs.mkdir("data")
+    fs.mkdir("out")
+    fs.aws_env = aws
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def digits_arrays():
+    return stage_dataset.digits()
+
+
+@pytest.fixture
+def digits_dir(tmp_path, digits_arrays):
+    """scikit-learn's real handwritten digits as gzipped MNIST IDX files in a local folder."""
+    path = tmp_path / "digits"
+    stage_dataset.stage(digits_arrays, str(path))
+    return path
+
+
+def job_env(**settings) -> dict:
+    """The parent environment without JOB_* variables, plus the given settings as JOB_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
+    env.setdefault("JOB_THREADS", "1")
+    env.update({f"JOB_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+def run_job(*args, timeout=300, **settings) -> subprocess.CompletedProcess:
+    """`python -m job` as a real subprocess; output is captured as text (stdout + stderr)."""
+    return subprocess.run([sys.executable, "-m", "job", *args], env=job_env(**settings), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def start_job(*args, **settings) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "job", *args], env=job_env(**settings), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# A recipe that learns scikit-learn's small digits set in a few epochs (the MNIST recipe's lr 0.5
+# takes ~10 epochs there); tests use it to keep runs short.
+DIGITS = {"optimizer": "adam", "lr": "0.01"}
+
+METRICS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+
+
+def metrics(history: list[dict]) -> list[dict]:
+    """The reproducible part of a history (timings differ from run to run)."""
+    return [{k: row[k] for k in METRICS} for row in history]
+
+
+def assert_same_history(a: list[dict], b: list[dict]) -> None:
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(metrics(a), metrics(b)):
+        for k in METRICS:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["epoch"], k, ra[k], rb[k])
+
+
+def corrupt_copy(src_dir, dst_dir, name: str, data: bytes) -> None:
+    """Copy a staged dataset folder, replacing one file's bytes."""
+    import shutil
+
+    shutil.copytree(src_dir, dst_dir)
+    with open(os.path.join(dst_dir, name), "wb") as f:
+        f.write(data)
+
+
+def idx_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
