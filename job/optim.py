@@ -1,7 +1,7 @@
 """Optimizer and learning-rate schedule from the settings.
 
-Every schedule is a LambdaLR over optimizer steps, so mid-epoch checkpoints resume it exactly and
-the lr for any step is a pure function of (settings, step).
+The lr of every step is a pure function of (settings, global step): nothing to checkpoint, exact
+after a mid-epoch resume, and cheaper per step than an LRScheduler object (scripts/bench_mlp.py).
 """
 
 import math
@@ -37,5 +37,9 @@ def lr_factor(settings, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def build_scheduler(settings, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(settings, step, steps_per_epoch))
+def set_lr(optimizer: torch.optim.Optimizer, settings, step: int, steps_per_epoch: int) -> float:
+    """Set the lr for optimizer step `step` (0-based); a group may scale it by its `lr_scale`."""
+    lr = settings.lr * lr_factor(settings, step, steps_per_epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr

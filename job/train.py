@@ -13,7 +13,7 @@ import torchvision
 from job import __version__, checkpoint, data, report, storage
 from job.errors import DataError, DivergedError, JobError, OutputError, Stopped
 from job.models import build_model
-from job.optim import build_optimizer, build_scheduler
+from job.optim import build_optimizer, lr_factor, set_lr
 from job.runtime import Runtime
 
 log = logging.getLogger("job")
@@ -43,7 +43,6 @@ class Job:
     val_idx: torch.Tensor
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     uploader: checkpoint.Uploader
     progress: Progress = field(default_factory=Progress)
     history: list = field(default_factory=list)
@@ -56,31 +55,29 @@ class Job:
         return math.ceil(len(self.train_idx) / self.settings.batch_size)
 
 
-def train_one_epoch(job: Job) -> tuple[float, float, int]:
-    """Train from the current position to the end of the epoch; returns (loss, accuracy, seen).
+def train_one_epoch(job: Job) -> tuple[float, float, float]:
+    """Train from the current position to the end of the epoch.
 
-    Batches are gathered by index from tensors already on the device: no per-item Dataset and
-    no host-to-device copy per step. Loss and accuracy are summed on the device and read once.
+    Returns (train_loss, train_accuracy, train_samples_per_second). Batches are gathered by index
+    from tensors already on the device: no per-item Dataset, no host-to-device copy per step.
     """
     s, p, device = job.settings, job.progress, job.runtime.device
     order = data.epoch_order(job.train_idx, s.seed, p.epoch).to(device)
-    x_all, y_all = job.data.x, job.data.y
     loss_sum = torch.tensor(p.loss_sum, dtype=torch.float64, device=device)
     correct = torch.tensor(p.correct, dtype=torch.int64, device=device)
     job.model.train()
     start, last_log, seen_at_start = time.monotonic(), time.monotonic(), p.seen
-    for step in range(p.step, job.steps_per_epoch):
-        idx = order[step * s.batch_size:(step + 1) * s.batch_size]
-        x, y = x_all[idx], y_all[idx]
+    batches = data.index_batches(job.data.x, job.data.y, order, s.batch_size, start_step=p.step)
+    for step, (x, y) in enumerate(batches, start=p.step):
+        set_lr(job.optimizer, s, p.global_step, job.steps_per_epoch)
         logits = job.model(x)
         loss = F.cross_entropy(logits, y)
         job.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         job.optimizer.step()
-        job.scheduler.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == y).sum()
-        p.step, p.global_step, p.seen = step + 1, p.global_step + 1, p.seen + len(idx)
+        loss_sum.add_(loss.detach(), alpha=len(y))  # summed on the device: no sync per step
+        correct.add_((logits.argmax(1) == y).sum())
+        p.step, p.global_step, p.seen = step + 1, p.global_step + 1, p.seen + len(y)
 
         every = s.checkpoint_every_steps
         if job.runtime.stop.signum or (every and p.global_step % every == 0):
@@ -90,10 +87,11 @@ def train_one_epoch(job: Job) -> tuple[float, float, int]:
             if job.runtime.stop.signum:
                 stop(job)
         if time.monotonic() - last_log >= s.log_every_seconds:
+            p.loss_sum, p.correct = loss_sum.item(), int(correct.item())
             last_log = time.monotonic()
             rate = (p.seen - seen_at_start) / (last_log - start)
             log.info(f"epoch {p.epoch + 1} step {p.step}/{job.steps_per_epoch} "
-                     f"train_loss={loss_sum.item() / p.seen:.4f} train_samples_per_second={rate:.0f}")
+                     f"train_loss={p.loss_sum / p.seen:.4f} train_samples_per_second={rate:.0f}")
     p.loss_sum, p.correct = loss_sum.item(), int(correct.item())
     seconds = time.monotonic() - start
     return p.loss_sum / max(p.seen, 1), p.correct / max(p.seen, 1), (p.seen - seen_at_start) / max(seconds, 1e-9)
@@ -127,7 +125,7 @@ def fit(job: Job) -> list[dict]:
     val_x, val_y = job.data.x[job.val_idx.to(job.runtime.device)], job.data.y[job.val_idx.to(job.runtime.device)]
     while p.epoch < s.epochs:
         if p.step == 0:
-            p.epoch_lr = job.optimizer.param_groups[0]["lr"]
+            p.epoch_lr = s.lr * lr_factor(s, p.global_step, job.steps_per_epoch)
             epoch_start = time.monotonic()
         else:
             epoch_start = time.monotonic()
@@ -159,7 +157,9 @@ def checkpoint_state(job: Job) -> dict:
         "format_version": checkpoint.FORMAT_VERSION,
         "model": job.model.state_dict(),
         "optimizer": job.optimizer.state_dict(),
-        "scheduler": job.scheduler.state_dict(),
+        # the lr schedule is a pure function of the global step; recorded here for readers
+        "scheduler": {"schedule": job.settings.lr_schedule, "global_step": job.progress.global_step,
+                      "lr": job.settings.lr * lr_factor(job.settings, job.progress.global_step, job.steps_per_epoch)},
         "progress": asdict(job.progress),
         "history": list(job.history),
         "best_epoch": job.best_epoch,
@@ -237,7 +237,6 @@ def restore(job: Job, state: dict) -> None:
                         "use a new JOB_RUN_NAME to start a separate run")
     job.model.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
-    job.scheduler.load_state_dict(state["scheduler"])
     job.progress = Progress(**state["progress"])
     job.history = list(state["history"])
     job.best_epoch, job.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
@@ -287,9 +286,7 @@ def run(settings, runtime: Runtime) -> dict:
         model = build_model(settings, tuple(tensors.x.shape[1:]), tensors.num_classes).to(runtime.device)
         optimizer = build_optimizer(settings, model.parameters())
         train_idx, val_idx = data.split_indices(len(tensors.x), settings.val_fraction, settings.seed)
-        job = Job(settings, runtime, run_uri, tensors, train_idx, val_idx, model, optimizer, None,
-                  checkpoint.Uploader(run_uri))
-        job.scheduler = build_scheduler(settings, optimizer, job.steps_per_epoch)
+        job = Job(settings, runtime, run_uri, tensors, train_idx, val_idx, model, optimizer, checkpoint.Uploader(run_uri))
         if state is not None:
             restore(job, state)
         runtime.stop.deferred = True  # from here a signal is answered with a checkpoint

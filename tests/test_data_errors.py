@@ -1,0 +1,61 @@
+"""A missing or broken dataset, or an unwritable output, is one clear line and a meaningful exit code."""
+
+import gzip
+
+import pytest
+
+from conftest import corrupt_copy, idx_images, run_job
+from job.data import idx_bytes
+
+
+def assert_one_clear_error(result, code: int, *names: str) -> None:
+    assert result.returncode == code, result.stdout
+    assert "Traceback" not in result.stdout
+    errors = [l for l in result.stdout.splitlines() if " ERROR " in l]
+    assert len(errors) == 1, result.stdout
+    for name in names:
+        assert name in errors[0], errors[0]
+
+
+def test_missing_bucket_exits_3_naming_it(s3, tmp_path):
+    result = run_job(data_uri="s3://no-such-bucket/mnist", output_uri=str(tmp_path))
+    assert_one_clear_error(result, 3, "s3://no-such-bucket/mnist")
+
+
+def test_missing_files_exit_3(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README").write_text("not a dataset")
+    result = run_job(data_uri=str(tmp_path / "empty"), output_uri=str(tmp_path / "out"))
+    assert_one_clear_error(result, 3, "train-images-idx3-ubyte")
+
+
+def test_missing_labels_file_exit_3(tmp_path, digits_dir):
+    (digits_dir / "train-labels-idx1-ubyte.gz").unlink()
+    result = run_job(data_uri=str(digits_dir), output_uri=str(tmp_path / "out"))
+    assert_one_clear_error(result, 3, "train-labels-idx1-ubyte")
+
+
+@pytest.mark.parametrize("name, data, reason", [
+    ("train-images-idx3-ubyte.gz", gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 64), "bad magic number"),
+    ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(idx_images(2000)))[:5000], "corrupt or truncated"),
+    ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(idx_images(5))[:-100]), "truncated"),
+    ("train-labels-idx1-ubyte.gz", gzip.compress(idx_bytes(idx_images(3)[:, 0, 0])), "labels"),
+])
+def test_corrupt_idx_exits_3_naming_the_file(tmp_path, digits_dir, name, data, reason):
+    broken = tmp_path / "broken"
+    corrupt_copy(digits_dir, broken, name, data)
+    result = run_job(data_uri=str(broken), output_uri=str(tmp_path / "out"))
+    assert_one_clear_error(result, 3, name.removesuffix(".gz"), reason)
+    summary = (tmp_path / "out").glob("*/summary.json")
+    assert '"status": "failed"' in next(summary).read_text()  # the output was reachable: the reason is recorded
+
+
+def test_unwritable_output_exits_4(s3, digits_dir):
+    result = run_job(data_uri=str(digits_dir), output_uri="s3://no-such-output-bucket/runs")
+    assert_one_clear_error(result, 4, "s3://no-such-output-bucket/runs")
+
+
+def test_output_under_a_file_exits_4(tmp_path, digits_dir):
+    (tmp_path / "file").write_text("x")
+    result = run_job(data_uri=str(digits_dir), output_uri=str(tmp_path / "file" / "runs"))
+    assert_one_clear_error(result, 4, "file/runs")
