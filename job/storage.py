@@ -133,6 +133,7 @@ def copy(src: str, dst: str) -> None:
     fs, src_path = filesystem(src)
     _, dst_path = filesystem(dst)
     if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(dst_path) or ".", exist_ok=True)
         tmp = f"{dst_path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             os.link(src_path, tmp)  # same directory: a hard link costs nothing

@@ -223,8 +223,9 @@ def restore(job: Job, state: dict) -> None:
     s = job.settings
     saved = state["settings"]
     problems = []
-    if saved.get("model") != s.model or saved.get("hidden_sizes") != s.hidden_sizes:
-        problems.append(f"model {saved.get('model')} {saved.get('hidden_sizes')} != {s.model} {s.hidden_sizes}")
+    for key in ("model", "hidden_sizes", "optimizer"):
+        if saved.get(key) != getattr(s, key):
+            problems.append(f"JOB_{key.upper()} was {saved.get(key)}, now {getattr(s, key)}")
     if state["class_names"] != job.data.class_names:
         problems.append(f"classes {state['class_names']} != {job.data.class_names}")
     if state["dataset_fingerprint"] != job.data.fingerprint:
@@ -314,11 +315,11 @@ def record_outcome(run_uri: str, job: Job | None, exc: JobError) -> None:
     """Write summary.json (and failure.json on failure) with the reason, after the last good
     checkpoint is safe. Best effort: the storage may be why we are failing."""
     status = "stopped" if isinstance(exc, Stopped) else "failed"
-    outcome = {"status": status, "reason": str(exc), "exit_code": exc.exit_code}
+    outcome = {"reason": str(exc), "exit_code": exc.exit_code}
     try:
         if job is not None and status == "failed":
             job.uploader.wait(deadline=time.monotonic() + job.settings.stop_grace_seconds)
-        summary = summary_of(job, status, **outcome) if job is not None else outcome
+        summary = summary_of(job, status, **outcome) if job is not None else {"status": status, **outcome}
         storage.write_json(storage.join(run_uri, "summary.json"), summary)
         if status == "failed":
             storage.write_json(storage.join(run_uri, "failure.json"), {**outcome, "error": exc.__class__.__name__})
