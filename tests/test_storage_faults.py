@@ -1,0 +1,54 @@
+"""Object-store faults through a fault-injecting proxy in front of the real S3 server: transient
+errors are retried with backoff and change nothing; persistent ones end with exit 75."""
+
+import json
+import time
+
+import pytest
+
+import stage_dataset
+from conftest import DIGITS, assert_same_history, run_job
+from faultproxy import FaultProxy
+
+
+@pytest.fixture
+def proxy_for(s3_server):
+    proxies = []
+
+    def make(fraction):
+        proxies.append(FaultProxy(s3_server, fraction, seed=len(proxies)))
+        return proxies[-1]
+
+    yield make
+    for p in proxies:
+        p.close()
+
+
+def history(s3, run):
+    return [json.loads(l) for l in s3.cat_file(f"out/{run}/history.jsonl").decode().splitlines()]
+
+
+def test_twenty_percent_failing_requests_change_nothing(s3, digits_arrays, proxy_for, monkeypatch):
+    stage_dataset.stage(digits_arrays, "s3://data/digits")
+    common = dict(data_uri="s3://data/digits", output_uri="s3://out", epochs=3, **DIGITS)
+    clean = run_job(run_name="clean", **common)
+    assert clean.returncode == 0, clean.stdout
+    proxy = proxy_for(0.2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    faulty = run_job(run_name="faulty", **common)
+    assert faulty.returncode == 0, faulty.stdout
+    assert proxy.counts["slowdown"] + proxy.counts["internal"] + proxy.counts["reset"] > 5, proxy.counts
+    assert_same_history(history(s3, "faulty"), history(s3, "clean"))
+    assert json.loads(s3.cat_file("out/faulty/summary.json"))["status"] == "completed"
+
+
+def test_all_requests_failing_exits_75_in_bounded_time(s3, digits_dir, proxy_for, monkeypatch):
+    proxy = proxy_for(1.0)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    start = time.monotonic()
+    result = run_job(data_uri=str(digits_dir), output_uri="s3://out", storage_retries=2, timeout=180)
+    assert result.returncode == 75, result.stdout
+    assert time.monotonic() - start < 120
+    errors = [l for l in result.stdout.splitlines() if " ERROR " in l]
+    assert len(errors) == 1 and "s3://out/" in errors[0] and "after retries" in errors[0]
+    assert "Traceback" not in result.stdout
