@@ -73,6 +73,10 @@ def pick_device(requested: str) -> torch.device:
 
 
 def setup(settings) -> Runtime:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Several processes training independently into one run directory would corrupt it.
+        raise SettingsError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: multi-process training under torchrun is not "
+                            "supported by this version; run one process (torchrun --nproc-per-node=1) or none")
     device = pick_device(settings.device)
     # Small models on few cores lose badly to thread oversubscription (one epoch of a 784-32-10
     # MLP ran ~10x slower with the default count while another process was busy; ../shared

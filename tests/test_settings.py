@@ -1,8 +1,11 @@
 """Settings: bad input is one clear line and exit 2; --help documents every setting."""
 
+import os
+
 import pytest
 
-from conftest import run_job
+from conftest import ROOT, run_job
+from job.errors import EXIT_CODES
 from job.settings import Settings
 
 
@@ -68,3 +71,17 @@ def test_run_name_is_stable_and_depends_on_the_experiment(monkeypatch):
 def test_public_settings_hide_uri_passwords(monkeypatch):
     monkeypatch.setenv("JOB_DATA_URI", "s3://user:hunter2@bucket/data")
     assert "hunter2" not in str(Settings().public_dict())
+
+
+def test_readme_documents_every_setting_and_exit_code():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for name in Settings.model_fields:
+        assert f"| `JOB_{name.upper()}` |" in readme, name
+    for code, (meaning, action) in EXIT_CODES.items():
+        assert f"| {code} | {meaning} | {action} |" in readme, code
+
+
+def test_several_processes_are_refused_until_supported(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_job(data_uri=str(tmp_path))
+    assert result.returncode == 2 and "WORLD_SIZE=2" in result.stdout
