@@ -1,5 +1,9 @@
 import sys
 
-from job.cli import main
+from job.signals import StopRequest
 
-sys.exit(main())
+stop = StopRequest().install()  # before the slow imports: no signal may meet Python's default action
+
+from job.cli import main  # noqa: E402
+
+sys.exit(main(stop=stop))

@@ -7,6 +7,7 @@ from job import storage
 from job.errors import DataError, JobError, OutputError
 from job.report import setup_logging
 from job.settings import help_text, load_settings
+from job.signals import StopRequest
 
 log = logging.getLogger("job")
 
@@ -26,7 +27,7 @@ def check(settings) -> None:
              f"{storage.redact_uri(run_uri)} is writable")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
               "(see python -m job --help)", file=sys.stderr)
         return 2
     setup_logging(enabled=True)
+    stop = stop or StopRequest().install()
     try:
         settings = load_settings()
         storage.configure(settings.storage_retries)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from job.runtime import setup  # imports torch: keep --help and settings errors fast
         from job.train import run
-        run(settings, setup(settings))
+        run(settings, setup(settings, stop))
         return 0
     except JobError as exc:
         log.error(f"{exc} (exit {exc.exit_code})")

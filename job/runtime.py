@@ -1,38 +1,16 @@
-"""Where the job runs: device, CPU threads, seeds and stop signals, decided once at start.
+"""Where the job runs: device, CPU threads and seeds, decided once at start.
 
 The rest of the code receives a Runtime and never asks "is CUDA here?" again.
 """
 
 import os
 import platform
-import signal
-import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from job.errors import SettingsError, Stopped
-
-
-@dataclass
-class StopRequest:
-    """Set by SIGTERM/SIGINT. Before training starts a signal ends the job at once (nothing to
-    save yet); once training owns the state, the loop polls `signum` and stops at a step edge."""
-
-    signum: int = 0
-    at: float = 0.0  # time.monotonic() when the signal arrived; the grace period counts from here
-    deferred: bool = False  # True while the training loop is able to save
-
-    def handler(self, signum, frame):
-        if self.signum:  # a second signal: the user insists
-            raise Stopped(signum)
-        self.signum, self.at = signum, time.monotonic()
-        if not self.deferred:
-            raise Stopped(signum)
-
-    def deadline(self, grace_seconds: float) -> float:
-        return self.at + grace_seconds
+from job.errors import SettingsError
+from job.signals import StopRequest
 
 
 @dataclass
@@ -72,7 +50,7 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(settings) -> Runtime:
+def setup(settings, stop: StopRequest) -> Runtime:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Several processes training independently into one run directory would corrupt it.
         raise SettingsError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: multi-process training under torchrun is not "
@@ -87,8 +65,4 @@ def setup(settings) -> Runtime:
     torch.manual_seed(settings.seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    runtime = Runtime(device=device, threads=threads)
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, runtime.stop.handler)
-    return runtime
+    return Runtime(device=device, threads=threads, stop=stop)

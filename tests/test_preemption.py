@@ -134,3 +134,12 @@ def test_nan_loss_exits_65_and_keeps_the_last_good_checkpoint(tmp_path, digits_d
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["exit_code"] == 65
     assert json.loads((tmp_path / "r" / "failure.json").read_text())["exit_code"] == 65
+
+
+def test_sigterm_before_training_exits_143_at_once(tmp_path, digits_dir):
+    proc = start_job(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", **DIGITS)
+    time.sleep(1.0)  # still importing torch or loading data: nothing to save yet
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out
+    assert "Traceback" not in out and "stopped by signal 15" in out
