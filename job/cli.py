@@ -1,6 +1,7 @@
 """The entrypoint: parse the two flags, read settings, run, and turn every outcome into an exit code."""
 
 import logging
+import os
 import sys
 
 from job import storage
@@ -37,17 +38,36 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         print(f"error: unknown argument(s) {' '.join(unknown)}; the job is configured by JOB_* variables "
               "(see python -m job --help)", file=sys.stderr)
         return 2
-    setup_logging(enabled=True)
+    setup_logging()
     stop = stop or StopRequest().install()
     try:
         settings = load_settings()
+        setup_logging(settings.log_level)
         storage.configure(settings.storage_retries)
         if "--check" in argv:
             check(settings)
             return 0
-        from job.runtime import setup  # imports torch: keep --help and settings errors fast
+        from job.runtime import setup, teardown  # imports torch: keep --help and settings errors fast
         from job.train import run
-        run(settings, setup(settings, stop))
+        runtime = setup(settings, stop)
+        if not runtime.distributed:
+            run(settings, runtime)
+            return 0
+        setup_logging(settings.log_level, rank=runtime.rank)
+        try:
+            run(settings, runtime)
+        except BaseException as exc:
+            # After a failed collective, tearing the process group down can abort the process
+            # ("terminate called ..."): report, then leave without running destructors.
+            code = exc.exit_code if isinstance(exc, JobError) else 1
+            if isinstance(exc, JobError):
+                log.error(f"{exc} (exit {code})")
+            else:
+                log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(code)
+        teardown()
         return 0
     except JobError as exc:
         log.error(f"{exc} (exit {exc.exit_code})")

@@ -6,6 +6,7 @@ device: batches are taken by index, with no per-item Dataset/DataLoader on the h
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -140,6 +141,22 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
         raise DataError(f"JOB_VAL_FRACTION={val_fraction} leaves an empty split of {n} samples")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:], perm[:n_val]
+
+
+def shard(order: torch.Tensor, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's part of `order`, such that step k of every rank takes the k-th block of
+    batch_size * world_size samples, split into disjoint batches. A short last block is padded by
+    wrapping around (as DistributedSampler does) so every rank takes the same number of steps."""
+    if world_size == 1:
+        return order
+    block = batch_size * world_size
+    full = len(order) // block * block
+    head = order[:full].view(-1, world_size, batch_size)[:, rank].reshape(-1)
+    tail = order[full:]
+    if len(tail):
+        per = math.ceil(len(tail) / world_size)
+        tail = torch.cat([tail, order[:per * world_size - len(tail)]]).view(world_size, per)[rank]
+    return torch.cat([head, tail])
 
 
 def epoch_order(train_idx: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     3: ("dataset or checkpoint missing, invalid or incompatible", "fail at once"),
     4: ("output location not writable", "fail at once"),
     65: ("training diverged (NaN or infinite loss)", "fail at once"),
-    75: ("transient storage failure after retries", "retry"),
+    75: ("transient failure: storage after retries, or a lost peer process", "retry"),
     130: ("stopped by SIGINT after saving a checkpoint", "retry"),
     143: ("stopped by SIGTERM after saving a checkpoint", "retry"),
 }
@@ -41,6 +41,12 @@ class DivergedError(JobError):
 
 
 class TransientStorageError(JobError):
+    exit_code = 75
+
+
+class PeerLostError(JobError):
+    """A collective failed: another process of a distributed run died or cannot be reached."""
+
     exit_code = 75
 
 

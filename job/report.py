@@ -15,12 +15,16 @@ METRIC_FORMATS = {"train_loss": ".4f", "train_accuracy": ".4f", "val_loss": ".4f
                   "lr": ".4g", "epoch_seconds": ".2f", "train_samples_per_second": ".0f"}
 
 
-def setup_logging(enabled: bool) -> None:
-    """Plain timestamped lines on stdout for `kubectl logs`; only the main process speaks."""
+def setup_logging(level: str = "info", rank: int | None = None) -> None:
+    """Plain timestamped lines on stdout for `kubectl logs`. Under torchrun only rank 0 speaks
+    (other ranks: warnings and errors, and everything at debug), each line naming its rank."""
+    if rank:
+        level = level if level == "debug" else "warning"
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    prefix = f"rank {rank} " if rank is not None else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%dT%H:%M:%S"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if enabled else logging.ERROR)
+    log.setLevel(level.upper())
     log.propagate = False
 
 

@@ -1,15 +1,18 @@
-"""Where the job runs: device, CPU threads and seeds, decided once at start.
+"""Where the job runs: device, CPU threads, seeds and the process group, decided once at start.
 
-The rest of the code receives a Runtime and never asks "is CUDA here?" again.
+The rest of the code receives a Runtime and never asks "is CUDA here?" or "am I distributed?"
+again: the collective helpers below are no-ops in a single process.
 """
 
 import os
 import platform
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
-from job.errors import SettingsError
+from job.errors import JobError, PeerLostError, SettingsError
 from job.signals import StopRequest
 
 
@@ -18,16 +21,71 @@ class Runtime:
     device: torch.device
     threads: int
     stop: StopRequest = field(default_factory=StopRequest)
-    rank: int = 0
+    rank: int = 0  # torchrun's RANK, LOCAL_RANK and WORLD_SIZE; 0, 0, 1 without torchrun
+    local_rank: int = 0
     world_size: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
-        return f"{self.device} ({name}), {self.threads} CPU threads"
+        where = f"{self.device} ({name}), {self.threads} CPU threads"
+        return where + (f", rank {self.rank} of {self.world_size}" if self.distributed else "")
+
+    # --- collectives (identity in a single process) ---------------------------------------
+    def sum(self, *values: float) -> list[float]:
+        """Sum numbers over all ranks (metrics are reduced as sums and counts, never as means)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def stop_signal(self) -> int:
+        """The stop signal if any rank got one, so all ranks stop at the same step."""
+        if not self.distributed:
+            return self.stop.signum
+        t = torch.tensor([self.stop.signum], device=self._collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def all_ok(self, error: JobError | None) -> None:
+        """Raise on every rank if any rank failed a step that all must pass, so no rank is left
+        waiting at the next collective for one that already gave up."""
+        if not self.distributed:
+            if error:
+                raise error
+            return
+        t = torch.tensor([error.exit_code if error else 0], device=self._collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if error:
+            raise error
+        if t.item():
+            failed = JobError(f"another rank failed (exit {int(t.item())}); see rank 0's log")
+            failed.exit_code = int(t.item())
+            raise failed
+
+    def broadcast(self, obj):
+        """rank 0's object on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self._collective_device)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def cpus_available() -> int:
@@ -37,32 +95,60 @@ def cpus_available() -> int:
         return os.cpu_count() or 1
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """auto: CUDA if available (the GPU of this local rank under torchrun), else CPU."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SettingsError(f"JOB_DEVICE={requested}: no CUDA device is visible to this process; use auto or cpu")
-        index = int(requested.split(":")[1]) if ":" in requested else 0
+        index = int(requested.split(":")[1]) if ":" in requested else local_rank
         if index >= torch.cuda.device_count():
-            raise SettingsError(f"JOB_DEVICE={requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise SettingsError(f"JOB_DEVICE={requested}: GPU {index} wanted but {torch.cuda.device_count()} visible "
+                                "(under torchrun, --nproc-per-node must not exceed the GPUs)")
         return torch.device("cuda", index)
     return torch.device("cpu")
 
 
 def setup(settings, stop: StopRequest) -> Runtime:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Several processes training independently into one run directory would corrupt it.
-        raise SettingsError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: multi-process training under torchrun is not "
-                            "supported by this version; run one process (torchrun --nproc-per-node=1) or none")
-    device = pick_device(settings.device)
+    """Pick the device and threads; join the process group when started by torchrun."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device = pick_device(settings.device, local_rank)
     # Small models on few cores lose badly to thread oversubscription (one epoch of a 784-32-10
     # MLP ran ~10x slower with the default count while another process was busy; ../shared
-    # INFRA.md). One thread per process is the measured best for the in-memory MLP on CPU
-    # (scripts/bench_mlp.py --threads); larger models get the CPUs this process may use.
-    threads = settings.threads or (1 if settings.model == "mlp" else cpus_available())
+    # INFRA.md). One thread per process is the measured best for the in-memory MLP on CPU;
+    # larger models share the CPUs among the processes on this machine.
+    threads = settings.threads or (1 if settings.model == "mlp" else max(1, cpus_available() // local_world))
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return Runtime(device=device, threads=threads, stop=stop)
+    if world_size > 1:
+        # A bounded timeout: a lost peer fails the job in minutes, never hangs it.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=settings.dist_timeout_seconds))
+    return Runtime(device=device, threads=threads, stop=stop, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+COLLECTIVE_FAILURES = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "timed out", "Timed out")
+
+
+def is_peer_failure(runtime: Runtime, exc: BaseException) -> bool:
+    """A failed collective: DistError, or the plain RuntimeError that DDP's backward raises."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return runtime.distributed and isinstance(exc, RuntimeError) and any(m in str(exc) for m in COLLECTIVE_FAILURES)
+
+
+def peer_lost(runtime: Runtime, exc: Exception) -> JobError:
+    """A failed collective (a peer died, the network dropped): worth a retry by the scheduler."""
+    return PeerLostError(f"lost contact with the other ranks "
+                                 f"({str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__}); "
+                                 "the run resumes from its last checkpoint when restarted")

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: 1 per process for the small in-memory models, else the CPUs available)")
     log_every_seconds: float = Field(10.0, gt=0.0, description="at most one progress line per this many seconds within an epoch")
     storage_retries: int = Field(10, ge=1, description="attempts per object-store request (botocore standard retry mode: exponential backoff with jitter)")
+    dist_timeout_seconds: float = Field(300.0, gt=0.0, description="under torchrun: how long a collective waits for a lost or stuck peer before the job fails (exit 75)")
+    log_level: Literal["debug", "info", "warning"] = Field("info", description="log detail; debug also logs each rank's data shard")
 
     @field_validator("hidden_sizes", "lr_milestones", mode="before")
     @classmethod

@@ -1,4 +1,8 @@
-"""The training loop (train_one_epoch, evaluate, fit) and run(), which wires one run together."""
+"""The training loop (train_one_epoch, evaluate, fit) and run(), which wires one run together.
+
+Single process or under torchrun: every rank runs this same code; the Runtime's collectives are
+no-ops in a single process. Rank 0 alone writes outputs.
+"""
 
 import logging
 import math
@@ -9,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch.nn.parallel import DistributedDataParallel
 
 from job import __version__, checkpoint, data, report, storage
 from job.errors import DataError, DivergedError, JobError, OutputError, Stopped
 from job.models import build_model
 from job.optim import build_optimizer, lr_factor, set_lr
-from job.runtime import Runtime
+from job.runtime import Runtime, is_peer_failure, peer_lost
 
 log = logging.getLogger("job")
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for backward, so bigger batches are free
@@ -22,14 +27,15 @@ EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for backward, so bigge
 
 @dataclass
 class Progress:
-    """Where the loop is. Saved in every checkpoint so a resume continues exactly, mid-epoch too."""
+    """Where the loop is. Saved in every checkpoint so a resume continues exactly, mid-epoch too,
+    with any number of processes: the position is counted in samples of the epoch's order."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken in the epoch in progress
-    global_step: int = 0
-    loss_sum: float = 0.0  # sums over the epoch in progress, so a mid-epoch resume reports
-    correct: int = 0  # the same epoch metrics as an uninterrupted run
-    seen: int = 0
+    seen: int = 0  # samples of this epoch's order already trained on (all ranks together)
+    global_step: int = 0  # optimizer steps so far (names checkpoints)
+    loss_sum: float = 0.0  # sums over the epoch in progress, all ranks, so a mid-epoch resume
+    correct: int = 0  # reports the same epoch metrics as an uninterrupted run
+    count: int = 0
     epoch_lr: float = 0.0  # lr at the start of the epoch in progress (the history's `lr`)
 
 
@@ -41,7 +47,8 @@ class Job:
     data: data.TensorData
     train_idx: torch.Tensor  # indices into data.x; saved with every checkpoint
     val_idx: torch.Tensor
-    model: torch.nn.Module
+    model: torch.nn.Module  # the plain model: what checkpoints hold and evaluation uses
+    net: torch.nn.Module  # what training calls: the model, wrapped in DDP when distributed
     optimizer: torch.optim.Optimizer
     uploader: checkpoint.Uploader
     progress: Progress = field(default_factory=Progress)
@@ -50,10 +57,6 @@ class Job:
     best_val_accuracy: float = -1.0
     started: float = field(default_factory=time.monotonic)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train_idx) / self.settings.batch_size)
-
 
 def train_one_epoch(job: Job) -> tuple[float, float, float]:
     """Train from the current position to the end of the epoch.
@@ -61,82 +64,102 @@ def train_one_epoch(job: Job) -> tuple[float, float, float]:
     Returns (train_loss, train_accuracy, train_samples_per_second). Batches are gathered by index
     from tensors already on the device: no per-item Dataset, no host-to-device copy per step.
     """
-    s, p, device = job.settings, job.progress, job.runtime.device
-    order = data.epoch_order(job.train_idx, s.seed, p.epoch).to(device)
-    loss_sum = torch.tensor(p.loss_sum, dtype=torch.float64, device=device)
-    correct = torch.tensor(p.correct, dtype=torch.int64, device=device)
-    job.model.train()
-    start, last_log, seen_at_start = time.monotonic(), time.monotonic(), p.seen
-    batches = data.index_batches(job.data.x, job.data.y, order, s.batch_size, start_step=p.step)
-    for step, (x, y) in enumerate(batches, start=p.step):
-        set_lr(job.optimizer, s, p.global_step, job.steps_per_epoch)
-        logits = job.model(x)
+    s, p, rt = job.settings, job.progress, job.runtime
+    order = data.epoch_order(job.train_idx, s.seed, p.epoch)[p.seen:]
+    mine = data.shard(order, s.batch_size, rt.rank, rt.world_size).to(rt.device)
+    if s.log_level == "debug":
+        log.debug(f"rank {rt.rank} epoch {p.epoch + 1} from sample {p.seen} shard {mine.tolist()}")
+    start_seen, block = p.seen, s.batch_size * rt.world_size
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    count = 0
+    job.net.train()
+    start, last_log = time.monotonic(), time.monotonic()
+    for step, (x, y) in enumerate(data.index_batches(job.data.x, job.data.y, mine, s.batch_size), start=1):
+        set_lr(job.optimizer, s, p.epoch + p.seen / len(job.train_idx))
+        logits = job.net(x)
         loss = F.cross_entropy(logits, y)
         job.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         job.optimizer.step()
         loss_sum.add_(loss.detach(), alpha=len(y))  # summed on the device: no sync per step
         correct.add_((logits.argmax(1) == y).sum())
-        p.step, p.global_step, p.seen = step + 1, p.global_step + 1, p.seen + len(y)
+        count += len(y)
+        p.seen, p.global_step = start_seen + min(step * block, len(order)), p.global_step + 1
 
         every = s.checkpoint_every_steps
-        if job.runtime.stop.signum or (every and p.global_step % every == 0):
-            p.loss_sum, p.correct = loss_sum.item(), int(correct.item())
+        signum = rt.stop_signal()
+        if signum or (every and p.global_step % every == 0):
+            add_sums(job, loss_sum, correct, count)
+            loss_sum.zero_(), correct.zero_()
+            count = 0
             check_finite(p.loss_sum, p)
             save_checkpoint(job)
-            if job.runtime.stop.signum:
-                stop(job)
+            if signum:
+                stop(job, signum)
         if time.monotonic() - last_log >= s.log_every_seconds:
-            p.loss_sum, p.correct = loss_sum.item(), int(correct.item())
             last_log = time.monotonic()
-            rate = (p.seen - seen_at_start) / (last_log - start)
-            log.info(f"epoch {p.epoch + 1} step {p.step}/{job.steps_per_epoch} "
-                     f"train_loss={p.loss_sum / p.seen:.4f} train_samples_per_second={rate:.0f}")
-    p.loss_sum, p.correct = loss_sum.item(), int(correct.item())
+            rate = (p.seen - start_seen) / (last_log - start)
+            log.info(f"epoch {p.epoch + 1} sample {p.seen}/{len(job.train_idx)} "
+                     f"train_loss={loss.item():.4f} train_samples_per_second={rate:.0f}")
+    add_sums(job, loss_sum, correct, count)
     seconds = time.monotonic() - start
-    return p.loss_sum / max(p.seen, 1), p.correct / max(p.seen, 1), (p.seen - seen_at_start) / max(seconds, 1e-9)
+    return p.loss_sum / max(p.count, 1), p.correct / max(p.count, 1), (p.seen - start_seen) / max(seconds, 1e-9)
+
+
+def add_sums(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+    """Fold this stretch of steps into the progress: summed over ranks (one sync)."""
+    p = job.progress
+    total = job.runtime.sum(loss_sum.item(), correct.item(), count)
+    p.loss_sum, p.correct, p.count = p.loss_sum + total[0], p.correct + int(total[1]), p.count + int(total[2])
 
 
 @torch.no_grad()
 def evaluate(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean loss, accuracy) over all of x; polls the stop flag so a stop never waits for eval."""
+    """(mean loss, accuracy) over all of x: each rank scores its share, then sums and counts
+    are added up over ranks (never an average of averages). Polls the stop flag."""
+    rt = job.runtime
+    x, y = x[rt.rank::rt.world_size], y[rt.rank::rt.world_size]
     job.model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(x), EVAL_BATCH_SIZE):
-        if job.runtime.stop.signum:
-            raise Stopped(job.runtime.stop.signum)
+        if job.runtime.stop.signum:  # a local signal; ranks agree at the next training step
+            break
         logits = job.model(x[i:i + EVAL_BATCH_SIZE])
         target = y[i:i + EVAL_BATCH_SIZE]
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").item()
         correct += int((logits.argmax(1) == target).sum().item())
-    return loss_sum / len(x), correct / len(x)
+    signum = rt.stop_signal()
+    if signum:
+        raise Stopped(signum)
+    loss_sum, correct, count = rt.sum(loss_sum, correct, len(x))
+    return loss_sum / count, correct / count
 
 
 def check_finite(loss_sum: float, p: Progress) -> None:
     """A NaN/inf loss must stop the run before the poisoned weights reach a checkpoint."""
     if not math.isfinite(loss_sum):
-        raise DivergedError(f"training diverged: non-finite loss in epoch {p.epoch + 1} by step {p.step}; "
+        raise DivergedError(f"training diverged: non-finite loss in epoch {p.epoch + 1} by sample {p.seen}; "
                             "the last good checkpoint is kept. Lower JOB_LR or check the data")
 
 
 def fit(job: Job) -> list[dict]:
     """Train until JOB_EPOCHS epochs are in the history; returns the history."""
-    s, p = job.settings, job.progress
-    val_x, val_y = job.data.x[job.val_idx.to(job.runtime.device)], job.data.y[job.val_idx.to(job.runtime.device)]
+    s, p, device = job.settings, job.progress, job.runtime.device
+    val_x, val_y = job.data.x[job.val_idx.to(device)], job.data.y[job.val_idx.to(device)]
     while p.epoch < s.epochs:
-        if p.step == 0:
-            p.epoch_lr = s.lr * lr_factor(s, p.global_step, job.steps_per_epoch)
-            epoch_start = time.monotonic()
+        if p.seen == 0:
+            p.epoch_lr = s.lr * lr_factor(s, p.epoch)
         else:
-            epoch_start = time.monotonic()
-            log.info(f"continuing epoch {p.epoch + 1} at step {p.step}/{job.steps_per_epoch}")
+            log.info(f"continuing epoch {p.epoch + 1} at sample {p.seen}/{len(job.train_idx)}")
+        epoch_start = time.monotonic()
         train_loss, train_accuracy, samples_per_second = train_one_epoch(job)
         check_finite(train_loss, p)
         try:
             val_loss, val_accuracy = evaluate(job, val_x, val_y)
-        except Stopped:
+        except Stopped as stopped:
             save_checkpoint(job)  # position: this epoch trained, not yet evaluated
-            stop(job)
+            stop(job, stopped.exit_code - 128)
         row = {"epoch": p.epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
                "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": p.epoch_lr,
                "epoch_seconds": time.monotonic() - epoch_start, "train_samples_per_second": samples_per_second}
@@ -147,24 +170,27 @@ def fit(job: Job) -> list[dict]:
             job.best_epoch, job.best_val_accuracy = row["epoch"], val_accuracy
         job.progress = p = Progress(epoch=p.epoch + 1, global_step=p.global_step)
         save_checkpoint(job, best=best)
-        if job.runtime.stop.signum:
-            stop(job)
+        signum = job.runtime.stop_signal()
+        if signum:
+            stop(job, signum)
     return job.history
 
 
 def checkpoint_state(job: Job) -> dict:
+    p = job.progress
     return {
         "format_version": checkpoint.FORMAT_VERSION,
-        "model": job.model.state_dict(),
+        "model": job.model.state_dict(),  # unwrapped: loads with any number of processes
         "optimizer": job.optimizer.state_dict(),
-        # the lr schedule is a pure function of the global step; recorded here for readers
-        "scheduler": {"schedule": job.settings.lr_schedule, "global_step": job.progress.global_step,
-                      "lr": job.settings.lr * lr_factor(job.settings, job.progress.global_step, job.steps_per_epoch)},
-        "progress": asdict(job.progress),
+        # the lr schedule is a pure function of progress; recorded here for readers
+        "scheduler": {"schedule": job.settings.lr_schedule,
+                      "lr": job.settings.lr * lr_factor(job.settings, p.epoch + p.seen / len(job.train_idx))},
+        "progress": asdict(p),
         "history": list(job.history),
         "best_epoch": job.best_epoch,
         "best_val_accuracy": job.best_val_accuracy,
         "settings": job.settings.public_dict(),
+        "world_size": job.runtime.world_size,
         "class_names": job.data.class_names,
         "dataset_fingerprint": job.data.fingerprint,
         "split": {"train": job.train_idx, "val": job.val_idx},
@@ -173,11 +199,13 @@ def checkpoint_state(job: Job) -> dict:
 
 
 def save_checkpoint(job: Job, best: bool = False) -> None:
-    """Snapshot now, commit in the background; history, summary and plots follow the checkpoint
-    so that no history row is ever published ahead of a checkpoint that holds it."""
+    """Snapshot now (rank 0), commit in the background; history, summary and plots follow the
+    checkpoint so that no history row is ever published ahead of a checkpoint that holds it."""
+    if not job.runtime.is_main:
+        return
     p = job.progress
     blob = checkpoint.serialize(checkpoint_state(job))
-    meta = {"epoch": p.epoch, "step": p.step, "global_step": p.global_step}
+    meta = {"epoch": p.epoch, "seen": p.seen, "global_step": p.global_step}
     history, summary = list(job.history), summary_of(job, "running")
 
     def commit():
@@ -187,15 +215,18 @@ def save_checkpoint(job: Job, best: bool = False) -> None:
     job.uploader.submit(commit)
 
 
-def stop(job: Job) -> None:
-    """Wait for the stop checkpoint within the grace period, then end the job with 128+signal."""
-    stop_request = job.runtime.stop
-    if job.uploader.wait(deadline=stop_request.deadline(job.settings.stop_grace_seconds)):
-        log.info(f"checkpoint saved at epoch {job.progress.epoch} step {job.progress.step}; stopping")
+def stop(job: Job, signum: int) -> None:
+    """Wait for the stop checkpoint within the grace period, then end every rank with 128+signal.
+    The other ranks wait for rank 0's upload: a rank that left early would make torchrun kill
+    rank 0 in the middle of it."""
+    deadline = (job.runtime.stop.at or time.monotonic()) + job.settings.stop_grace_seconds
+    if job.uploader.wait(deadline=deadline):
+        log.info(f"checkpoint saved at epoch {job.progress.epoch} sample {job.progress.seen}; stopping")
     else:
         log.warning(f"the stop checkpoint did not finish within JOB_STOP_GRACE_SECONDS="
                     f"{job.settings.stop_grace_seconds}; the previous checkpoint remains the valid one")
-    raise Stopped(stop_request.signum)
+    job.runtime.barrier()
+    raise Stopped(signum)
 
 
 def summary_of(job: Job, status: str, **extra) -> dict:
@@ -210,6 +241,7 @@ def summary_of(job: Job, status: str, **extra) -> dict:
         "test_accuracy": None,
         "wall_seconds": round(time.monotonic() - job.started, 3),
         "device": str(job.runtime.device),
+        "world_size": job.runtime.world_size,
         "dataset_fingerprint": job.data.fingerprint,
         "class_names": job.data.class_names,
         "train_samples": len(job.train_idx),
@@ -243,8 +275,11 @@ def restore(job: Job, state: dict) -> None:
     job.best_epoch, job.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
     job.train_idx, job.val_idx = split["train"], split["val"]
     torch.set_rng_state(state["rng"])
-    log.info(f"resumed from checkpoint at epoch {job.progress.epoch} step {job.progress.step} "
-             f"(global step {job.progress.global_step}); {len(job.history)} epochs in the history")
+    if not job.runtime.is_main:  # rank 0's partial sums are the whole; the others add only their own
+        job.progress.loss_sum, job.progress.correct, job.progress.count = 0.0, 0, 0
+    log.info(f"resumed from checkpoint at epoch {job.progress.epoch} sample {job.progress.seen} "
+             f"(global step {job.progress.global_step}, written by {state['world_size']} process(es)); "
+             f"{len(job.history)} epochs in the history")
 
 
 def load_resume_state(settings, run_uri: str) -> dict | None:
@@ -263,9 +298,42 @@ def load_resume_state(settings, run_uri: str) -> dict | None:
     return state
 
 
+def on_main(runtime: Runtime, fn):
+    """Run fn on rank 0 and hand its result to every rank; an error there ends every rank."""
+    result, error = None, None
+    if runtime.is_main:
+        try:
+            result = fn()
+        except JobError as exc:
+            error = exc
+    runtime.all_ok(error)
+    return runtime.broadcast(result)
+
+
+def load_data(settings, runtime: Runtime) -> data.TensorData:
+    """Each node pulls the dataset into its own cache once: its local rank 0 first, the others
+    after a barrier (they then find the cache fresh and read it)."""
+    tensors, error = None, None
+    if runtime.local_rank == 0:
+        try:
+            tensors = data.load(settings, runtime.device)
+        except JobError as exc:
+            error = exc
+    runtime.all_ok(error)
+    return tensors if tensors is not None else data.load(settings, runtime.device)
+
+
 def versions() -> dict:
     return {"trainjob": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__}
+
+
+def prepare_output(settings, runtime: Runtime, run_uri: str) -> None:
+    with storage.errors(run_uri, OutputError, "write to"):
+        storage.check_writable(run_uri)
+        storage.write_json(storage.join(run_uri, "settings.json"),
+                           {"settings": settings.public_dict(), "versions": versions(),
+                            "device": str(runtime.device), "world_size": runtime.world_size})
 
 
 def run(settings, runtime: Runtime) -> dict:
@@ -273,23 +341,30 @@ def run(settings, runtime: Runtime) -> dict:
     run_uri = storage.join(settings.output_uri, settings.run_name)
     log.info(" ".join(f"{k} {v}" for k, v in versions().items()) + f" | device {runtime.describe()}")
     log.info(f"run {storage.redact_uri(run_uri)} settings {settings.public_dict()}")
-    with storage.errors(run_uri, OutputError, "write to"):
-        storage.check_writable(run_uri)
-        storage.write_json(storage.join(run_uri, "settings.json"),
-                           {"settings": settings.public_dict(), "versions": versions(), "device": str(runtime.device)})
     job = None
     try:
-        tensors = data.load(settings, runtime.device)
+        on_main(runtime, lambda: prepare_output(settings, runtime, run_uri))
+    except JobError:
+        raise  # the output location is the problem: nowhere to record it
+    except Exception as exc:
+        if is_peer_failure(runtime, exc):
+            raise peer_lost(runtime, exc) from None
+        raise
+    try:
+        tensors = load_data(settings, runtime)
         log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(tensors.x)} training images, "
                  f"{tensors.num_classes} classes, test set: {'yes' if tensors.test_x is not None else 'no'}, "
                  f"fingerprint {tensors.fingerprint[:12]}")
-        state = load_resume_state(settings, run_uri)
+        state = on_main(runtime, lambda: load_resume_state(settings, run_uri))
         model = build_model(settings, tuple(tensors.x.shape[1:]), tensors.num_classes).to(runtime.device)
         optimizer = build_optimizer(settings, model.parameters())
         train_idx, val_idx = data.split_indices(len(tensors.x), settings.val_fraction, settings.seed)
-        job = Job(settings, runtime, run_uri, tensors, train_idx, val_idx, model, optimizer, checkpoint.Uploader(run_uri))
+        job = Job(settings, runtime, run_uri, tensors, train_idx, val_idx, model, model, optimizer,
+                  checkpoint.Uploader(run_uri))
         if state is not None:
             restore(job, state)
+        if runtime.distributed:  # wraps after restore: DDP starts every rank from rank 0's weights
+            job.net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
         runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
         if runtime.stop.signum:
             raise Stopped(runtime.stop.signum)
@@ -299,21 +374,31 @@ def run(settings, runtime: Runtime) -> dict:
             test_loss, test_accuracy = evaluate(job, tensors.test_x, tensors.test_y)
             extra = {"test_loss": test_loss, "test_accuracy": test_accuracy}
             log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
-        job.uploader.wait()
         summary = summary_of(job, "completed", **extra)
-        with storage.errors(run_uri, OutputError, "write to"):
-            report.publish(run_uri, job.history, summary)
+        if runtime.is_main:
+            job.uploader.wait()
+            with storage.errors(run_uri, OutputError, "write to"):
+                report.publish(run_uri, job.history, summary)
+        runtime.barrier()
         log.info(f"completed: best_val_accuracy={job.best_val_accuracy:.4f} (epoch {job.best_epoch}); "
                  f"outputs in {storage.redact_uri(run_uri)}")
         return summary
     except JobError as exc:
-        record_outcome(run_uri, job, exc)
+        record_outcome(run_uri, runtime, job, exc)
         raise
+    except Exception as exc:
+        if not is_peer_failure(runtime, exc):
+            raise
+        error = peer_lost(runtime, exc)
+        record_outcome(run_uri, runtime, job, error)
+        raise error from None
 
 
-def record_outcome(run_uri: str, job: Job | None, exc: JobError) -> None:
+def record_outcome(run_uri: str, runtime: Runtime, job: Job | None, exc: JobError) -> None:
     """Write summary.json (and failure.json on failure) with the reason, after the last good
-    checkpoint is safe. Best effort: the storage may be why we are failing."""
+    checkpoint is safe. Rank 0 only. Best effort: the storage may be why we are failing."""
+    if not runtime.is_main:
+        return
     status = "stopped" if isinstance(exc, Stopped) else "failed"
     outcome = {"reason": str(exc), "exit_code": exc.exit_code}
     try:

@@ -64,7 +64,7 @@ def job_epoch(settings, tensors, train_idx, val_idx) -> float:
     model = make_model(settings)
     optimizer = build_optimizer(settings, model.parameters())
     runtime = Runtime(device=torch.device("cpu"), threads=torch.get_num_threads())
-    job = train.Job(settings, runtime, "memory://bench", tensors, train_idx, val_idx, model, optimizer,
+    job = train.Job(settings, runtime, "memory://bench", tensors, train_idx, val_idx, model, model, optimizer,
                     checkpoint.Uploader("memory://bench"))
     start = time.perf_counter()
     train.train_one_epoch(job)

@@ -69,7 +69,7 @@ def test_signal_saves_a_checkpoint_and_exits_128_plus_signal(tmp_path, digits_di
     assert summary["status"] == "stopped" and summary["exit_code"] == code
     rerun = run_job(**settings)
     assert rerun.returncode == 0, rerun.stdout
-    assert f"global step {latest['global_step']})" in rerun.stdout
+    assert f"global step {latest['global_step']}," in rerun.stdout
     assert_same_history(read_history(tmp_path / "r"), reference)
 
 

@@ -79,9 +79,3 @@ def test_readme_documents_every_setting_and_exit_code():
         assert f"| `JOB_{name.upper()}` |" in readme, name
     for code, (meaning, action) in EXIT_CODES.items():
         assert f"| {code} | {meaning} | {action} |" in readme, code
-
-
-def test_several_processes_are_refused_until_supported(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = run_job(data_uri=str(tmp_path))
-    assert result.returncode == 2 and "WORLD_SIZE=2" in result.stdout
