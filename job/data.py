@@ -9,12 +9,12 @@ import hashlib
 import math
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from job import storage
+from job import images, storage
 from job.errors import DataError
 
 # role -> file stem; each may be stored raw or with .gz
@@ -28,15 +28,20 @@ IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes, the only one MNIST use
 
 
 @dataclass
-class TensorData:
-    """A dataset held in memory: images as float in [0, 1], shape (N, C, H, W); labels int64."""
+class Data:
+    """A dataset: `x` is either a tensor held in memory (images as float in [0, 1], shape
+    (N, C, H, W), batched by index: the fast path) or image files read through a DataLoader.
+    Labels are int64 tensors."""
 
-    x: torch.Tensor
+    x: "torch.Tensor | images.ImageItems"
     y: torch.Tensor
-    test_x: torch.Tensor | None
+    test_x: "torch.Tensor | images.ImageItems | None"
     test_y: torch.Tensor | None
     class_names: list[str]
     fingerprint: str  # sha256 over the data files' names and contents
+    split: tuple[torch.Tensor, torch.Tensor] | None = None  # (train, val) when the layout defines it
+    bad_files: list = field(default_factory=list)  # (file, reason) skipped before training
+    files: int = 0  # files found, bad ones included
 
     @property
     def num_classes(self) -> int:
@@ -98,14 +103,16 @@ def _read_pair(root: str, images_stem: str, labels_stem: str, required: bool):
 
 
 def fingerprint(paths: list[str]) -> str:
+    """sha256 over the files' names (with their class folder) and contents."""
     digest = hashlib.sha256()
     for path in sorted(paths):
         with open(path, "rb") as f:
-            digest.update(os.path.basename(path).encode() + b"\0" + hashlib.sha256(f.read()).digest())
+            name = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+            digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
     return digest.hexdigest()
 
 
-def load_mnist(root: str, device: torch.device) -> TensorData:
+def load_mnist(root: str, device: torch.device) -> Data:
     train = _read_pair(root, MNIST_FILES["train_images"], MNIST_FILES["train_labels"], required=True)
     test = _read_pair(root, MNIST_FILES["test_images"], MNIST_FILES["test_labels"], required=False)
     num_classes = int(train[1].max()) + 1
@@ -121,16 +128,38 @@ def load_mnist(root: str, device: torch.device) -> TensorData:
     x, y = tensors(train[0], train[1])
     test_x, test_y = tensors(test[0], test[1]) if test else (None, None)
     files = train[2] + (test[2] if test else [])
-    return TensorData(x, y, test_x, test_y, [str(i) for i in range(num_classes)], fingerprint(files))
+    return Data(x, y, test_x, test_y, [str(i) for i in range(num_classes)], fingerprint(files))
 
 
-def load(settings, device: torch.device) -> TensorData:
+def load_images(root: str, settings, normalize: bool) -> Data:
+    """An image-folder dataset, checked file by file (bad files are skipped and named)."""
+    found = images.scan(root, threads=max(1, settings.num_workers or 4))
+    bad_fraction = len(found["bad"]) / max(found["files"], 1)
+    if bad_fraction > settings.max_bad_fraction:
+        raise DataError(f"{len(found['bad'])} of {found['files']} files in {root} are not readable images "
+                        f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
+                        f"{found['bad'][0][0]} ({found['bad'][0][1]})")
+    train_t, eval_t = images.transforms(settings.image_size, settings.augment, normalize)
+    items = found["train"] + (found["val"] or [])
+    split = None
+    if found["val"] is not None:  # the layout's own validation folder
+        n = len(found["train"])
+        split = (torch.arange(n), torch.arange(n, len(items)))
+    labels = lambda pairs: torch.tensor([y for _, y in pairs], dtype=torch.int64)
+    test = found["test"]
+    return Data(
+        images.ImageItems(items, train_t, eval_t), labels(items),
+        images.ImageItems(test, train_t, eval_t) if test else None, labels(test) if test else None,
+        found["classes"], fingerprint([p for p, _ in items + (test or [])]), split, found["bad"], found["files"])
+
+
+def load(settings, device: torch.device, normalize: bool = False) -> Data:
     """Pull the dataset into the local cache and load it; every problem is a DataError (exit 3)."""
     with storage.errors(settings.data_uri, DataError, "read dataset"):
         root = storage.pull(settings.data_uri, settings.cache_dir)
     fmt = detect_format(root) if settings.data_format == "auto" else settings.data_format
-    if fmt != "mnist":
-        raise DataError(f"JOB_DATA_FORMAT={fmt} is not supported by this version; accepted: mnist")
+    if fmt == "imagefolder":
+        return load_images(root, settings, normalize)
     return load_mnist(root, device)
 
 
@@ -184,6 +213,19 @@ def idx_bytes(array: np.ndarray) -> bytes:
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, IDX_UBYTE, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
     return header + array.tobytes()
+
+
+def batches(x, y: torch.Tensor, indices: torch.Tensor, batch_size: int, train: bool, settings, device: torch.device):
+    """(x, y) batches on the device, in the order of `indices`: gathered from memory for tensors,
+    read through the dataset's DataLoader for files."""
+    if isinstance(x, torch.Tensor):
+        yield from index_batches(x, y, indices, batch_size)
+        return
+    workers = settings.num_workers if settings.num_workers is not None else min(4, max(0, os.cpu_count() - 1))
+    loader, sampler = x.loader(train, batch_size, workers, pin_memory=device.type == "cuda")
+    sampler.indices = indices.tolist()
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
 
 
 GATHER_BATCHES = 64  # batches gathered per indexing op: one big gather is much cheaper than 64 small ones

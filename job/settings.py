@@ -24,8 +24,9 @@ URI_SCHEMES = ("file", "s3", "gs", "gcs", "memory")
 # same settings finds its own run directory. Epochs are left out on purpose (asking for more
 # epochs continues the same run) except where the schedule's shape depends on them.
 EXPERIMENT_FIELDS = (
-    "data_uri", "data_format", "model", "hidden_sizes", "batch_size", "lr", "optimizer",
-    "momentum", "weight_decay", "lr_schedule", "lr_milestones", "lr_gamma", "val_fraction", "seed",
+    "data_uri", "data_format", "model", "hidden_sizes", "pretrained", "freeze", "backbone_lr_scale", "image_size",
+    "augment", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "lr_milestones",
+    "lr_gamma", "val_fraction", "seed",
 )
 
 
@@ -53,8 +54,17 @@ class Settings(BaseSettings):
     cache_dir: str = Field(os.path.join(tempfile.gettempdir(), "trainjob-cache"), description="local directory the dataset is pulled into (must be writable; works with a read-only root via TMPDIR)")
     num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes for datasets read from files (default: from the CPUs available)")
     # --- model ------------------------------------------------------------------------------
-    model: Literal["mlp"] = Field("mlp", description="architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear)")
+    model: str = Field("mlp", description="architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear), cnn (small convnet for 28x28), or any torchvision classification model (resnet18 ... resnet152, efficientnet_b0, convnext_tiny, ...)")
     hidden_sizes: IntList = Field([32], description="hidden layer widths for mlp, comma-separated, e.g. 32 or 256,128")
+    pretrained: str = Field("none", description="initial weights for torchvision models: none, imagenet (torchvision's weights, from TORCH_HOME or downloaded) or a state-dict URI")
+    freeze: str = Field("none", description="all: train only the new classifier head; none: train everything; N: also train the last N stages of the backbone")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="lr multiplier for the unfrozen backbone layers (the head gets JOB_LR)")
+    image_size: int = Field(224, ge=16, description="image-folder data: side of the square crop fed to the model")
+    augment: bool = Field(False, description="image-folder data: random rotation (20 degrees), resized crop and flip for training (never for evaluation)")
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="image-folder data: fail (exit 3) if more than this fraction of the files are not readable images")
+    feature_cache: Literal["auto", "off"] = Field("auto", description="auto: with JOB_FREEZE=all and no augmentation, compute backbone features once and train the head on them")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="CUDA only: mixed precision (auto = bf16 where supported); never changes CPU results")
+    compile: bool = Field(False, description="CUDA only: torch.compile the model")
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = Field(10, ge=1, description="number of passes over the training set")
     batch_size: int = Field(100, ge=1, description="samples per optimizer step (per process when distributed)")
@@ -98,6 +108,32 @@ class Settings(BaseSettings):
     def _uri(cls, value: str):
         return check_uri(value)
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str):
+        if value in ("mlp", "cnn"):
+            return value
+        import torchvision  # only for names beyond our own: keeps --help and most errors fast
+
+        known = ["mlp", "cnn", *torchvision.models.list_models(module=torchvision.models)]
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=3, cutoff=0.6)
+            raise ValueError(f"unknown model; did you mean {' or '.join(close)}?" if close else
+                             "unknown model; use mlp, cnn or a name from torchvision.models.list_models()")
+        return value
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, value: str):
+        if value not in ("all", "none") and not (value.isdigit() and int(value) >= 1):
+            raise ValueError("accepted values: all, none, or a number of stages N >= 1")
+        return value
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, value: str):
+        return value if value in ("none", "imagenet") else check_uri(value)
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str):
@@ -126,7 +162,7 @@ class Settings(BaseSettings):
     def public_dict(self) -> dict:
         """The resolved settings as stored with every artefact; URIs have any embedded password removed."""
         out = self.model_dump()
-        for key in ("data_uri", "output_uri"):
+        for key in ("data_uri", "output_uri", "pretrained"):
             out[key] = redact_uri(out[key])
         return out
 

@@ -4,6 +4,7 @@ Single process or under torchrun: every rank runs this same code; the Runtime's 
 no-ops in a single process. Rank 0 alone writes outputs.
 """
 
+import contextlib
 import logging
 import math
 import platform
@@ -15,9 +16,8 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
-from job import __version__, checkpoint, data, report, storage
+from job import __version__, checkpoint, data, features, models, report, storage
 from job.errors import DataError, DivergedError, JobError, OutputError, Stopped
-from job.models import build_model
 from job.optim import build_optimizer, lr_factor, set_lr
 from job.runtime import Runtime, is_peer_failure, peer_lost
 
@@ -44,11 +44,11 @@ class Job:
     settings: object
     runtime: Runtime
     run_uri: str
-    data: data.TensorData
+    data: data.Data
     train_idx: torch.Tensor  # indices into data.x; saved with every checkpoint
     val_idx: torch.Tensor
-    model: torch.nn.Module  # the plain model: what checkpoints hold and evaluation uses
-    net: torch.nn.Module  # what training calls: the model, wrapped in DDP when distributed
+    model: torch.nn.Module  # the whole plain model: what checkpoints hold
+    net: torch.nn.Module  # what training calls: `trainable`, wrapped in DDP when distributed
     optimizer: torch.optim.Optimizer
     uploader: checkpoint.Uploader
     progress: Progress = field(default_factory=Progress)
@@ -56,6 +56,23 @@ class Job:
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
     started: float = field(default_factory=time.monotonic)
+    head: str = ""  # the classifier head's module name
+    frozen: list = field(default_factory=list)  # modules JOB_FREEZE froze (kept in eval mode)
+    trainable: torch.nn.Module | None = None  # what batches go through: the model, or its head on cached features
+    amp_dtype: torch.dtype | None = None  # CUDA mixed precision, None on CPU
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    on_features: bool = False  # training the head on cached backbone features
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.amp_dtype)
+
+    def train_mode(self) -> None:
+        if self.frozen and not self.on_features:
+            models.train_mode(self.model, self.head, self.frozen)
+        else:
+            self.net.train()
 
 
 def train_one_epoch(job: Job) -> tuple[float, float, float]:
@@ -73,15 +90,22 @@ def train_one_epoch(job: Job) -> tuple[float, float, float]:
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     count = 0
-    job.net.train()
+    job.train_mode()
     start, last_log = time.monotonic(), time.monotonic()
-    for step, (x, y) in enumerate(data.index_batches(job.data.x, job.data.y, mine, s.batch_size), start=1):
+    batches = data.batches(job.data.x, job.data.y, mine, s.batch_size, True, s, rt.device)
+    for step, (x, y) in enumerate(batches, start=1):
         set_lr(job.optimizer, s, p.epoch + p.seen / len(job.train_idx))
-        logits = job.net(x)
-        loss = F.cross_entropy(logits, y)
+        with job.autocast():
+            logits = job.net(x)
+            loss = F.cross_entropy(logits.float(), y)
         job.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        job.optimizer.step()
+        if job.scaler:  # fp16: scale the loss so small gradients survive
+            job.scaler.scale(loss).backward()
+            job.scaler.step(job.optimizer)
+            job.scaler.update()
+        else:
+            loss.backward()
+            job.optimizer.step()
         loss_sum.add_(loss.detach(), alpha=len(y))  # summed on the device: no sync per step
         correct.add_((logits.argmax(1) == y).sum())
         count += len(y)
@@ -115,24 +139,26 @@ def add_sums(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, count: int
 
 
 @torch.no_grad()
-def evaluate(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean loss, accuracy) over all of x: each rank scores its share, then sums and counts
-    are added up over ranks (never an average of averages). Polls the stop flag."""
-    rt = job.runtime
-    x, y = x[rt.rank::rt.world_size], y[rt.rank::rt.world_size]
-    job.model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), EVAL_BATCH_SIZE):
-        if job.runtime.stop.signum:  # a local signal; ranks agree at the next training step
+def evaluate(job: Job, x, y: torch.Tensor, idx: torch.Tensor) -> tuple[float, float]:
+    """(mean loss, accuracy) over the items `idx` of x: each rank scores its share, then sums and
+    counts are added up over ranks (never an average of averages). Polls the stop flag."""
+    rt, s = job.runtime, job.settings
+    mine = idx[rt.rank::rt.world_size].to(rt.device if isinstance(x, torch.Tensor) else "cpu")
+    job.trainable.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    batch_size = EVAL_BATCH_SIZE if isinstance(x, torch.Tensor) else s.batch_size
+    for xb, yb in data.batches(x, y, mine, batch_size, False, s, rt.device):
+        if rt.stop.signum:  # a local signal; ranks agree below
             break
-        logits = job.model(x[i:i + EVAL_BATCH_SIZE])
-        target = y[i:i + EVAL_BATCH_SIZE]
-        loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").item()
-        correct += int((logits.argmax(1) == target).sum().item())
+        with job.autocast():
+            logits = job.trainable(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+        correct += int((logits.argmax(1) == yb).sum().item())
+        count += len(yb)
     signum = rt.stop_signal()
     if signum:
         raise Stopped(signum)
-    loss_sum, correct, count = rt.sum(loss_sum, correct, len(x))
+    loss_sum, correct, count = rt.sum(loss_sum, correct, count)
     return loss_sum / count, correct / count
 
 
@@ -145,8 +171,7 @@ def check_finite(loss_sum: float, p: Progress) -> None:
 
 def fit(job: Job) -> list[dict]:
     """Train until JOB_EPOCHS epochs are in the history; returns the history."""
-    s, p, device = job.settings, job.progress, job.runtime.device
-    val_x, val_y = job.data.x[job.val_idx.to(device)], job.data.y[job.val_idx.to(device)]
+    s, p = job.settings, job.progress
     while p.epoch < s.epochs:
         if p.seen == 0:
             p.epoch_lr = s.lr * lr_factor(s, p.epoch)
@@ -156,7 +181,7 @@ def fit(job: Job) -> list[dict]:
         train_loss, train_accuracy, samples_per_second = train_one_epoch(job)
         check_finite(train_loss, p)
         try:
-            val_loss, val_accuracy = evaluate(job, val_x, val_y)
+            val_loss, val_accuracy = evaluate(job, job.data.x, job.data.y, job.val_idx)
         except Stopped as stopped:
             save_checkpoint(job)  # position: this epoch trained, not yet evaluated
             stop(job, stopped.exit_code - 128)
@@ -244,6 +269,8 @@ def summary_of(job: Job, status: str, **extra) -> dict:
         "world_size": job.runtime.world_size,
         "dataset_fingerprint": job.data.fingerprint,
         "class_names": job.data.class_names,
+        "class_to_idx": {name: i for i, name in enumerate(job.data.class_names)},
+        "bad_files": len(job.data.bad_files),
         "train_samples": len(job.train_idx),
         "val_samples": len(job.val_idx),
         **extra,
@@ -310,17 +337,41 @@ def on_main(runtime: Runtime, fn):
     return runtime.broadcast(result)
 
 
-def load_data(settings, runtime: Runtime) -> data.TensorData:
+def load_data(settings, runtime: Runtime) -> data.Data:
     """Each node pulls the dataset into its own cache once: its local rank 0 first, the others
     after a barrier (they then find the cache fresh and read it)."""
     tensors, error = None, None
     if runtime.local_rank == 0:
         try:
-            tensors = data.load(settings, runtime.device)
+            tensors = data.load(settings, runtime.device, normalize=settings.model not in ("mlp", "cnn"))
         except JobError as exc:
             error = exc
     runtime.all_ok(error)
-    return tensors if tensors is not None else data.load(settings, runtime.device)
+    return tensors if tensors is not None else data.load(settings, runtime.device, normalize=settings.model not in ("mlp", "cnn"))
+
+
+def build_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> Job:
+    """Model (head replaced, weights loaded, backbone frozen as asked), optimizer and split."""
+    input_shape = tuple(dataset.x.shape[1:]) if isinstance(dataset.x, torch.Tensor) else (3, settings.image_size, settings.image_size)
+    model, head = models.build_model(settings, input_shape, dataset.num_classes)
+    frozen = models.freeze(model, head, settings.freeze)
+    model.to(runtime.device)
+    optimizer = build_optimizer(settings, models.param_groups(model, head, settings.backbone_lr_scale))
+    train_idx, val_idx = dataset.split or data.split_indices(len(dataset.y), settings.val_fraction, settings.seed)
+    job = Job(settings, runtime, run_uri, dataset, train_idx, val_idx, model, model, optimizer,
+              checkpoint.Uploader(run_uri), head=head, frozen=frozen, trainable=model)
+    if runtime.device.type == "cuda":
+        # CUDA-only speed-ups; none of them runs (or changes anything) on CPU.
+        torch.backends.cudnn.benchmark = True
+        if settings.amp != "off":
+            job.amp_dtype = torch.float16 if settings.amp == "fp16" or (
+                settings.amp == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
+            job.scaler = torch.amp.GradScaler("cuda") if job.amp_dtype == torch.float16 else None
+        if len(input_shape) == 3:
+            model.to(memory_format=torch.channels_last)
+        if settings.compile:
+            job.trainable = job.net = torch.compile(model)
+    return job
 
 
 def versions() -> dict:
@@ -352,26 +403,25 @@ def run(settings, runtime: Runtime) -> dict:
         raise
     try:
         tensors = load_data(settings, runtime)
-        log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(tensors.x)} training images, "
+        log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(tensors.y)} training images, "
                  f"{tensors.num_classes} classes, test set: {'yes' if tensors.test_x is not None else 'no'}, "
-                 f"fingerprint {tensors.fingerprint[:12]}")
+                 f"{len(tensors.bad_files)} bad files skipped, fingerprint {tensors.fingerprint[:12]}")
         state = on_main(runtime, lambda: load_resume_state(settings, run_uri))
-        model = build_model(settings, tuple(tensors.x.shape[1:]), tensors.num_classes).to(runtime.device)
-        optimizer = build_optimizer(settings, model.parameters())
-        train_idx, val_idx = data.split_indices(len(tensors.x), settings.val_fraction, settings.seed)
-        job = Job(settings, runtime, run_uri, tensors, train_idx, val_idx, model, model, optimizer,
-                  checkpoint.Uploader(run_uri))
+        job = build_job(settings, runtime, run_uri, tensors)
         if state is not None:
             restore(job, state)
+        if features.applicable(settings, job.data):
+            job.data, job.trainable = features.features_data(job), job.model.get_submodule(job.head)
+            job.net, job.on_features = job.trainable, True
         if runtime.distributed:  # wraps after restore: DDP starts every rank from rank 0's weights
-            job.net = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            job.net = DistributedDataParallel(job.trainable, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
         runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
         if runtime.stop.signum:
             raise Stopped(runtime.stop.signum)
         fit(job)
         extra = {}
         if tensors.test_x is not None:
-            test_loss, test_accuracy = evaluate(job, tensors.test_x, tensors.test_y)
+            test_loss, test_accuracy = evaluate(job, job.data.test_x, job.data.test_y, torch.arange(len(job.data.test_y)))
             extra = {"test_loss": test_loss, "test_accuracy": test_accuracy}
             log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
         summary = summary_of(job, "completed", **extra)

@@ -33,7 +33,7 @@ from stage_dataset import from_idx  # noqa: E402
 
 def make_model(settings):
     torch.manual_seed(0)
-    return build_model(settings, (1, 28, 28), 10)
+    return build_model(settings, (1, 28, 28), 10)[0]
 
 
 def tutorial_epoch(settings, images, labels, train_idx) -> float:
@@ -96,7 +96,7 @@ def main() -> None:
     images, labels = arrays["train_images"], arrays["train_labels"]
     settings = Settings(data_uri=args.data, batch_size=100, lr=0.5, hidden_sizes=[32], lr_schedule="constant")
     x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255)
-    tensors = data.TensorData(x, torch.from_numpy(labels.astype(np.int64)), None, None, [str(i) for i in range(10)], "bench")
+    tensors = data.Data(x, torch.from_numpy(labels.astype(np.int64)), None, None, [str(i) for i in range(10)], "bench")
     train_idx, val_idx = data.split_indices(len(x), settings.val_fraction, settings.seed)
 
     results = {"tutorial": [], "job": [], "floor": []}

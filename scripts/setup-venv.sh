@@ -20,5 +20,5 @@ pip_install() {  # quiet on success, the whole log on failure
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # shellcheck disable=SC2086
 pip_install ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
-pip_install -e ".${extras:+[$extras]}"
+pip_install -c scripts/constraints.txt -e ".${extras:+[$extras]}"
 .venv/bin/python -c "import job, torch, torchvision; print('trainjob', job.__version__, 'torch', torch.__version__)"

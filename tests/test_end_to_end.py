@@ -22,7 +22,7 @@ HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accura
 def val_accuracy_of(state: dict, arrays: dict) -> float:
     """Load a checkpoint into a fresh model and score it on the run's own saved validation split."""
     s = state["settings"]
-    model = build_model(type("S", (), s), (1, 28, 28), len(state["class_names"]))
+    model, _ = build_model(type("S", (), s), (1, 28, 28), len(state["class_names"]))
     model.load_state_dict(state["model"])
     model.eval()
     val = state["split"]["val"]
