@@ -3,6 +3,8 @@
 
   python scripts/stage_dataset.py digits DEST            scikit-learn's bundled 8x8 digits, no download
   python scripts/stage_dataset.py idx SRC_DIR DEST       local MNIST IDX files (raw or .gz)
+  python scripts/stage_dataset.py images DEST [--per-class N]
+      a generated image-folder dataset (train/ and valid/ of 3 classes of coloured, noisy JPEGs)
       [--t10k-as-train]  stage a t10k-only folder (like ../shared/data/mnist-t10k) as the train set
 
 DEST is a local path or s3://, gs://, memory:// (S3-compatible endpoints via AWS_ENDPOINT_URL).
@@ -52,6 +54,28 @@ def from_idx(src: str, t10k_as_train: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
+def synthetic_images(dest: str, per_class: int = 40, size: int = 96, seed: int = 0) -> list[str]:
+    """A small image-folder dataset anyone can generate: per class a colour plus noise, as JPEG,
+    in train/<class>/ and valid/<class>/ (a quarter as many)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = {"daisy": (230, 230, 60), "rose": (200, 30, 40), "tulip": (120, 40, 200)}
+    written = []
+    for split, n in (("train", per_class), ("valid", max(1, per_class // 4))):
+        for name, colour in colours.items():
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 60, (size, size, 3)), 0, 255).astype(np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="JPEG")
+                uri = storage.join(dest, split, name, f"{i:04d}.jpg")
+                storage.write_bytes(uri, buffer.getvalue())
+                written.append(uri)
+    return written
+
+
 def stage(arrays: dict[str, np.ndarray], dest: str) -> list[str]:
     """Write the arrays as gzipped IDX files under dest; returns the URIs written."""
     written = []
@@ -64,12 +88,16 @@ def stage(arrays: dict[str, np.ndarray], dest: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", choices=["digits", "idx"])
-    parser.add_argument("paths", nargs="+", help="digits: DEST; idx: SRC_DIR DEST")
+    parser.add_argument("source", choices=["digits", "idx", "images"])
+    parser.add_argument("paths", nargs="+", help="digits, images: DEST; idx: SRC_DIR DEST")
     parser.add_argument("--t10k-as-train", action="store_true")
+    parser.add_argument("--per-class", type=int, default=40, help="images: training images per class")
     args = parser.parse_args()
-    if len(args.paths) != (1 if args.source == "digits" else 2):
-        parser.error("digits takes DEST; idx takes SRC_DIR DEST")
+    if len(args.paths) != (2 if args.source == "idx" else 1):
+        parser.error("digits and images take DEST; idx takes SRC_DIR DEST")
+    if args.source == "images":
+        print(f"{len(synthetic_images(args.paths[0], args.per_class))} images under {args.paths[0]}")
+        return
     arrays = digits() if args.source == "digits" else from_idx(args.paths[0], args.t10k_as_train)
     for uri in stage(arrays, args.paths[-1]):
         print(uri)

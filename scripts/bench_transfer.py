@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Transfer learning with a frozen backbone on CPU: the tutorial's way against the job's feature
+cache, in one process on the same generated images, same model, same head optimiser.
+
+  tutorial  every epoch: the full resnet forward over per-item transforms in a DataLoader,
+            backward through the head only (backbone frozen), then validation the same way
+  job       epoch 1 computes the backbone features once (the job's own features module), then
+            every epoch trains and validates the head on them (the job's train_one_epoch/evaluate)
+
+Prints JSON with seconds per epoch and the ratios (targets: epochs 2..N >= 10x faster than the
+tutorial's, epoch 1 no slower than 1.1x).
+
+  python scripts/bench_transfer.py [--images-per-class 100] [--image-size 64] [--epochs 5]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from job import data, features, images, models, train  # noqa: E402
+from job.runtime import Runtime  # noqa: E402
+from job.settings import Settings  # noqa: E402
+from stage_dataset import synthetic_images  # noqa: E402
+
+
+def tutorial(settings, dataset: data.Data, epochs: int) -> list[float]:
+    torch.manual_seed(0)
+    model, head = models.build_model(settings, (3, settings.image_size, settings.image_size), dataset.num_classes)
+    models.freeze(model, head, "all")
+    optimizer = torch.optim.Adam(model.get_submodule(head).parameters(), lr=settings.lr)
+    train_idx, val_idx = dataset.split
+    items = dataset.x
+    train_loader = torch.utils.data.DataLoader(items.loader(True, 1, 0, False)[0].dataset, batch_size=settings.batch_size,
+                                               sampler=torch.utils.data.SubsetRandomSampler(train_idx.tolist()))
+    val_loader = torch.utils.data.DataLoader(items.loader(False, 1, 0, False)[0].dataset, batch_size=settings.batch_size,
+                                             sampler=val_idx.tolist())
+    seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        model.train()
+        for x, y in train_loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            for x, y in val_loader:
+                F.cross_entropy(model(x), y)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def job_way(settings, dataset: data.Data, epochs: int, run_uri: str) -> list[float]:
+    torch.manual_seed(0)
+    runtime = Runtime(device=torch.device("cpu"), threads=torch.get_num_threads())
+    job = train.build_job(settings, runtime, run_uri, dataset)
+    seconds = []
+    start = time.perf_counter()
+    job.data, job.trainable = features.features_data(job), job.model.get_submodule(job.head)
+    job.net, job.on_features = job.trainable, True
+    for _ in range(epochs):
+        train.train_one_epoch(job)
+        train.evaluate(job, job.data.x, job.data.y, job.val_idx)
+        job.progress = train.Progress(epoch=job.progress.epoch + 1, global_step=job.progress.global_step)
+        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images-per-class", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic_images(os.path.join(tmp, "data"), args.images_per_class, size=args.image_size * 2)
+        settings = Settings(data_uri=os.path.join(tmp, "data"), output_uri=os.path.join(tmp, "runs"), model="resnet18",
+                            image_size=args.image_size, freeze="all", optimizer="adam", lr=0.001, batch_size=32,
+                            num_workers=0, epochs=args.epochs, cache_dir=os.path.join(tmp, "cache"))
+        dataset = data.load_images(os.path.join(tmp, "data"), settings, normalize=True)
+        tutorial_s = tutorial(settings, dataset, args.epochs)
+        job_s = job_way(settings, dataset, args.epochs, os.path.join(tmp, "runs", "bench"))
+    later = lambda s: statistics.median(s[1:])
+    print(json.dumps({
+        "model": "resnet18 (frozen backbone)", "image_size": args.image_size, "threads": args.threads,
+        "train_images": len(dataset.split[0]), "val_images": len(dataset.split[1]), "epochs": args.epochs,
+        "epoch_seconds": {"tutorial": [round(s, 3) for s in tutorial_s], "job": [round(s, 3) for s in job_s]},
+        "epoch1_job_over_tutorial": round(job_s[0] / tutorial_s[0], 3),
+        "later_epochs_speedup": round(later(tutorial_s) / later(job_s), 1),
+        "targets": {"epoch1_job_over_tutorial": "<= 1.1", "later_epochs_speedup": ">= 10"},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
