@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
             check(settings)
             return 0
         from job.runtime import setup, teardown  # imports torch: keep --help and settings errors fast
-        from job.train import run
+        from job.smoke import run as smoke_run
+        from job.train import run as train_run
+
+        run = smoke_run if settings.smoke else train_run
         runtime = setup(settings, stop)
         if not runtime.distributed:
             run(settings, runtime)

@@ -153,10 +153,11 @@ def load_images(root: str, settings, normalize: bool) -> Data:
         found["classes"], fingerprint([p for p, _ in items + (test or [])]), split, found["bad"], found["files"])
 
 
-def load(settings, device: torch.device, normalize: bool = False) -> Data:
-    """Pull the dataset into the local cache and load it; every problem is a DataError (exit 3)."""
+def load(settings, device: torch.device, normalize: bool = False, include=None) -> Data:
+    """Pull the dataset (or the files `include` selects) into the local cache and load it; every
+    problem is a DataError (exit 3)."""
     with storage.errors(settings.data_uri, DataError, "read dataset"):
-        root = storage.pull(settings.data_uri, settings.cache_dir)
+        root = storage.pull(settings.data_uri, settings.cache_dir, include)
     fmt = detect_format(root) if settings.data_format == "auto" else settings.data_format
     if fmt == "imagefolder":
         return load_images(root, settings, normalize)

@@ -11,7 +11,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     2: ("invalid settings", "fail at once"),
     3: ("dataset or checkpoint missing, invalid or incompatible", "fail at once"),
     4: ("output location not writable", "fail at once"),
-    65: ("training diverged (NaN or infinite loss)", "fail at once"),
+    65: ("training diverged or cannot learn (NaN/inf loss; in smoke mode, a loss that does not fall)", "fail at once"),
     75: ("transient failure: storage after retries, or a lost peer process", "retry"),
     130: ("stopped by SIGINT after saving a checkpoint", "retry"),
     143: ("stopped by SIGTERM after saving a checkpoint", "retry"),

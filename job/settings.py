@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     keep_checkpoints: int = Field(2, ge=1, description="recent epoch checkpoints kept besides best.pt")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
     stop_grace_seconds: float = Field(25.0, gt=0.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
+    smoke: bool = Field(False, description="smoke test: the real code path on a few batches and a sample of the data, every step checked, outputs under <run>/smoke/")
+    limit_train_batches: int = Field(0, ge=0, description="train at most this many batches per epoch (0: all; smoke mode default 3)")
+    limit_val_batches: int = Field(0, ge=0, description="evaluate at most this many batches (0: all; smoke mode default 2)")
     # --- runtime ----------------------------------------------------------------------------
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: 1 per process for the small in-memory models, else the CPUs available)")

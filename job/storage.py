@@ -212,3 +212,10 @@ def pull(uri: str, cache_dir: str, include=None) -> str:
             json.dump(wanted, f)
         os.replace(tmp, manifest_path)
     return local_root
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a directory URI and everything under it (used only for smoke outputs)."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -126,6 +126,9 @@ def train_one_epoch(job: Job) -> tuple[float, float, float]:
             rate = (p.seen - start_seen) / (last_log - start)
             log.info(f"epoch {p.epoch + 1} sample {p.seen}/{len(job.train_idx)} "
                      f"train_loss={loss.item():.4f} train_samples_per_second={rate:.0f}")
+        if step == s.limit_train_batches:  # JOB_LIMIT_TRAIN_BATCHES (smoke runs): the epoch ends here
+            p.seen = start_seen + len(order)
+            break
     add_sums(job, loss_sum, correct, count)
     seconds = time.monotonic() - start
     return p.loss_sum / max(p.count, 1), p.correct / max(p.count, 1), (p.seen - start_seen) / max(seconds, 1e-9)
@@ -147,8 +150,8 @@ def evaluate(job: Job, x, y: torch.Tensor, idx: torch.Tensor) -> tuple[float, fl
     job.trainable.eval()
     loss_sum, correct, count = 0.0, 0, 0
     batch_size = EVAL_BATCH_SIZE if isinstance(x, torch.Tensor) else s.batch_size
-    for xb, yb in data.batches(x, y, mine, batch_size, False, s, rt.device):
-        if rt.stop.signum:  # a local signal; ranks agree below
+    for i, (xb, yb) in enumerate(data.batches(x, y, mine, batch_size, False, s, rt.device)):
+        if rt.stop.signum or i == s.limit_val_batches > 0:  # a local signal (ranks agree below), or the limit
             break
         with job.autocast():
             logits = job.trainable(xb)
@@ -337,17 +340,17 @@ def on_main(runtime: Runtime, fn):
     return runtime.broadcast(result)
 
 
-def load_data(settings, runtime: Runtime) -> data.Data:
+def load_data(settings, runtime: Runtime, include=None) -> data.Data:
     """Each node pulls the dataset into its own cache once: its local rank 0 first, the others
     after a barrier (they then find the cache fresh and read it)."""
     tensors, error = None, None
     if runtime.local_rank == 0:
         try:
-            tensors = data.load(settings, runtime.device, normalize=settings.model not in ("mlp", "cnn"))
+            tensors = data.load(settings, runtime.device, settings.model not in ("mlp", "cnn"), include)
         except JobError as exc:
             error = exc
     runtime.all_ok(error)
-    return tensors if tensors is not None else data.load(settings, runtime.device, normalize=settings.model not in ("mlp", "cnn"))
+    return tensors if tensors is not None else data.load(settings, runtime.device, settings.model not in ("mlp", "cnn"), include)
 
 
 def build_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> Job:
@@ -387,12 +390,10 @@ def prepare_output(settings, runtime: Runtime, run_uri: str) -> None:
                             "device": str(runtime.device), "world_size": runtime.world_size})
 
 
-def run(settings, runtime: Runtime) -> dict:
-    """One run: outputs checked, data loaded, resume applied, fit, test, summary. Returns the summary."""
-    run_uri = storage.join(settings.output_uri, settings.run_name)
+def begin(settings, runtime: Runtime, run_uri: str) -> None:
+    """Say what runs where, then make sure the output location takes writes before any work."""
     log.info(" ".join(f"{k} {v}" for k, v in versions().items()) + f" | device {runtime.describe()}")
     log.info(f"run {storage.redact_uri(run_uri)} settings {settings.public_dict()}")
-    job = None
     try:
         on_main(runtime, lambda: prepare_output(settings, runtime, run_uri))
     except JobError:
@@ -401,47 +402,74 @@ def run(settings, runtime: Runtime) -> dict:
         if is_peer_failure(runtime, exc):
             raise peer_lost(runtime, exc) from None
         raise
+
+
+def make_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> Job:
+    """The job ready to fit: resumed if the run has a checkpoint, features cached if they can be,
+    wrapped for data parallelism, and answering signals with a checkpoint from here on."""
+    log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(dataset.y)} training images, "
+             f"{dataset.num_classes} classes, test set: {'yes' if dataset.test_x is not None else 'no'}, "
+             f"{len(dataset.bad_files)} bad files skipped, fingerprint {dataset.fingerprint[:12]}")
+    state = on_main(runtime, lambda: load_resume_state(settings, run_uri))
+    job = build_job(settings, runtime, run_uri, dataset)
+    if state is not None:
+        restore(job, state)
+    if features.applicable(settings, job.data):
+        job.data, job.trainable = features.features_data(job), job.model.get_submodule(job.head)
+        job.net, job.on_features = job.trainable, True
+    if runtime.distributed:  # wraps after restore: DDP starts every rank from rank 0's weights
+        job.net = DistributedDataParallel(job.trainable, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
+    if runtime.stop.signum:
+        raise Stopped(runtime.stop.signum)
+    return job
+
+
+def finish(job: Job) -> dict:
+    """Score the test set if there is one, publish the final summary; returns it."""
+    d, extra = job.data, {}
+    if d.test_x is not None:
+        test_loss, test_accuracy = evaluate(job, d.test_x, d.test_y, torch.arange(len(d.test_y)))
+        extra = {"test_loss": test_loss, "test_accuracy": test_accuracy}
+        log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
+    summary = summary_of(job, "completed", **extra)
+    if job.runtime.is_main:
+        job.uploader.wait()
+        with storage.errors(job.run_uri, OutputError, "write to"):
+            report.publish(job.run_uri, job.history, summary)
+    job.runtime.barrier()
+    log.info(f"completed: best_val_accuracy={job.best_val_accuracy:.4f} (epoch {job.best_epoch}); "
+             f"outputs in {storage.redact_uri(job.run_uri)}")
+    return summary
+
+
+@contextlib.contextmanager
+def recorded(run_uri: str, runtime: Runtime, current: dict):
+    """Record how the run ended (summary.json, failure.json) for `current["job"]`, and turn a
+    failed collective into a clear exit 75."""
     try:
-        tensors = load_data(settings, runtime)
-        log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(tensors.y)} training images, "
-                 f"{tensors.num_classes} classes, test set: {'yes' if tensors.test_x is not None else 'no'}, "
-                 f"{len(tensors.bad_files)} bad files skipped, fingerprint {tensors.fingerprint[:12]}")
-        state = on_main(runtime, lambda: load_resume_state(settings, run_uri))
-        job = build_job(settings, runtime, run_uri, tensors)
-        if state is not None:
-            restore(job, state)
-        if features.applicable(settings, job.data):
-            job.data, job.trainable = features.features_data(job), job.model.get_submodule(job.head)
-            job.net, job.on_features = job.trainable, True
-        if runtime.distributed:  # wraps after restore: DDP starts every rank from rank 0's weights
-            job.net = DistributedDataParallel(job.trainable, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
-        if runtime.stop.signum:
-            raise Stopped(runtime.stop.signum)
-        fit(job)
-        extra = {}
-        if tensors.test_x is not None:
-            test_loss, test_accuracy = evaluate(job, job.data.test_x, job.data.test_y, torch.arange(len(job.data.test_y)))
-            extra = {"test_loss": test_loss, "test_accuracy": test_accuracy}
-            log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
-        summary = summary_of(job, "completed", **extra)
-        if runtime.is_main:
-            job.uploader.wait()
-            with storage.errors(run_uri, OutputError, "write to"):
-                report.publish(run_uri, job.history, summary)
-        runtime.barrier()
-        log.info(f"completed: best_val_accuracy={job.best_val_accuracy:.4f} (epoch {job.best_epoch}); "
-                 f"outputs in {storage.redact_uri(run_uri)}")
-        return summary
+        yield
     except JobError as exc:
-        record_outcome(run_uri, runtime, job, exc)
+        record_outcome(run_uri, runtime, current.get("job"), exc)
         raise
     except Exception as exc:
         if not is_peer_failure(runtime, exc):
             raise
         error = peer_lost(runtime, exc)
-        record_outcome(run_uri, runtime, job, error)
+        record_outcome(run_uri, runtime, current.get("job"), error)
         raise error from None
+
+
+def run(settings, runtime: Runtime) -> dict:
+    """One run: outputs checked, data loaded, resume applied, fit, test, summary. Returns the summary."""
+    run_uri = storage.join(settings.output_uri, settings.run_name)
+    begin(settings, runtime, run_uri)
+    current = {}
+    with recorded(run_uri, runtime, current):
+        dataset = load_data(settings, runtime)
+        current["job"] = job = make_job(settings, runtime, run_uri, dataset)
+        fit(job)
+        return finish(job)
 
 
 def record_outcome(run_uri: str, runtime: Runtime, job: Job | None, exc: JobError) -> None:
