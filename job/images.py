@@ -99,7 +99,7 @@ def scan(root: str, threads: int) -> dict:
     items = {k: [(p, classes.index(c)) for c, files in v.items() for p in files] for k, v in splits.items()}
     every = [p for split in items.values() for p, _ in split]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL decodes without the GIL
-        reasons = dict(zip(every, pool.map(_check, every)))
+        reasons = dict(zip(every, pool.map(_check, every), strict=True))
     bad = [(p, r) for p, r in reasons.items() if r]
     for path, reason in bad:
         log.warning(f"skipping {os.path.relpath(path, root)}: {reason}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from job import data, features, images, models, train  # noqa: E402
+from job import data, features, models, train  # noqa: E402
 from job.runtime import Runtime  # noqa: E402
 from job.settings import Settings  # noqa: E402
 from stage_dataset import synthetic_images  # noqa: E402

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -18,6 +19,7 @@ import stage_dataset  # noqa: E402
 SHARED_MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist-t10k")
 # Deliberately recognisable so tests can prove it never leaks into logs or outputs.
 SECRET = "tEsT-sEcReT-9f8e7d6c5b4a"
+CACHE_DIR = tempfile.mkdtemp(prefix="trainjob-test-cache-")
 
 
 def _free_port() -> int:
@@ -85,6 +87,7 @@ def job_env(**settings) -> dict:
     """The parent environment without JOB_* variables, plus the given settings as JOB_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
     env.setdefault("JOB_THREADS", "1")
+    env.setdefault("JOB_CACHE_DIR", CACHE_DIR)  # never the machine's shared /tmp/trainjob-cache
     env.update({f"JOB_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
@@ -114,7 +117,7 @@ def metrics(history: list[dict]) -> list[dict]:
 
 def assert_same_history(a: list[dict], b: list[dict]) -> None:
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
-    for ra, rb in zip(metrics(a), metrics(b)):
+    for ra, rb in zip(metrics(a), metrics(b), strict=True):
         for k in METRICS:
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["epoch"], k, ra[k], rb[k])
 

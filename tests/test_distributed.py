@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from conftest import DIGITS, ROOT, _free_port, job_env, run_job

@@ -4,7 +4,6 @@ reported; broken paths caught with the right exit code."""
 import json
 
 import pytest
-import torch
 
 import stage_dataset
 from conftest import run_job

@@ -62,7 +62,7 @@ def test_flowers_from_s3_with_weights_from_s3(s3, tree, tmp_path):
     s3.put(str(tree / "data"), "data/flowers", recursive=True)
     s3.put(weights_file(str(tmp_path / "resnet18.pt")), "data/weights/resnet18.pt")
     result = run_job(data_uri="s3://data/flowers", output_uri="s3://out", run_name="flowers",
-                     pretrained="s3://data/weights/resnet18.pt", **RECIPE)
+                     pretrained="s3://data/weights/resnet18.pt", cache_dir=str(tmp_path / "cache"), **RECIPE)
     assert result.returncode == 0, result.stdout
     assert "skipping train/rose/truncated.jpg" in result.stdout and "skipping train/tulip/notes.jpg" in result.stdout
     assert "feature cache: computing backbone features" in result.stdout
@@ -110,7 +110,7 @@ def test_feature_cache_matches_the_full_forward_and_is_reused(tmp_path, tree):
         assert r.returncode == 0, r.stdout
     assert "feature cache: computing" in cached.stdout and "feature cache: using" in again.stdout
     read = lambda n: [json.loads(l) for l in (tmp_path / n / "history.jsonl").read_text().splitlines()]
-    for a, b in zip(read("cached"), read("full")):
+    for a, b in zip(read("cached"), read("full"), strict=True):
         for k in ("train_loss", "val_loss", "val_accuracy"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
     # the cached run's checkpoint still holds the whole model, backbone included
