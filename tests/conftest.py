@@ -1,7 +1,9 @@
 """Shared fixtures: a real S3-compatible server (moto, its own process on loopback), staged
 datasets, and a helper that runs the job as a real subprocess with real environment variables."""
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ SHARED_MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist-t10k")
 # Deliberately recognisable so tests can prove it never leaks into logs or outputs.
 SECRET = "tEsT-sEcReT-9f8e7d6c5b4a"
 CACHE_DIR = tempfile.mkdtemp(prefix="trainjob-test-cache-")
+atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -124,8 +127,6 @@ def assert_same_history(a: list[dict], b: list[dict]) -> None:
 
 def corrupt_copy(src_dir, dst_dir, name: str, data: bytes) -> None:
     """Copy a staged dataset folder, replacing one file's bytes."""
-    import shutil
-
     shutil.copytree(src_dir, dst_dir)
     with open(os.path.join(dst_dir, name), "wb") as f:
         f.write(data)
