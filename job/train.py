@@ -407,7 +407,7 @@ def begin(settings, runtime: Runtime, run_uri: str) -> None:
 def make_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> Job:
     """The job ready to fit: resumed if the run has a checkpoint, features cached if they can be,
     wrapped for data parallelism, and answering signals with a checkpoint from here on."""
-    log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(dataset.y)} training images, "
+    log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(dataset.y)} images for training and validation, "
              f"{dataset.num_classes} classes, test set: {'yes' if dataset.test_x is not None else 'no'}, "
              f"{len(dataset.bad_files)} bad files skipped, fingerprint {dataset.fingerprint[:12]}")
     state = on_main(runtime, lambda: load_resume_state(settings, run_uri))
