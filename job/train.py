@@ -63,6 +63,9 @@ class Job:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     on_features: bool = False  # training the head on cached backbone features
 
+    def __post_init__(self):
+        self.trainable = self.trainable or self.model
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
