@@ -1,11 +1,13 @@
 """An HTTP proxy for tests that sits in front of the S3 server and injects faults: for a chosen
-fraction of requests it answers 503 SlowDown, 500 InternalError, or resets the connection."""
+fraction of requests it answers 503 SlowDown, 500 InternalError, or resets the connection; it can
+also delay every request (a slow link)."""
 
 import http.client
 import random
 import socket
 import struct
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -17,8 +19,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, fail_fraction: float, seed: int = 0):
+    def __init__(self, upstream: str, fail_fraction: float, seed: int = 0, delay_seconds: float = 0.0):
         self.upstream = urlparse(upstream)
+        self.delay_seconds = delay_seconds
         self.fail_fraction = fail_fraction
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -44,6 +47,7 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
+                time.sleep(proxy.delay_seconds)
                 with proxy.lock:
                     fault = proxy.rng.choice(["slowdown", "internal", "reset"]) if proxy.rng.random() < proxy.fail_fraction else None
                     proxy.counts[fault or "forwarded"] += 1

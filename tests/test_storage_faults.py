@@ -2,12 +2,13 @@
 errors are retried with backoff and change nothing; persistent ones end with exit 75."""
 
 import json
+import signal
 import time
 
 import pytest
 
 import stage_dataset
-from conftest import DIGITS, assert_same_history, run_job
+from conftest import DIGITS, assert_same_history, run_job, start_job
 from faultproxy import FaultProxy
 
 
@@ -52,3 +53,28 @@ def test_all_requests_failing_exits_75_in_bounded_time(s3, digits_dir, proxy_for
     errors = [l for l in result.stdout.splitlines() if " ERROR " in l]
     assert len(errors) == 1 and "s3://out/" in errors[0] and "after retries" in errors[0]
     assert "Traceback" not in result.stdout
+
+
+def test_sigterm_during_a_slow_data_pull_exits_143_promptly(s3, digits_arrays, s3_server, tmp_path, monkeypatch):
+    stage_dataset.stage(digits_arrays, "s3://data/digits")
+    proxy = FaultProxy(s3_server, 0.0, delay_seconds=5.0)  # every request takes 5 s: the pull takes >= 10 s
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proc = start_job(data_uri="s3://data/digits", output_uri=str(tmp_path), run_name="r",
+                         cache_dir=str(tmp_path / "cache"))
+        lines = []
+        for line in proc.stdout:  # the output location is local: the pull starts right after this line
+            lines.append(line)
+            if " INFO run " in line:
+                break
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        proxy.close()
+    assert proc.returncode == 143, out
+    assert time.monotonic() - signalled < 4  # interrupted, not after the pull finished
+    assert "stopped by signal 15" in out and "Traceback" not in out
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "stopped"
+    assert not (tmp_path / "r" / "checkpoints").exists()  # nothing trained, nothing to save
