@@ -6,8 +6,10 @@ only when its upload completes); local writes go to a temporary name and are ren
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
+import logging
 import os
 import uuid
 
@@ -17,7 +19,9 @@ from fsspec.implementations.local import LocalFileSystem
 from job.errors import JobError, TransientStorageError
 from job.settings import redact_uri
 
+log = logging.getLogger("job")
 CACHE_MANIFEST = ".trainjob-cache.json"
+
 _retries = 10  # set from the settings by configure(); botocore attempts per request
 
 
@@ -85,11 +89,35 @@ def _short(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text}"[:300]
 
 
+def fresh_credentials(fn):
+    """On a refusal, retry once with a new filesystem: a new botocore session, which loads the
+    credentials again. Keys rotated in a credentials file by a sidecar, or an expired session
+    token, then keep working (fsspec/s3fs#500, #632: ExpiredToken lost the final upload of a 12 h
+    run). A real denial is refused again and reported as before."""
+
+    @functools.wraps(fn)
+    def wrapper(uri: str, *args, **kwargs):
+        try:
+            return fn(uri, *args, **kwargs)
+        except PermissionError as exc:
+            fs = filesystem(uri)[0]
+            if isinstance(fs, LocalFileSystem):
+                raise
+            log.warning(f"{redact_uri(uri)}: the store refused our credentials ({str(exc)[:120]}); "
+                        "reloading them and retrying once")
+            type(fs).clear_instance_cache()
+            return fn(uri, *args, **kwargs)
+
+    return wrapper
+
+
+@fresh_credentials
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return fs.cat_file(path)
 
 
+@fresh_credentials
 def write_bytes(uri: str, data: bytes) -> None:
     """Write so that a reader sees the old object or the whole new one, never a part."""
     fs, path = filesystem(uri)
@@ -117,17 +145,20 @@ def read_json(uri: str):
     return json.loads(read_bytes(uri))
 
 
+@fresh_credentials
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
 
 
+@fresh_credentials
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm_file(path)
 
 
+@fresh_credentials
 def copy(src: str, dst: str) -> None:
     """Server-side copy on object stores (no re-upload); a local copy is published atomically."""
     fs, src_path = filesystem(src)
@@ -144,6 +175,7 @@ def copy(src: str, dst: str) -> None:
         fs.copy(src_path, dst_path)
 
 
+@fresh_credentials
 def list_names(uri: str) -> list[str]:
     """Names of the files directly under a directory URI ([] when it does not exist)."""
     fs, path = filesystem(uri)
@@ -167,6 +199,7 @@ def _version(info: dict) -> str:
     return ""
 
 
+@fresh_credentials
 def pull(uri: str, cache_dir: str, include=None) -> str:
     """Make the dataset at `uri` available as a local directory and return its path.
 
@@ -214,6 +247,7 @@ def pull(uri: str, cache_dir: str, include=None) -> str:
     return local_root
 
 
+@fresh_credentials
 def remove_tree(uri: str) -> None:
     """Delete a directory URI and everything under it (used only for smoke outputs)."""
     fs, path = filesystem(uri)

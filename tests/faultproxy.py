@@ -15,6 +15,8 @@ SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>
             b"<Message>Please reduce your request rate.</Message></Error>")
 INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
             b"<Message>We encountered an internal error. Please try again.</Message></Error>")
+EXPIRED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ExpiredToken</Code>'
+           b"<Message>The provided token has expired.</Message></Error>")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "expect"}
 
 
@@ -22,10 +24,11 @@ class FaultProxy:
     def __init__(self, upstream: str, fail_fraction: float, seed: int = 0, delay_seconds: float = 0.0):
         self.upstream = urlparse(upstream)
         self.delay_seconds = delay_seconds
+        self.revoked_keys: set[str] = set()  # access key ids answered with ExpiredToken
         self.fail_fraction = fail_fraction
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
-        self.counts = {"forwarded": 0, "slowdown": 0, "internal": 0, "reset": 0}
+        self.counts = {"forwarded": 0, "slowdown": 0, "internal": 0, "reset": 0, "expired": 0}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,6 +51,17 @@ class FaultProxy:
             def _handle(self):
                 body = self._body()
                 time.sleep(proxy.delay_seconds)
+                auth = self.headers.get("Authorization", "")
+                if any(f"Credential={key}/" in auth for key in proxy.revoked_keys):
+                    with proxy.lock:
+                        proxy.counts["expired"] += 1
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(EXPIRED)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(EXPIRED)
+                    return
                 with proxy.lock:
                     fault = proxy.rng.choice(["slowdown", "internal", "reset"]) if proxy.rng.random() < proxy.fail_fraction else None
                     proxy.counts[fault or "forwarded"] += 1

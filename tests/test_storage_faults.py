@@ -78,3 +78,30 @@ def test_sigterm_during_a_slow_data_pull_exits_143_promptly(s3, digits_arrays, s
     assert "stopped by signal 15" in out and "Traceback" not in out
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "stopped"
     assert not (tmp_path / "r" / "checkpoints").exists()  # nothing trained, nothing to save
+
+
+def test_credentials_rotated_in_a_file_keep_a_long_run_going(s3, s3_server, digits_dir, tmp_path, monkeypatch):
+    """A sidecar rewrites the shared credentials file and the old key is revoked mid-run: the job
+    reloads its credentials instead of failing its next upload."""
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = old-key\naws_secret_access_key = old-secret\n")
+    proxy = FaultProxy(s3_server, 0.0)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        proc = start_job(data_uri=str(digits_dir), output_uri="s3://out", run_name="r", epochs=25, **DIGITS)
+        deadline = time.time() + 60
+        while not (s3.exists("out/r/history.jsonl") and len(s3.cat_file("out/r/history.jsonl").splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        creds.write_text("[default]\naws_access_key_id = new-key\naws_secret_access_key = new-secret\n")
+        proxy.revoked_keys.add("old-key")
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, out
+    assert proxy.counts["expired"] >= 1  # the old key was really refused, and the run went on
+    assert "refused our credentials (The provided token has expired.); reloading them" in out
+    assert len(history(s3, "r")) == 25
