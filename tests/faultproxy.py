@@ -48,6 +48,15 @@ class FaultProxy:
                         data += chunk
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+            def _error(self, status: int, payload: bytes):
+                """An S3-style XML error response."""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
             def _handle(self):
                 body = self._body()
                 time.sleep(proxy.delay_seconds)
@@ -55,13 +64,7 @@ class FaultProxy:
                 if any(f"Credential={key}/" in auth for key in proxy.revoked_keys):
                     with proxy.lock:
                         proxy.counts["expired"] += 1
-                    self.send_response(400)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(EXPIRED)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(EXPIRED)
-                    return
+                    return self._error(400, EXPIRED)
                 with proxy.lock:
                     fault = proxy.rng.choice(["slowdown", "internal", "reset"]) if proxy.rng.random() < proxy.fail_fraction else None
                     proxy.counts[fault or "forwarded"] += 1
@@ -71,14 +74,7 @@ class FaultProxy:
                     self.connection.close()
                     return
                 if fault:
-                    payload = SLOWDOWN if fault == "slowdown" else INTERNAL
-                    self.send_response(503 if fault == "slowdown" else 500)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(payload)
-                    return
+                    return self._error(503, SLOWDOWN) if fault == "slowdown" else self._error(500, INTERNAL)
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))
