@@ -135,3 +135,17 @@ def test_resume_across_process_counts(tmp_path, digits_dir):
     assert two.returncode == 0 and "written by 1 process(es)" in two.stdout, two.stdout
     for run in ("a", "b"):
         assert [r["epoch"] for r in history(tmp_path / run)] == [1, 2, 3]
+
+
+def test_feature_cache_works_under_torchrun(tmp_path):
+    from test_transfer import RECIPE, make_tree, weights_file
+
+    make_tree(str(tmp_path / "data"), per_class=8, bad=False)
+    settings = dict(data_uri=str(tmp_path / "data"), output_uri=str(tmp_path / "out"), run_name="f",
+                    pretrained=weights_file(str(tmp_path / "w.pt")), cache_dir=str(tmp_path / "cache"), **RECIPE)
+    result = torchrun("--standalone", "--nproc-per-node=2", **settings)
+    assert result.returncode == 0, result.stdout
+    assert "feature cache: computing backbone features" in result.stdout
+    summary = json.loads((tmp_path / "out" / "f" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["epochs_completed"] == 2
+    assert list((tmp_path / "out" / "f" / "cache").glob("features-*.pt"))  # rank 0 published the cache
