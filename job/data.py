@@ -47,6 +47,10 @@ class Data:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def input_shape(self, image_size: int) -> tuple[int, ...]:
+        """The shape of one model input: a tensor row, or an RGB crop of image_size."""
+        return tuple(self.x.shape[1:]) if isinstance(self.x, torch.Tensor) else (3, image_size, image_size)
+
 
 def _find(root: str, stem: str) -> str | None:
     for name in (stem, stem + ".gz"):
@@ -102,13 +106,19 @@ def _read_pair(root: str, images_stem: str, labels_stem: str, required: bool):
     return images, labels, [images_path, labels_path]
 
 
-def fingerprint(paths: list[str]) -> str:
-    """sha256 over the files' names (with their class folder) and contents."""
+def file_digest(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).digest()
+
+
+def fingerprint(paths: list[str], digests: dict[str, bytes] | None = None) -> str:
+    """sha256 over the files' names (with their class folder) and contents; `digests` holds
+    per-file sha256s already computed (the image scan reads every file once anyway)."""
     digest = hashlib.sha256()
     for path in sorted(paths):
-        with open(path, "rb") as f:
-            name = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
-            digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+        name = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+        content = digests[path] if digests is not None else file_digest(path)
+        digest.update(name.encode() + b"\0" + content)
     return digest.hexdigest()
 
 
@@ -150,7 +160,7 @@ def load_images(root: str, settings, normalize: bool) -> Data:
     return Data(
         images.ImageItems(items, train_t, eval_t), labels(items),
         images.ImageItems(test, train_t, eval_t) if test else None, labels(test) if test else None,
-        found["classes"], fingerprint([p for p, _ in items + (test or [])]), split, found["bad"], found["files"])
+        found["classes"], fingerprint([p for p, _ in items + (test or [])], found["digests"]), split, found["bad"], found["files"])
 
 
 def load(settings, device: torch.device, normalize: bool = False, include=None) -> Data:

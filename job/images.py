@@ -5,6 +5,8 @@ Class names are the sorted folder names of train/. Every file is decoded once be
 corrupt, truncated or non-image files are skipped and named, and too many of them fail the job.
 """
 
+import hashlib
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -66,21 +68,23 @@ def _class_dirs(root: str, split: str) -> dict[str, list[str]]:
                       if not f.startswith(".")) for c in classes}
 
 
-def _check(path: str) -> str | None:
-    """None if the file decodes as an image, else why not."""
+def _check(path: str) -> tuple[str | None, bytes]:
+    """(None if the file decodes as an image, else why not; the file's sha256), from one read."""
+    with open(path, "rb") as f:
+        blob = f.read()
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(blob)) as img:
             img.load()  # a full decode: verify() misses truncated JPEGs
-        return None
+        return None, hashlib.sha256(blob).digest()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"{exc.__class__.__name__}: {str(exc)[:120]}"
+        return f"{exc.__class__.__name__}: {str(exc)[:120]}", hashlib.sha256(blob).digest()
 
 
 def scan(root: str, threads: int) -> dict:
     """Find the splits and their images, decode each once, and sort out the bad ones.
 
-    Returns {"classes", "train", "val" (or None), "test" (or None), "bad"}; each split is a list of
-    (path, label). Raises DataError for a layout that cannot be trained on."""
+    Returns {"classes", "train", "val" (or None), "test" (or None), "bad", "files", "digests"};
+    each split is a list of (path, label); digests maps each path to its sha256. Raises DataError for a layout that cannot be trained on."""
     train_dirs = _class_dirs(root, "train")
     classes = list(train_dirs)
     if len(classes) < 2:
@@ -99,13 +103,15 @@ def scan(root: str, threads: int) -> dict:
     items = {k: [(p, classes.index(c)) for c, files in v.items() for p in files] for k, v in splits.items()}
     every = [p for split in items.values() for p, _ in split]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL decodes without the GIL
-        reasons = dict(zip(every, pool.map(_check, every), strict=True))
+        checked = dict(zip(every, pool.map(_check, every), strict=True))
+    reasons = {p: reason for p, (reason, _) in checked.items()}
     bad = [(p, r) for p, r in reasons.items() if r]
     for path, reason in bad:
         log.warning(f"skipping {os.path.relpath(path, root)}: {reason}")
     good = {k: [(p, y) for p, y in v if not reasons[p]] for k, v in items.items()}
     return {"classes": classes, "train": good["train"], "val": good.get("val"), "test": good.get("test"),
-            "bad": [(os.path.relpath(p, root), r) for p, r in bad], "files": len(every)}
+            "bad": [(os.path.relpath(p, root), r) for p, r in bad], "files": len(every),
+            "digests": {p: digest for p, (_, digest) in checked.items()}}
 
 
 class IndexSampler(torch.utils.data.Sampler):

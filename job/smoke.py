@@ -85,7 +85,7 @@ def verify_checkpoint(job: train.Job, images) -> str:
     if state is None:
         raise OutputError(f"no checkpoint in {job.run_uri} after training")
     fresh, _ = models.build_model(job.settings.model_copy(update={"pretrained": "none"}),
-                                  input_shape(job, images), job.data.num_classes)
+                                  images.input_shape(job.settings.image_size), job.data.num_classes)
     fresh.load_state_dict(state["model"])
     fresh.to(job.runtime.device).eval()
     job.model.eval()
@@ -95,10 +95,6 @@ def verify_checkpoint(job: train.Job, images) -> str:
             raise OutputError("the checkpoint read back gives different outputs from the trained model")
     size = storage.read_json(storage.join(job.run_uri, "checkpoints", "latest.json"))["size"]
     return f"sha256 verified, {size} bytes, identical outputs"
-
-
-def input_shape(job, images) -> tuple:
-    return tuple(images.x.shape[1:]) if isinstance(images.x, torch.Tensor) else (3, job.settings.image_size, job.settings.image_size)
 
 
 def verify_reports(run_uri: str) -> str:

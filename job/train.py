@@ -346,20 +346,20 @@ def on_main(runtime: Runtime, fn):
 def load_data(settings, runtime: Runtime, include=None) -> data.Data:
     """Each node pulls the dataset into its own cache once: its local rank 0 first, the others
     after a barrier (they then find the cache fresh and read it)."""
+    normalize = settings.model not in ("mlp", "cnn")  # torchvision models expect ImageNet statistics
     tensors, error = None, None
     if runtime.local_rank == 0:
         try:
-            tensors = data.load(settings, runtime.device, settings.model not in ("mlp", "cnn"), include)
+            tensors = data.load(settings, runtime.device, normalize, include)
         except JobError as exc:
             error = exc
     runtime.all_ok(error)
-    return tensors if tensors is not None else data.load(settings, runtime.device, settings.model not in ("mlp", "cnn"), include)
+    return tensors if tensors is not None else data.load(settings, runtime.device, normalize, include)
 
 
 def build_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> Job:
     """Model (head replaced, weights loaded, backbone frozen as asked), optimizer and split."""
-    input_shape = tuple(dataset.x.shape[1:]) if isinstance(dataset.x, torch.Tensor) else (3, settings.image_size, settings.image_size)
-    model, head = models.build_model(settings, input_shape, dataset.num_classes)
+    model, head = models.build_model(settings, dataset.input_shape(settings.image_size), dataset.num_classes)
     frozen = models.freeze(model, head, settings.freeze)
     model.to(runtime.device)
     optimizer = build_optimizer(settings, models.param_groups(model, head, settings.backbone_lr_scale))
@@ -373,7 +373,7 @@ def build_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> J
             job.amp_dtype = torch.float16 if settings.amp == "fp16" or (
                 settings.amp == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
             job.scaler = torch.amp.GradScaler("cuda") if job.amp_dtype == torch.float16 else None
-        if len(input_shape) == 3:
+        if len(dataset.input_shape(settings.image_size)) == 3:
             model.to(memory_format=torch.channels_last)
         if settings.compile:
             job.trainable = job.net = torch.compile(model)
