@@ -62,19 +62,21 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         except BaseException as exc:
             # After a failed collective, tearing the process group down can abort the process
             # ("terminate called ..."): report, then leave without running destructors.
-            code = exc.exit_code if isinstance(exc, JobError) else 1
-            if isinstance(exc, JobError):
-                log.error(f"{exc} (exit {code})")
-            else:
-                log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
+            code = report_failure(exc)
             logging.shutdown()
             sys.stdout.flush()
             os._exit(code)
         teardown()
         return 0
-    except JobError as exc:
+    except Exception as exc:
+        return report_failure(exc)
+
+
+def report_failure(exc: BaseException) -> int:
+    """Log how the job failed (one line for a JobError, the traceback for a bug); the exit code.
+    Call it while handling `exc`."""
+    if isinstance(exc, JobError):
         log.error(f"{exc} (exit {exc.exit_code})")
         return exc.exit_code
-    except Exception:
-        log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
-        return 1
+    log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
+    return 1

@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from job import data, storage
+from job import checkpoint, data, storage
 from job.errors import OutputError
 
 log = logging.getLogger("job")
@@ -34,10 +34,8 @@ def cache_key(settings, model: nn.Module, head: str, dataset: data.Data) -> str:
 @torch.no_grad()
 def compute(model: nn.Module, head: str, x, y, settings, device, amp) -> torch.Tensor:
     """The head's inputs for every item, in order: the model with its head swapped for Identity."""
-    parent_name, _, attr = head.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    head_module = getattr(parent, attr)
-    setattr(parent, attr, nn.Identity())
+    head_module = model.get_submodule(head)
+    model.set_submodule(head, nn.Identity())
     model.eval()
     try:
         out = []
@@ -46,7 +44,7 @@ def compute(model: nn.Module, head: str, x, y, settings, device, amp) -> torch.T
                 out.append(model(xb).float().cpu())
         return torch.cat(out)
     finally:
-        setattr(parent, attr, head_module)
+        model.set_submodule(head, head_module)
 
 
 def features_data(job) -> data.Data:
@@ -71,9 +69,7 @@ def features_data(job) -> data.Data:
         cached = {"x": compute(job.model, job.head, d.x, d.y, s, job.runtime.device, job.autocast)}
         if d.test_x is not None:
             cached["test_x"] = compute(job.model, job.head, d.test_x, d.test_y, s, job.runtime.device, job.autocast)
-        buffer = io.BytesIO()
-        torch.save(cached, buffer)
-        blob = buffer.getvalue()
+        blob = checkpoint.serialize(cached)
         if job.runtime.is_main:
             with storage.errors(remote, OutputError, "write feature cache to"):
                 storage.write_bytes(remote, blob)

@@ -72,12 +72,13 @@ def _check(path: str) -> tuple[str | None, bytes]:
     """(None if the file decodes as an image, else why not; the file's sha256), from one read."""
     with open(path, "rb") as f:
         blob = f.read()
+    digest = hashlib.sha256(blob).digest()
     try:
         with Image.open(io.BytesIO(blob)) as img:
             img.load()  # a full decode: verify() misses truncated JPEGs
-        return None, hashlib.sha256(blob).digest()
+        return None, digest
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"{exc.__class__.__name__}: {str(exc)[:120]}", hashlib.sha256(blob).digest()
+        return f"{exc.__class__.__name__}: {str(exc)[:120]}", digest
 
 
 def scan(root: str, threads: int) -> dict:

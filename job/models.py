@@ -45,10 +45,7 @@ def head_name(model: nn.Module) -> str:
 
 def replace_head(model: nn.Module, num_classes: int) -> str:
     name = head_name(model)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    model.set_submodule(name, nn.Linear(model.get_submodule(name).in_features, num_classes))
     return name
 
 

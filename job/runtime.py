@@ -150,5 +150,5 @@ def is_peer_failure(runtime: Runtime, exc: BaseException) -> bool:
 def peer_lost(runtime: Runtime, exc: Exception) -> JobError:
     """A failed collective (a peer died, the network dropped): worth a retry by the scheduler."""
     return PeerLostError(f"lost contact with the other ranks "
-                                 f"({str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__}); "
-                                 "the run resumes from its last checkpoint when restarted")
+                         f"({str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__}); "
+                         "the run resumes from its last checkpoint when restarted")

@@ -28,6 +28,9 @@ EXPERIMENT_FIELDS = (
     "augment", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "lr_milestones",
     "lr_gamma", "val_fraction", "seed",
 )
+# Schedules whose lr changes every step along a curve stretched over JOB_EPOCHS (the others
+# change only between epochs).
+CONTINUOUS_SCHEDULES = ("cosine", "onecycle")
 
 
 def _split_ints(value):
@@ -158,7 +161,7 @@ class Settings(BaseSettings):
         return self
 
     def experiment_hash(self) -> str:
-        fields = EXPERIMENT_FIELDS + (("epochs",) if self.lr_schedule in ("cosine", "onecycle") else ())
+        fields = EXPERIMENT_FIELDS + (("epochs",) if self.lr_schedule in CONTINUOUS_SCHEDULES else ())
         blob = json.dumps({k: getattr(self, k) for k in fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

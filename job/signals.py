@@ -29,7 +29,8 @@ class StopRequest:
             raise Stopped(signum)
 
     def deadline(self, grace_seconds: float) -> float:
-        return self.at + grace_seconds
+        """When the grace period ends; from now for a rank told to stop by another rank (no local signal)."""
+        return (self.at or time.monotonic()) + grace_seconds
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from job import checkpoint, data, models, storage, train
+from job import checkpoint, data, models, report, storage, train
 from job.errors import DataError, DivergedError, JobError, OutputError
 from job.optim import build_optimizer
 from job.runtime import Runtime
@@ -98,7 +98,7 @@ def verify_checkpoint(job: train.Job, images) -> str:
 
 
 def verify_reports(run_uri: str) -> str:
-    history = storage.read_bytes(storage.join(run_uri, "history.jsonl")).decode().splitlines()
+    history = report.read_history(run_uri)
     summary = storage.read_json(storage.join(run_uri, "summary.json"))
     if len(history) != 1 or summary.get("status") != "completed":
         raise OutputError(f"outputs in {run_uri} read back wrong: {len(history)} history rows, status {summary.get('status')}")

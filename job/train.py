@@ -20,6 +20,7 @@ from job import __version__, checkpoint, data, features, models, report, storage
 from job.errors import DataError, DivergedError, JobError, OutputError, Stopped
 from job.optim import build_optimizer, lr_factor, set_lr
 from job.runtime import Runtime, is_peer_failure, peer_lost
+from job.settings import CONTINUOUS_SCHEDULES
 
 log = logging.getLogger("job")
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for backward, so bigger batches are free
@@ -91,7 +92,7 @@ def train_one_epoch(job: Job) -> tuple[float, float, float]:
         log.debug(f"rank {rt.rank} epoch {p.epoch + 1} from sample {p.seen} shard {mine.tolist()}")
     start_seen, block = p.seen, s.batch_size * rt.world_size
     sums, autocast = StepSums(rt.device), job.autocast()
-    lr_per_step = s.lr_schedule in ("cosine", "onecycle")  # the others change only between epochs
+    lr_per_step = s.lr_schedule in CONTINUOUS_SCHEDULES
     set_lr(job.optimizer, s, p.epoch + p.seen / len(job.train_idx))
     job.train_mode()
     start, last_log = time.monotonic(), time.monotonic()
@@ -289,8 +290,7 @@ def stop(job: Job, signum: int) -> None:
     """Wait for the stop checkpoint within the grace period, then end every rank with 128+signal.
     The other ranks wait for rank 0's upload: a rank that left early would make torchrun kill
     rank 0 in the middle of it."""
-    deadline = (job.runtime.stop.at or time.monotonic()) + job.settings.stop_grace_seconds
-    if job.uploader.wait(deadline=deadline):
+    if job.uploader.wait(deadline=job.runtime.stop.deadline(job.settings.stop_grace_seconds)):
         log.info(f"checkpoint saved at epoch {job.progress.epoch} sample {job.progress.seen}; stopping")
     else:
         log.warning(f"the stop checkpoint did not finish within JOB_STOP_GRACE_SECONDS="
