@@ -9,10 +9,31 @@ import logging
 import sys
 
 from job import storage
+from job.settings import redact_text
 
 log = logging.getLogger("job")
+# Control characters and line separators, as visible escapes: one record is one line, whatever a
+# class folder or file name holds (a newline in a name must not forge a log line).
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127, 0x85] if c != 9} | {10: "\\n", 13: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 METRIC_FORMATS = {"train_loss": ".4f", "train_accuracy": ".4f", "val_loss": ".4f", "val_accuracy": ".4f",
                   "lr": ".4g", "epoch_seconds": ".2f", "train_samples_per_second": ".0f"}
+
+
+def printable(text: str) -> str:
+    """`text` on one line, readable, and encodable: names from data may hold anything,
+    undecodable bytes (surrogate escapes) included."""
+    return text.translate(_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Formatter(logging.Formatter):
+    """Every record is one line with its credentials masked; a traceback (a bug) keeps its lines."""
+
+    def formatMessage(self, record):
+        record.message = printable(redact_text(record.message))
+        return super().formatMessage(record)
+
+    def formatException(self, ei):
+        return redact_text(super().formatException(ei)).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def setup_logging(level: str = "info", rank: int | None = None) -> None:
@@ -20,9 +41,11 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
     (other ranks: warnings and errors, and everything at debug), each line naming its rank."""
     if rank:
         level = level if level == "debug" else "warning"
+    if hasattr(sys.stdout, "reconfigure"):  # a C locale's ASCII stdout must not fail on a name from the data
+        sys.stdout.reconfigure(errors="backslashreplace")
     handler = logging.StreamHandler(sys.stdout)
     prefix = f"rank {rank} " if rank is not None else ""
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setFormatter(_Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%dT%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False

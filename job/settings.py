@@ -31,6 +31,8 @@ EXPERIMENT_FIELDS = (
 # Schedules whose lr changes every step along a curve stretched over JOB_EPOCHS (the others
 # change only between epochs).
 CONTINUOUS_SCHEDULES = ("cosine", "onecycle")
+# Bound of a hidden layer width or an lr milestone: 784 x 65536 floats is already 200 MB.
+MAX_LIST_INT = 65536
 
 
 def _split_ints(value):
@@ -48,29 +50,32 @@ IntList = Annotated[list[int], NoDecode]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    # allow_inf_nan=False: "inf" passes a `gt=0` check and then overflows a timedelta or a sleep.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, allow_inf_nan=False)
 
     # --- data -------------------------------------------------------------------------------
     data_uri: str = Field(description="dataset location: a local path, file://, s3://, gs:// or memory:// URI (required)")
     data_format: Literal["auto", "mnist", "imagefolder"] = Field("auto", description="dataset layout; auto detects MNIST IDX files or class folders")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the training set held out for validation (random, seeded, saved with the run)")
     cache_dir: str = Field(os.path.join(tempfile.gettempdir(), "trainjob-cache"), description="local directory the dataset is pulled into (must be writable; works with a read-only root via TMPDIR)")
-    num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes for datasets read from files (default: from the CPUs available)")
+    num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader worker processes for datasets read from files (default: from the CPUs available)")
     # --- model ------------------------------------------------------------------------------
     model: str = Field("mlp", description="architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear), cnn (small convnet for 28x28), or any torchvision classification model (resnet18 ... resnet152, efficientnet_b0, convnext_tiny, ...)")
     hidden_sizes: IntList = Field([32], description="hidden layer widths for mlp, comma-separated, e.g. 32 or 256,128")
     pretrained: str = Field("none", description="initial weights for torchvision models: none, imagenet (torchvision's weights, from TORCH_HOME or downloaded) or a state-dict URI")
     freeze: str = Field("none", description="all: train only the new classifier head; none: train everything; N: also train the last N stages of the backbone")
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="lr multiplier for the unfrozen backbone layers (the head gets JOB_LR)")
-    image_size: int = Field(224, ge=16, description="image-folder data: side of the square crop fed to the model")
+    image_size: int = Field(224, ge=16, le=4096, description="image-folder data: side of the square crop fed to the model")
     augment: bool = Field(False, description="image-folder data: random rotation (20 degrees), resized crop and flip for training (never for evaluation)")
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="image-folder data: fail (exit 3) if more than this fraction of the files are not readable images")
+    max_image_pixels: int = Field(50_000_000, ge=1024, le=1_000_000_000, description="image-folder data: images with more pixels are bad files (decompression bombs); decoding holds at most about 4 bytes x this x JOB_NUM_WORKERS in memory")
+    max_file_bytes: int = Field(1 << 30, ge=1024, le=1 << 40, description="largest data file read (an image, or an IDX file once decompressed); larger ones are bad files (images) or refused (IDX)")
     feature_cache: Literal["auto", "off"] = Field("auto", description="auto: with JOB_FREEZE=all and no augmentation, compute backbone features once and train the head on them")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="CUDA only: mixed precision (auto = bf16 where supported); never changes CPU results")
     compile: bool = Field(False, description="CUDA only: torch.compile the model")
     # --- optimisation -----------------------------------------------------------------------
-    epochs: int = Field(10, ge=1, description="number of passes over the training set")
-    batch_size: int = Field(100, ge=1, description="samples per optimizer step (per process when distributed)")
+    epochs: int = Field(10, ge=1, le=1_000_000, description="number of passes over the training set")
+    batch_size: int = Field(100, ge=1, le=1_000_000, description="samples per optimizer step (per process when distributed)")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer")
     lr: float = Field(0.5, gt=0.0, description="peak learning rate")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
@@ -78,23 +83,25 @@ class Settings(BaseSettings):
     lr_schedule: Literal["constant", "step", "cosine", "onecycle"] = Field("step", description="learning-rate schedule over the run")
     lr_milestones: IntList = Field([5], description="epochs after which the step schedule multiplies the lr by lr_gamma, comma-separated")
     lr_gamma: float = Field(0.2, gt=0.0, le=1.0, description="step schedule's lr multiplier at each milestone")
-    seed: int = Field(0, ge=0, description="seed for the split, initialisation and data order")
+    seed: int = Field(0, ge=0, lt=1 << 32, description="seed for the split, initialisation and data order")
     # --- run and outputs --------------------------------------------------------------------
     output_uri: str = Field("./runs", description="where run directories are written: a local path or an object-store URI")
     run_name: str | None = Field(None, description="run directory name (default: the model plus a hash of the experiment settings)")
     resume: Literal["auto", "never", "require"] = Field("auto", description="auto: continue from the run's last good checkpoint if any; never: refuse a run that has one; require: fail if none")
-    keep_checkpoints: int = Field(2, ge=1, description="recent epoch checkpoints kept besides best.pt")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="recent epoch checkpoints kept besides best.pt")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
-    stop_grace_seconds: float = Field(25.0, gt=0.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
+    stop_grace_seconds: float = Field(25.0, gt=0.0, le=3600.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
     smoke: bool = Field(False, description="smoke test: the real code path on a few batches and a sample of the data, every step checked, outputs under <run>/smoke/")
     limit_train_batches: int = Field(0, ge=0, description="train at most this many batches per epoch (0: all; smoke mode default 3)")
     limit_val_batches: int = Field(0, ge=0, description="evaluate at most this many batches (0: all; smoke mode default 2)")
     # --- runtime ----------------------------------------------------------------------------
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch ops (default: 1 per process for the small in-memory models, else the CPUs available)")
-    log_every_seconds: float = Field(10.0, gt=0.0, description="at most one progress line per this many seconds within an epoch")
-    storage_retries: int = Field(10, ge=1, description="attempts per object-store request (botocore standard retry mode: exponential backoff with jitter)")
-    dist_timeout_seconds: float = Field(300.0, gt=0.0, description="under torchrun: how long a collective waits for a lost or stuck peer before the job fails (exit 75)")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for torch ops (default: 1 per process for the small in-memory models, else the CPUs available)")
+    log_every_seconds: float = Field(10.0, gt=0.0, le=86400.0, description="at most one progress line per this many seconds within an epoch")
+    storage_retries: int = Field(10, ge=1, le=100, description="attempts per object-store request (botocore standard retry mode: exponential backoff with jitter)")
+    storage_timeout_seconds: float = Field(300.0, ge=1.0, le=86400.0, description="time bound of one storage operation, retries included (plus 1 s per MB moved); when it runs out the job exits 75")
+    lease_seconds: float = Field(60.0, ge=1.0, le=3600.0, description="a run has one writer: its lease lasts this long without renewal; a second job on the run waits this long for it, then exits 75")
+    dist_timeout_seconds: float = Field(300.0, gt=0.0, le=86400.0, description="under torchrun: how long a collective waits for a lost or stuck peer before the job fails (exit 75)")
     log_level: Literal["debug", "info", "warning"] = Field("info", description="log detail; debug also logs each rank's data shard")
 
     @field_validator("hidden_sizes", "lr_milestones", mode="before")
@@ -105,8 +112,8 @@ class Settings(BaseSettings):
     @field_validator("hidden_sizes", "lr_milestones")
     @classmethod
     def _positive_ints(cls, value: list[int]):
-        if any(v < 1 for v in value):
-            raise ValueError("every entry must be a positive integer")
+        if any(not 1 <= v <= MAX_LIST_INT for v in value):
+            raise ValueError(f"every entry must be an integer from 1 to {MAX_LIST_INT}")
         return value
 
     @field_validator("data_uri", "output_uri")
@@ -174,10 +181,16 @@ class Settings(BaseSettings):
 
 
 def check_uri(value: str) -> str:
-    """Accept a local path or scheme://location for a scheme fsspec can reach here."""
+    """Accept a local path or scheme://location for a scheme fsspec can reach here; refuse
+    credentials written into the URI (they would reach logs and outputs, and s3fs ignores them)."""
     value = value.strip()
     if not value:
         raise ValueError("must not be empty")
+    if _userinfo(value) is not None:
+        raise ValueError("credentials in a URI are refused; put them in AWS_* variables, a profile or the pod's "
+                         "service account")
+    if any(ord(c) < 32 for c in value):
+        raise ValueError("control characters are not allowed in a URI")
     match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(/*)(.*)$", value)
     if match and len(match.group(1)) > 1:  # one letter is a Windows drive, not a scheme
         scheme, slashes, rest = match.group(1).lower(), match.group(2), match.group(3)
@@ -190,9 +203,40 @@ def check_uri(value: str) -> str:
     return value
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _userinfo(uri: str) -> str | None:
+    """The `user:password` part of scheme://user:password@host/..., or None. A secret may hold
+    '/' (AWS secret keys do), so a first segment with ':' before an '@' counts too; an '@' deeper
+    in a path (s3://bucket/a@b) does not."""
+    match = _SCHEME.match(uri)
+    if not match or "@" not in uri[match.end():]:
+        return None
+    before = uri[match.end():].split("@", 1)[0]
+    return before if "/" not in before or ":" in before.split("/", 1)[0] else None
+
+
 def redact_uri(uri: str) -> str:
-    """Drop user:password@ from a URI so it can be logged."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
+    """Replace user:password@ in a URI with ***@ so it can be logged."""
+    userinfo = _userinfo(uri)
+    return uri if userinfo is None else uri.replace(userinfo + "@", "***@", 1)
+
+
+def redact_text(text: str) -> str:
+    """Mask what must never be shown, inside free text (a log line, an error message, a summary's
+    reason): any URI's user:password@, and the values of secret-looking environment variables
+    (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, *PASSWORD*, ...) should a library echo one."""
+    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact_uri(m.group(0)), text)
+    for value in _secret_values():
+        text = text.replace(value, "***")
+    return text
+
+
+def _secret_values() -> list[str]:
+    names, not_secret = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE_KEY"), ("_FILE", "_PATH", "_DIR")
+    return [v for k, v in os.environ.items()
+            if len(v) >= 6 and any(n in k.upper() for n in names) and not k.upper().endswith(not_secret)]
 
 
 def _env_name(field: str) -> str:
@@ -224,7 +268,7 @@ def load_settings() -> Settings:
             field = str(err["loc"][0]) if err["loc"] else ""
             name = _env_name(field) if field else "settings"
             given = environ.get(name)
-            shown = f"={given}" if given is not None else ""
+            shown = f"={redact_text(given)}" if given is not None else ""
             reason = err["msg"].removeprefix("Value error, ")
             if err["type"] == "missing":
                 reason = "is required: " + Settings.model_fields[field].description

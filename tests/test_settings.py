@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, run_job
 from job.errors import EXIT_CODES
-from job.settings import Settings
+from job.settings import Settings, redact_text, redact_uri
 
 
 @pytest.mark.parametrize("variable, value, expected", [
@@ -20,6 +20,13 @@ from job.settings import Settings
     ("JOB_HIDDEN_SIZES", "256,x", "comma-separated integers"),
     ("JOB_DEVICE", "tpu", "auto, cpu, cuda, cuda:N"),
     ("JOB_VAL_FRACTION", "1.5", "less than 1"),
+    # values that pass a naive check and then crash the run (issue 11)
+    ("JOB_SEED", "18446744073709551615", "less than 4294967296"),
+    ("JOB_STOP_GRACE_SECONDS", "inf", "finite number"),
+    ("JOB_DIST_TIMEOUT_SECONDS", "inf", "finite number"),
+    ("JOB_LR", "nan", "finite number"),
+    ("JOB_HIDDEN_SIZES", "2000000000", "from 1 to 65536"),
+    ("JOB_BATCH_SIZE", "10000000000", "less than or equal to 1000000"),
 ])
 def test_bad_setting_exits_2_naming_variable_and_accepted_values(tmp_path, variable, value, expected):
     settings = {"data_uri": str(tmp_path), variable[4:].lower(): value}
@@ -68,9 +75,25 @@ def test_run_name_is_stable_and_depends_on_the_experiment(monkeypatch):
     assert Settings().run_name != first
 
 
-def test_public_settings_hide_uri_passwords(monkeypatch):
-    monkeypatch.setenv("JOB_DATA_URI", "s3://user:hunter2@bucket/data")
-    assert "hunter2" not in str(Settings().public_dict())
+@pytest.mark.parametrize("variable, uri, secret", [
+    ("JOB_DATA_URI", "s3://AKIAEXAMPLE:se/cret-Value9@data/mnist", "se/cret-Value9"),  # a secret holding '/'
+    ("JOB_OUTPUT_URI", "memory://u:pa55-w0rd@x/y", "pa55-w0rd"),
+    ("JOB_PRETRAINED", "s3://user:hunter2-x@bucket/w.pt", "hunter2-x"),
+    ("JOB_DATA_URI", "http://user:pass-1234@host/x", "pass-1234"),  # an unsupported scheme is echoed masked
+])
+def test_credentials_in_a_uri_are_refused_and_never_shown(tmp_path, variable, uri, secret):
+    result = run_job(**{"data_uri": str(tmp_path), variable[4:].lower(): uri})
+    assert result.returncode == 2, result.stdout
+    assert variable in result.stdout and "credentials in a URI are refused" in result.stdout
+    assert "AWS_* variables" in result.stdout and secret not in result.stdout
+
+
+def test_redaction_masks_uri_credentials_and_secret_values(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
+    assert redact_uri("s3://AKIA:se/cret@data/x") == "s3://***@data/x"
+    assert redact_uri("s3://bucket/a@b/c") == "s3://bucket/a@b/c"  # an '@' in a key is not a credential
+    text = redact_text("failed: memory://u:pw@x/y and key wJalrXUtnFEMI/K7MDENG")
+    assert "pw@" not in text and "wJalrXUtnFEMI" not in text and "memory://***@x/y" in text
 
 
 def test_readme_documents_every_setting_and_exit_code():
