@@ -68,14 +68,18 @@ def detect_format(root: str) -> str:
                     "(MNIST format) or a train/ folder of class folders; check JOB_DATA_URI")
 
 
-def read_idx(path: str, ndim: int) -> np.ndarray:
-    """Read one IDX file, checking the magic number and that the payload matches the header."""
+def read_idx(path: str, ndim: int, max_bytes: int) -> np.ndarray:
+    """Read one IDX file, checking the magic number and that the payload matches the header.
+    At most max_bytes are decompressed: a gzip bomb is refused, not unpacked into memory."""
     name = os.path.basename(path)
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(max_bytes + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{name}: cannot read ({exc.__class__.__name__}: {exc}); the file is corrupt or truncated") from None
+    if len(raw) > max_bytes:
+        raise DataError(f"{name}: larger than JOB_MAX_FILE_BYTES={max_bytes} once decompressed; raise the limit if "
+                        "the dataset really is this large")
     if len(raw) < 4 + 4 * ndim or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{name}: not an IDX file (bad magic number)")
     if raw[2] != IDX_UBYTE or raw[3] != ndim:
@@ -90,14 +94,14 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
-def _read_pair(root: str, images_stem: str, labels_stem: str, required: bool):
+def _read_pair(root: str, images_stem: str, labels_stem: str, required: bool, max_bytes: int):
     images_path, labels_path = _find(root, images_stem), _find(root, labels_stem)
     if not images_path and not labels_path and not required:
         return None
     for stem, path in ((images_stem, images_path), (labels_stem, labels_path)):
         if not path:
             raise DataError(f"{stem}[.gz] is missing from the dataset at {root}")
-    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    images, labels = read_idx(images_path, 3, max_bytes), read_idx(labels_path, 1, max_bytes)
     if len(images) != len(labels):
         raise DataError(f"{os.path.basename(images_path)} holds {len(images)} images but "
                         f"{os.path.basename(labels_path)} holds {len(labels)} labels")
@@ -111,21 +115,26 @@ def file_digest(path: str) -> bytes:
         return hashlib.sha256(f.read()).digest()
 
 
-def fingerprint(paths: list[str], digests: dict[str, bytes] | None = None) -> str:
-    """sha256 over the files' names (with their class folder) and contents; `digests` holds
-    per-file sha256s already computed (the image scan reads every file once anyway)."""
+def fingerprint(paths: list[str], digests: dict[str, bytes] | None = None, names: dict[str, str] | None = None) -> str:
+    """sha256 over the files' names (default: folder/file) and contents; `digests` holds per-file
+    sha256s already computed (the image scan reads every file once anyway)."""
     digest = hashlib.sha256()
     for path in sorted(paths):
-        name = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+        name = names[path] if names else os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
         content = digests[path] if digests is not None else file_digest(path)
-        digest.update(name.encode() + b"\0" + content)
+        digest.update(os.fsencode(name) + b"\0" + content)  # a name's own bytes, UTF-8 or not
     return digest.hexdigest()
 
 
-def load_mnist(root: str, device: torch.device) -> Data:
-    train = _read_pair(root, MNIST_FILES["train_images"], MNIST_FILES["train_labels"], required=True)
-    test = _read_pair(root, MNIST_FILES["test_images"], MNIST_FILES["test_labels"], required=False)
+def load_mnist(root: str, device: torch.device, max_bytes: int) -> Data:
+    train = _read_pair(root, MNIST_FILES["train_images"], MNIST_FILES["train_labels"], True, max_bytes)
+    test = _read_pair(root, MNIST_FILES["test_images"], MNIST_FILES["test_labels"], False, max_bytes)
     num_classes = int(train[1].max()) + 1
+    absent = sorted(set(range(num_classes)) - set(np.unique(train[1]).tolist()))
+    if absent:  # classes are 0..max label; one with no training example cannot be learned
+        shown = ", ".join(map(str, absent[:10])) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        raise DataError(f"{os.path.basename(train[2][1])}: labels run from 0 to {num_classes - 1} but {len(absent)} of them "
+                        f"have no training example ({shown}); labels must be 0..N-1 with every class present")
     if test is not None and int(test[1].max()) >= num_classes:
         raise DataError(f"{os.path.basename(test[2][1])} has label {int(test[1].max())}, "
                         f"outside the {num_classes} classes of the training labels")
@@ -143,12 +152,15 @@ def load_mnist(root: str, device: torch.device) -> Data:
 
 def load_images(root: str, settings, normalize: bool) -> Data:
     """An image-folder dataset, checked file by file (bad files are skipped and named)."""
-    found = images.scan(root, threads=max(1, settings.num_workers or 4))
+    found = images.scan(root, threads=max(1, settings.num_workers or 4), max_bytes=settings.max_file_bytes,
+                        max_pixels=settings.max_image_pixels)
     bad_fraction = len(found["bad"]) / max(found["files"], 1)
     if bad_fraction > settings.max_bad_fraction:
         raise DataError(f"{len(found['bad'])} of {found['files']} files in {root} are not readable images "
                         f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
-                        f"{found['bad'][0][0]} ({found['bad'][0][1]})")
+                        f"{found['bad'][0][0]!r} ({found['bad'][0][1]})")
+    if not found["train"]:
+        raise DataError(f"no readable image in {root}/train")
     train_t, eval_t = images.transforms(settings.image_size, settings.augment, normalize)
     items = found["train"] + (found["val"] or [])
     split = None
@@ -157,10 +169,11 @@ def load_images(root: str, settings, normalize: bool) -> Data:
         split = (torch.arange(n), torch.arange(n, len(items)))
     labels = lambda pairs: torch.tensor([y for _, y in pairs], dtype=torch.int64)
     test = found["test"]
+    items_of = lambda pairs: images.ImageItems(pairs, train_t, eval_t, max_pixels=settings.max_image_pixels)
     return Data(
-        images.ImageItems(items, train_t, eval_t), labels(items),
-        images.ImageItems(test, train_t, eval_t) if test else None, labels(test) if test else None,
-        found["classes"], fingerprint([p for p, _ in items + (test or [])], found["digests"]), split, found["bad"], found["files"])
+        items_of(items), labels(items), items_of(test) if test else None, labels(test) if test else None,
+        found["classes"], fingerprint([p for p, _ in items + (test or [])], found["digests"], found["names"]),
+        split, found["bad"], found["files"])
 
 
 def load(settings, device: torch.device, normalize: bool = False, include=None) -> Data:
@@ -171,7 +184,7 @@ def load(settings, device: torch.device, normalize: bool = False, include=None) 
     fmt = detect_format(root) if settings.data_format == "auto" else settings.data_format
     if fmt == "imagefolder":
         return load_images(root, settings, normalize)
-    return load_mnist(root, device)
+    return load_mnist(root, device, settings.max_file_bytes)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,18 @@
 """Photos laid out as class folders: scan, check, transform and load them.
 
-<root>/train/<class>/*  and optionally  <root>/valid/<class>/* (or val/)  and  <root>/test/<class>/*
-Class names are the sorted folder names of train/. Every file is decoded once before training:
-corrupt, truncated or non-image files are skipped and named, and too many of them fail the job.
+<root>/train/<class>/**  and optionally  <root>/valid/<class>/** (or val/)  and  <root>/test/<class>/**
+Class names are the sorted folder names of train/; files in subfolders of a class folder belong
+to it, as in torchvision's ImageFolder. Every file is decoded once before training: anything that
+is not a regular file, too large, over the pixel limit (a decompression bomb), corrupt, truncated
+or not an image is skipped and named, and too many of them fail the job.
 """
 
 import hashlib
 import io
 import logging
 import os
+import stat
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -21,14 +25,19 @@ from job.errors import DataError
 log = logging.getLogger("job")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VAL_DIRS = ("valid", "val")
+# Over Image.MAX_IMAGE_PIXELS, PIL only warns (up to twice that): make it an error, so an image
+# over the pixel limit is refused at open, from its header, before a byte is decoded.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class ImageItems(Dataset):
     """(path, label) pairs read as RGB images through a transform. Grayscale, CMYK, palette and
     RGBA images are converted, not rejected."""
 
-    def __init__(self, items: list[tuple[str, int]], train_transform, eval_transform, train: bool = False):
+    def __init__(self, items: list[tuple[str, int]], train_transform, eval_transform, train: bool = False,
+                 max_pixels: int = Image.MAX_IMAGE_PIXELS):
         self.items, self.train_transform, self.eval_transform, self.train = items, train_transform, eval_transform, train
+        self.max_pixels = max_pixels
         self._loaders = {}
 
     def __len__(self):
@@ -36,6 +45,7 @@ class ImageItems(Dataset):
 
     def __getitem__(self, i):
         path, label = self.items[i]
+        Image.MAX_IMAGE_PIXELS = self.max_pixels  # in a DataLoader worker process too
         with Image.open(path) as img:
             transform = self.train_transform if self.train else self.eval_transform
             return transform(img.convert("RGB")), label
@@ -44,7 +54,7 @@ class ImageItems(Dataset):
         """The (DataLoader, sampler) for training or evaluation reads, made once and kept."""
         key = (train, batch_size)
         if key not in self._loaders:
-            view = ImageItems(self.items, self.train_transform, self.eval_transform, train)
+            view = ImageItems(self.items, self.train_transform, self.eval_transform, train, self.max_pixels)
             self._loaders[key] = loader(view, batch_size, workers, pin_memory)
         return self._loaders[key]
 
@@ -62,49 +72,78 @@ def transforms(image_size: int, augment: bool, normalize: bool):
 
 
 def _class_dirs(root: str, split: str) -> dict[str, list[str]]:
+    """{class folder name: its files, subfolders included}; hidden files and folders are skipped.
+    Symlinked folders are not followed (a link loop cannot hang the scan); symlinked files are
+    read if they lead to a regular file."""
     folder = os.path.join(root, split)
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    return {c: sorted(os.path.join(folder, c, f) for f in os.listdir(os.path.join(folder, c))
-                      if not f.startswith(".")) for c in classes}
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    found = {}
+    for c in classes:
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"class folder {c!r} in {split}/ is not valid UTF-8; class names become labels in every "
+                            "output: rename it") from None
+        files = []
+        for here, dirs, names in os.walk(os.path.join(folder, c)):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [os.path.join(here, n) for n in sorted(names) if not n.startswith(".")]
+        found[c] = files
+    return found
 
 
-def _check(path: str) -> tuple[str | None, bytes]:
-    """(None if the file decodes as an image, else why not; the file's sha256), from one read."""
-    with open(path, "rb") as f:
-        blob = f.read()
+def _check(path: str, max_bytes: int, max_pixels: int) -> tuple[str | None, bytes]:
+    """(None if the file is a regular file that decodes as an image within the limits, else why
+    not; the sha256 of its bytes), from one bounded read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
+    except OSError as exc:
+        return f"cannot open it ({exc.strerror})", b""
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):  # a device (a link to /dev/zero), a FIFO, a socket
+            return "not a regular file", b""
+        if st.st_size > max_bytes:
+            return f"{st.st_size} bytes, over JOB_MAX_FILE_BYTES={max_bytes}", b""
+        blob = f.read(max_bytes + 1)
     digest = hashlib.sha256(blob).digest()
     try:
-        with Image.open(io.BytesIO(blob)) as img:
+        with Image.open(io.BytesIO(blob)) as img:  # refuses more than Image.MAX_IMAGE_PIXELS from the header
             img.load()  # a full decode: verify() misses truncated JPEGs
         return None, digest
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"more than JOB_MAX_IMAGE_PIXELS={max_pixels} pixels (a decompression bomb?)", digest
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as exc:
         return f"{exc.__class__.__name__}: {str(exc)[:120]}", digest
 
 
-def scan(root: str, threads: int) -> dict:
+def scan(root: str, threads: int, max_bytes: int, max_pixels: int) -> dict:
     """Find the splits and their images, decode each once, and sort out the bad ones.
 
     Returns {"classes", "train", "val" (or None), "test" (or None), "bad", "files", "digests"};
-    each split is a list of (path, label); digests maps each path to its sha256. Raises DataError for a layout that cannot be trained on."""
+    each split is a list of (path, label); digests maps each file's name (class/relative path)
+    to its sha256. Raises DataError for a layout that cannot be trained on."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
     train_dirs = _class_dirs(root, "train")
     classes = list(train_dirs)
     if len(classes) < 2:
         raise DataError(f"{root}/train holds {len(classes)} class folder(s); a classifier needs at least 2")
     empty = [c for c, files in train_dirs.items() if not files]
     if empty:
-        raise DataError(f"empty class folder(s) in {root}/train: {', '.join(empty)}; add images or remove the folder")
-    splits = {"train": train_dirs}
+        raise DataError(f"empty class folder(s) in {root}/train: {', '.join(map(repr, empty))}; add images or remove the folder")
+    splits, folders = {"train": train_dirs}, {"train": "train"}
     for name, key in [(d, "val") for d in VAL_DIRS] + [("test", "test")]:
         if key not in splits and os.path.isdir(os.path.join(root, name)):
             found = _class_dirs(root, name)
             unknown = sorted(set(found) - set(classes))
             if unknown:
-                raise DataError(f"{root}/{name} has classes that train/ lacks: {', '.join(unknown[:10])}")
-            splits[key] = found
+                raise DataError(f"{root}/{name} has classes that train/ lacks: {', '.join(map(repr, unknown[:10]))}")
+            splits[key], folders[key] = found, name
     items = {k: [(p, classes.index(c)) for c, files in v.items() for p in files] for k, v in splits.items()}
     every = [p for split in items.values() for p, _ in split]
+    log.info(f"checking {len(every)} image files in {root}")
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL decodes without the GIL
-        checked = dict(zip(every, pool.map(_check, every), strict=True))
+        checked = dict(zip(every, pool.map(lambda p: _check(p, max_bytes, max_pixels), every), strict=True))
     reasons = {p: reason for p, (reason, _) in checked.items()}
     bad = [(p, r) for p, r in reasons.items() if r]
     for path, reason in bad:
@@ -112,7 +151,9 @@ def scan(root: str, threads: int) -> dict:
     good = {k: [(p, y) for p, y in v if not reasons[p]] for k, v in items.items()}
     return {"classes": classes, "train": good["train"], "val": good.get("val"), "test": good.get("test"),
             "bad": [(os.path.relpath(p, root), r) for p, r in bad], "files": len(every),
-            "digests": {p: digest for p, (_, digest) in checked.items()}}
+            "digests": {p: digest for p, (_, digest) in checked.items()},
+            # a file's name in the fingerprint: class/[subfolders/]file
+            "names": {p: os.path.relpath(p, os.path.join(root, folders[k])) for k, v in items.items() for p, _ in v}}
 
 
 class IndexSampler(torch.utils.data.Sampler):

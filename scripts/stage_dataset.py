@@ -46,7 +46,7 @@ def from_idx(src: str, t10k_as_train: bool) -> dict[str, np.ndarray]:
     for role, stem in MNIST_FILES.items():
         for name in (stem, stem + ".gz"):
             if os.path.exists(os.path.join(src, name)):
-                arrays[role] = read_idx(os.path.join(src, name), 3 if role.endswith("images") else 1)
+                arrays[role] = read_idx(os.path.join(src, name), 3 if role.endswith("images") else 1, 1 << 34)
     if t10k_as_train:
         arrays = {"train_images": arrays.pop("test_images"), "train_labels": arrays.pop("test_labels")}
     if "train_images" not in arrays:

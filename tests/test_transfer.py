@@ -79,7 +79,7 @@ def test_flowers_from_s3_with_weights_from_s3(s3, tree, tmp_path):
     model, _ = build_model(settings, (3, 32, 32), 3)
     model.load_state_dict(best["model"])
     model.eval()
-    found = images.scan(str(tree / "data"), 1)
+    found = images.scan(str(tree / "data"), 1, 1 << 30, 50_000_000)
     _, eval_t = images.transforms(32, augment=False, normalize=True)
     with torch.no_grad():
         x = torch.stack([eval_t(Image.open(p).convert("RGB")) for p, _ in found["val"]])
