@@ -5,7 +5,7 @@ import os
 import sys
 
 from job import storage
-from job.errors import DataError, JobError, OutputError
+from job.errors import DataError, JobError, OutputError, Stopped
 from job.report import setup_logging
 from job.settings import help_text, load_settings
 from job.signals import StopRequest
@@ -21,10 +21,12 @@ def check(settings) -> None:
     pick_device(settings.device)
     with storage.errors(settings.data_uri, DataError, "read dataset"):
         fmt = data.check(settings.data_uri, settings.data_format)
+        size = storage.check_cache_for(settings.data_uri, settings.cache_dir)
     run_uri = storage.join(settings.output_uri, settings.run_name)
     with storage.errors(run_uri, OutputError, "write to"):
         storage.check_writable(run_uri)
-    log.info(f"check passed: dataset {storage.redact_uri(settings.data_uri)} ({fmt}) is readable; "
+    cache = f"the cache {settings.cache_dir} is writable" + (f" with room for {size / 1e6:,.1f} MB" if size else "")
+    log.info(f"check passed: dataset {storage.redact_uri(settings.data_uri)} ({fmt}) is readable; {cache}; "
              f"{storage.redact_uri(run_uri)} is writable")
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
     try:
         settings = load_settings()
         setup_logging(settings.log_level)
-        storage.configure(settings.storage_retries)
+        storage.configure(settings, stop)
         if "--check" in argv:
             check(settings)
             return 0
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
 def report_failure(exc: BaseException) -> int:
     """Log how the job failed (one line for a JobError, the traceback for a bug); the exit code.
     Call it while handling `exc`."""
+    if isinstance(exc, Stopped):  # a graceful stop is not an error
+        log.warning(f"{exc} (exit {exc.exit_code})")
+        return exc.exit_code
     if isinstance(exc, JobError):
         log.error(f"{exc} (exit {exc.exit_code})")
         return exc.exit_code

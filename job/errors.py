@@ -10,7 +10,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     1: ("unexpected error (a bug: please report it with the log)", "retry"),
     2: ("invalid settings", "fail at once"),
     3: ("dataset or checkpoint missing, invalid or incompatible", "fail at once"),
-    4: ("output location not writable", "fail at once"),
+    4: ("output location or local cache not writable (or full)", "fail at once"),
     65: ("training diverged or cannot learn (NaN/inf loss; in smoke mode, a loss that does not fall)", "fail at once"),
     75: ("transient failure: storage after retries, or a lost peer process", "retry"),
     130: ("stopped by SIGINT after saving a checkpoint", "retry"),
@@ -36,6 +36,12 @@ class OutputError(JobError):
     exit_code = 4
 
 
+class CacheError(JobError):
+    """The local dataset cache (JOB_CACHE_DIR) cannot be written or has no room."""
+
+    exit_code = 4
+
+
 class DivergedError(JobError):
     exit_code = 65
 
@@ -51,8 +57,8 @@ class PeerLostError(JobError):
 
 
 class Stopped(JobError):
-    """Raised once a signal-triggered checkpoint is safely written; carries 128 + signal number."""
+    """The job stops on a signal; carries 128 + signal number and says what was saved."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signum} after saving a checkpoint")
+    def __init__(self, signum: int, detail: str = "before training: nothing to save"):
+        super().__init__(f"stopped by signal {signum} {detail}")
         self.exit_code = 128 + signum

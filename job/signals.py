@@ -23,7 +23,7 @@ class StopRequest:
 
     def handler(self, signum, frame):
         if self.signum:  # a second signal: the user insists
-            raise Stopped(signum)
+            raise Stopped(signum, "again: exiting at once")
         self.signum, self.at = signum, time.monotonic()
         if not self.deferred:
             raise Stopped(signum)

@@ -81,7 +81,7 @@ def loss_sanity(job: train.Job) -> str:
 def verify_checkpoint(job: train.Job, images) -> str:
     """The committed checkpoint verifies, loads into a fresh model and gives identical outputs."""
     job.uploader.wait()
-    state = checkpoint.load_latest(job.run_uri)
+    state, _ = checkpoint.load_latest(job.run_uri)
     if state is None:
         raise OutputError(f"no checkpoint in {job.run_uri} after training")
     fresh, _ = models.build_model(job.settings.model_copy(update={"pretrained": "none"}),
@@ -136,14 +136,14 @@ def run(settings, runtime: Runtime) -> dict:
             if runtime.is_main:
                 with storage.errors(run_uri, OutputError, "write to"):
                     storage.remove_tree(run_uri)  # a fresh smoke run; only ever under <run>/smoke
-            train.begin(s, runtime, run_uri)
+            current["lease"] = train.begin(s, runtime, run_uri)
             return f"{storage.redact_uri(run_uri)} is writable"
 
         step("output location", output)
-        with train.recorded(run_uri, runtime, current):
+        with train.recorded(s, run_uri, runtime, current, current.get("lease")):
             dataset = step("dataset pulled (a sample) and read", load, lambda d: f"{len(d.y)} images, "
                            f"{d.num_classes} classes, {len(d.bad_files)} bad files skipped")
-            job = step("model built with its weights", lambda: train.make_job(s, runtime, run_uri, dataset))
+            job = step("model built with its weights", lambda: train.make_job(s, runtime, run_uri, dataset, current.get("lease")))
             current["job"] = job
             step("loss sanity", lambda: loss_sanity(job))
             step(f"train {s.limit_train_batches} and validate {s.limit_val_batches} batches", lambda: train.fit(job), lambda history: f"{history[-1]['val_accuracy']:.3f} val_accuracy")

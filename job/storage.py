@@ -2,6 +2,10 @@
 
 The rest of the job never imports s3fs. Object-store writes are atomic by nature (a key appears
 only when its upload completes); local writes go to a temporary name and are renamed.
+
+Every operation is bounded in time (JOB_STORAGE_TIMEOUT_SECONDS, retries included), logs a line
+while it waits, and gives way to a stop signal's grace period: a frozen or failing store ends the
+job with exit 75 (or 143 after a stop), never a hang.
 """
 
 import contextlib
@@ -11,23 +15,42 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import threading
+import time
 import uuid
+from dataclasses import dataclass
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from job.errors import JobError, TransientStorageError
+from job.errors import CacheError, DataError, JobError, Stopped, TransientStorageError
 from job.settings import redact_uri
 
 log = logging.getLogger("job")
 CACHE_MANIFEST = ".trainjob-cache.json"
+TMP_MARK = ".tmp-"  # local temporary files: <name>.tmp-<8 hex>; a dead writer's are removed at start
+MIN_BYTES_PER_SECOND = 1 << 20  # the time bound grows by 1 s per MB moved: big uploads are not hangs
+PULL_CHUNK_FILES, PULL_CHUNK_BYTES = 256, 256 << 20  # one bounded, concurrent fs.get per chunk
 
-_retries = 10  # set from the settings by configure(); botocore attempts per request
+
+@dataclass
+class Config:
+    retries: int = 10  # botocore attempts per request
+    timeout: float = 300.0  # seconds one operation may take, retries included
+    log_every: float = 10.0
+    stop: object = None  # the StopRequest: after a signal, waits end with the grace period
+    grace: float = 25.0
 
 
-def configure(storage_retries: int) -> None:
-    global _retries
-    _retries = storage_retries
+_config = Config()
+_local = threading.local()  # .deadline: an end set by time_limit() for this thread's operations
+
+
+def configure(settings, stop=None) -> None:
+    global _config
+    _config = Config(settings.storage_retries, settings.storage_timeout_seconds, settings.log_every_seconds,
+                     stop, settings.stop_grace_seconds)
 
 
 def _options(protocol: str) -> dict:
@@ -37,7 +60,7 @@ def _options(protocol: str) -> dict:
         # fails instead of hanging (marin-community/marin#9209). Listings are not cached so a
         # pointer written by another process is always read fresh.
         return {
-            "config_kwargs": {"retries": {"max_attempts": _retries, "mode": "standard"},
+            "config_kwargs": {"retries": {"max_attempts": _config.retries, "mode": "standard"},
                               "connect_timeout": 10, "read_timeout": 60},
             "use_listings_cache": False,
         }
@@ -79,7 +102,7 @@ def errors(uri: str, error: type[JobError], action: str):
             raise error(f"cannot {action} {shown}: {os.strerror(exc.errno)}") from None
         raise TransientStorageError(f"cannot {action} {shown} after retries: {_short(exc)}") from None
     except Exception as exc:  # botocore/aiohttp errors that s3fs did not translate
-        if exc.__class__.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "gcsfs", "google"):
+        if exc.__class__.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "gcsfs", "google", "fsspec"):
             raise TransientStorageError(f"cannot {action} {shown} after retries: {_short(exc)}") from None
         raise
 
@@ -89,52 +112,153 @@ def _short(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text}"[:300]
 
 
-def fresh_credentials(fn):
-    """On a refusal, retry once with a new filesystem: a new botocore session, which loads the
-    credentials again. Keys rotated in a credentials file by a sidecar, or an expired session
-    token, then keep working (fsspec/s3fs#500, #632: ExpiredToken lost the final upload of a 12 h
-    run). A real denial is refused again and reported as before."""
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Bound every storage operation this thread starts inside the block by `seconds` in all:
+    recording how a run ended must not take another full storage timeout when storage is why."""
+    previous = getattr(_local, "deadline", None)
+    _local.deadline = time.monotonic() + seconds
+    try:
+        yield
+    finally:
+        _local.deadline = previous
 
-    @functools.wraps(fn)
-    def wrapper(uri: str, *args, **kwargs):
+
+def bounded(action: str, uri: str, fn, nbytes: int = 0):
+    """Run fn() in a helper thread and wait for it, at most JOB_STORAGE_TIMEOUT_SECONDS (+1 s per
+    MB), logging a line every JOB_LOG_EVERY_SECONDS meanwhile. After a stop signal the wait also
+    ends with the grace period. The thread is abandoned on timeout: botocore's own timeouts end
+    it later, and the job is on its way out (exit 75 or 143) by then.
+
+    The calling thread stays responsive: a signal's handler runs during the wait."""
+    start = time.monotonic()
+    limit = _config.timeout + nbytes / MIN_BYTES_PER_SECOND
+    if getattr(_local, "deadline", None) is not None:
+        limit = max(0.0, min(limit, _local.deadline - start))
+    box: dict = {}
+    done = threading.Event()
+
+    def work():
         try:
-            return fn(uri, *args, **kwargs)
-        except PermissionError as exc:
-            fs = filesystem(uri)[0]
-            if isinstance(fs, LocalFileSystem):
-                raise
-            log.warning(f"{redact_uri(uri)}: the store refused our credentials ({str(exc)[:120]}); "
-                        "reloading them and retrying once")
-            type(fs).clear_instance_cache()
-            return fn(uri, *args, **kwargs)
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            done.set()
 
-    return wrapper
+    threading.Thread(target=work, name=f"storage {action}", daemon=True).start()
+    next_log = start + _config.log_every
+    # Only the main thread answers a stop: a background upload that outlasts the grace period
+    # is simply abandoned by the main thread, which then says which checkpoint is the valid one.
+    stop = _config.stop if threading.current_thread() is threading.main_thread() else None
+    while True:
+        now = time.monotonic()
+        end = start + limit
+        if stop is not None and stop.signum:
+            end = min(end, stop.deadline(_config.grace))
+        if done.wait(timeout=max(0.0, min(0.5, end - now))):
+            break
+        now = time.monotonic()
+        if stop is not None and stop.signum and now >= stop.deadline(_config.grace):
+            raise Stopped(stop.signum, f"when the grace period ran out, still trying to {action} {redact_uri(uri)}")
+        if now >= start + limit:
+            raise TransientStorageError(
+                f"cannot {action} {redact_uri(uri)}: no success within {limit:.0f} s (JOB_STORAGE_TIMEOUT_SECONDS="
+                f"{_config.timeout:g}, retries included); the store is down, unreachable or refusing requests")
+        if now >= next_log:
+            log.warning(f"storage: still trying to {action} {redact_uri(uri)} after {now - start:.0f} s "
+                        f"(retrying; gives up at {limit:.0f} s)")
+            next_log = now + _config.log_every
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
-@fresh_credentials
+def _op(action: str):
+    """Make a storage function bounded (see `bounded`) and give it one retry with fresh
+    credentials: on a refusal, a new filesystem (a new botocore session) loads the credentials
+    again, so keys rotated in a credentials file by a sidecar, or an expired session token, keep
+    working (fsspec/s3fs#500, #632: ExpiredToken lost the final upload of a 12 h run). A real
+    denial is refused again and reported as before."""
+
+    def decorate(fn):
+        def with_fresh_credentials(uri, *args, **kwargs):
+            try:
+                return fn(uri, *args, **kwargs)
+            except PermissionError as exc:
+                fs = filesystem(uri)[0]
+                if isinstance(fs, LocalFileSystem):
+                    raise
+                log.warning(f"{redact_uri(uri)}: the store refused our credentials ({str(exc)[:120]}); "
+                            "reloading them and retrying once")
+                type(fs).clear_instance_cache()
+                return fn(uri, *args, **kwargs)
+
+        @functools.wraps(fn)
+        def wrapper(uri: str, *args, nbytes: int = 0, **kwargs):
+            return bounded(action, uri, lambda: with_fresh_credentials(uri, *args, **kwargs), nbytes)
+
+        return wrapper
+
+    return decorate
+
+
+def tmp_name(path: str) -> str:
+    """A local temporary name beside `path`, renamed over it once complete."""
+    return f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+
+
+def _write_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@_op("read")
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return fs.cat_file(path)
 
 
-@fresh_credentials
 def write_bytes(uri: str, data: bytes) -> None:
     """Write so that a reader sees the old object or the whole new one, never a part."""
+    _write_bytes(uri, data, nbytes=len(data))
+
+
+@_op("write")
+def _write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        _write_local(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
+@_op("create")
+def create_bytes(uri: str, data: bytes) -> None:
+    """Create an object that must not exist yet; FileExistsError if it does (S3 `If-None-Match:
+    *`, a local exclusive open): of several writers racing, exactly one succeeds."""
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with open(path, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     else:
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, data, mode="create")
+
+
+def create_json(uri: str, obj) -> None:
+    create_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_json(uri: str, obj) -> None:
@@ -145,27 +269,27 @@ def read_json(uri: str):
     return json.loads(read_bytes(uri))
 
 
-@fresh_credentials
+@_op("check")
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
 
 
-@fresh_credentials
+@_op("remove")
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm_file(path)
 
 
-@fresh_credentials
+@_op("copy")
 def copy(src: str, dst: str) -> None:
     """Server-side copy on object stores (no re-upload); a local copy is published atomically."""
     fs, src_path = filesystem(src)
     _, dst_path = filesystem(dst)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(dst_path) or ".", exist_ok=True)
-        tmp = f"{dst_path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = tmp_name(dst_path)
         try:
             os.link(src_path, tmp)  # same directory: a hard link costs nothing
         except OSError:
@@ -175,7 +299,7 @@ def copy(src: str, dst: str) -> None:
         fs.copy(src_path, dst_path)
 
 
-@fresh_credentials
+@_op("list")
 def list_names(uri: str) -> list[str]:
     """Names of the files directly under a directory URI ([] when it does not exist)."""
     fs, path = filesystem(uri)
@@ -184,11 +308,88 @@ def list_names(uri: str) -> list[str]:
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+@_op("remove")
+def remove_tree(uri: str) -> None:
+    """Delete a directory URI and everything under it (used only for smoke outputs)."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def check_writable(uri: str) -> None:
     """Write and delete a probe object, so a bad output location fails before any training."""
     probe = join(uri, f".trainjob-probe-{uuid.uuid4().hex[:8]}")
     write_bytes(probe, b"ok")
     remove(probe)
+
+
+def remove_stale_tmp(uri: str) -> int:
+    """Delete temporary files a killed writer left under a local directory (object stores have
+    none: an upload is atomic). Call only while holding the directory's lease. Returns how many."""
+    fs, root = filesystem(uri)
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(root):
+        return 0
+    stale = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if TMP_MARK in f]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return len(stale)
+
+
+# --- the dataset cache -----------------------------------------------------------------------
+
+def cache_root(uri: str, cache_dir: str) -> str:
+    return os.path.join(cache_dir, hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16])
+
+
+def check_cache_dir(cache_dir: str, need_bytes: int = 0) -> None:
+    """The local cache must take writes and have room: its own clear error (exit 4), never a
+    data or credentials error."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        _write_local(os.path.join(cache_dir, ".trainjob-probe"), b"ok")
+        os.remove(os.path.join(cache_dir, ".trainjob-probe"))
+    except OSError as exc:
+        raise CacheError(f"JOB_CACHE_DIR={cache_dir} is not writable ({os.strerror(exc.errno) if exc.errno else exc}); "
+                         "mount a writable volume there (docker: --tmpfs /cache; Kubernetes: an emptyDir) or set "
+                         "JOB_CACHE_DIR to a writable directory") from None
+    free = shutil.disk_usage(cache_dir).free
+    if need_bytes > free:
+        raise CacheError(f"JOB_CACHE_DIR={cache_dir} has {_mb(free)} free but the dataset needs {_mb(need_bytes)} more; "
+                         "give the cache volume more space (e.g. the emptyDir's sizeLimit) or point JOB_CACHE_DIR elsewhere")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def local_path(root: str, rel: str, name: str) -> str:
+    """root/rel, proven to stay under root. `rel` comes from a remote listing that a careless or
+    hostile bucket owner controls: '..', '.' or empty segments are refused (DataError naming the
+    object `name`), and the resolved path must lie under the resolved root."""
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise DataError(f"object {name!r} has an empty, '.' or '..' segment in its key; refusing a dataset whose keys "
+                        "could write outside the cache (JOB_CACHE_DIR)")
+    path = os.path.join(root, *parts)
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise DataError(f"object {name!r} resolves outside the cache (JOB_CACHE_DIR); refusing the dataset")
+    return path
+
+
+def check_cache_for(uri: str, cache_dir: str) -> int:
+    """--check: the cache takes writes and has room for what a pull of `uri` would still fetch.
+    Returns the dataset's size in bytes (0 for a local dataset, read in place)."""
+    fs, root = filesystem(uri)
+    check_cache_dir(cache_dir)
+    if isinstance(fs, LocalFileSystem):
+        return 0
+    total = sum(int(info.get("size") or 0) for path, info in _find(uri).items() if not path.endswith("/"))
+    local = cache_root(uri, cache_dir)
+    cached = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files)
+    check_cache_dir(cache_dir, total - cached)
+    return total
 
 
 def _version(info: dict) -> str:
@@ -199,21 +400,22 @@ def _version(info: dict) -> str:
     return ""
 
 
-@fresh_credentials
 def pull(uri: str, cache_dir: str, include=None) -> str:
     """Make the dataset at `uri` available as a local directory and return its path.
 
-    Local datasets are read in place. Remote ones are copied into `cache_dir` with one batched
-    `fs.get` (s3fs/gcsfs transfer many files concurrently), skipping files whose size and version
-    match what the cache recorded; an interrupted pull simply resumes on the next start.
-    `include(relative_path) -> bool` limits the pull to the files a caller needs.
+    Local datasets are read in place. Remote ones are mirrored into `cache_dir`: files whose
+    size and version match what the cache recorded are kept, the rest fetched in bounded chunks
+    (s3fs/gcsfs transfer each chunk's files concurrently), and local files the listing no longer
+    has are deleted, so the cache is exactly the listing. An interrupted pull resumes on the next
+    start. `include(relative_path) -> bool` limits the pull to the files a caller needs.
     """
     fs, root = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         if not os.path.isdir(root):
             raise FileNotFoundError(root)
         return root
-    local_root = os.path.join(cache_dir, hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16])
+    local_root = cache_root(uri, cache_dir)
+    check_cache_dir(cache_dir)
     os.makedirs(local_root, exist_ok=True)
     manifest_path = os.path.join(local_root, CACHE_MANIFEST)
     try:
@@ -221,35 +423,97 @@ def pull(uri: str, cache_dir: str, include=None) -> str:
             manifest = json.load(f)
     except (OSError, ValueError):
         manifest = {}
-    listing = fs.find(root, detail=True)
+    log.info(f"listing {redact_uri(uri)}")
+    listing = _find(uri)
     if not listing:
         raise FileNotFoundError(root)
-    remote, local, wanted = [], [], {}
-    for path, info in listing.items():
-        rel = path[len(root.rstrip("/")):].lstrip("/")
-        if not rel or info.get("type") == "directory" or (include and not include(rel)):
-            continue
-        key = [info.get("size"), _version(info)]
-        dest = os.path.join(local_root, rel)
-        wanted[rel] = key
-        if manifest.get(rel) == key and os.path.exists(dest) and os.path.getsize(dest) == key[0]:
-            continue
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        remote.append(path)
-        local.append(dest)
-    if remote:
-        fs.get(remote, local)
+    wanted, todo = _plan(listing, root, local_root, manifest, include)
+    _remove_unlisted(local_root, wanted)
+    need = sum(size for _, _, size in todo)
+    check_cache_dir(cache_dir, need)
+    if todo:
+        _fetch(uri, todo, len(wanted), local_root)
     if wanted != manifest:
-        tmp = manifest_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(wanted, f)
-        os.replace(tmp, manifest_path)
+        _write_local(manifest_path, json.dumps(wanted).encode())
     return local_root
 
 
-@fresh_credentials
-def remove_tree(uri: str) -> None:
-    """Delete a directory URI and everything under it (used only for smoke outputs)."""
-    fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+@_op("list")
+def _find(uri: str) -> dict:
+    fs, root = filesystem(uri)
+    return fs.find(root, detail=True)
+
+
+def _plan(listing: dict, root: str, local_root: str, manifest: dict, include):
+    """({relative name: [size, version]} of the files the cache must hold, [(remote, local, size)]
+    of those to fetch). Raises DataError for keys that cannot be mirrored safely."""
+    base = root.rstrip("/") + "/"
+    wanted, todo = {}, []
+    for path, info in sorted(listing.items()):
+        if info.get("type") == "directory" or path.endswith("/"):  # folder markers
+            continue
+        if not path.startswith(base):
+            raise DataError(f"object {path!r} is listed under {root} but is not inside it; refusing the dataset")
+        rel = path[len(base):]
+        if include and not include(rel):
+            continue
+        dest = local_path(local_root, rel, path)
+        key = [info.get("size"), _version(info)]
+        wanted[rel] = key
+        if manifest.get(rel) == key and os.path.isfile(dest) and os.path.getsize(dest) == key[0]:
+            continue
+        todo.append((path, dest, int(info.get("size") or 0)))
+    folders = {rel.rsplit("/", 1)[0] for rel in wanted if "/" in rel}
+    clash = sorted(folders & set(wanted))
+    if clash:
+        raise DataError(f"object key {clash[0]!r} is both a file and a folder of other keys; refusing the dataset")
+    return wanted, todo
+
+
+def _remove_unlisted(local_root: str, wanted: dict) -> None:
+    """Delete cached files the listing no longer has (deleted from the bucket: never trained on)."""
+    for folder, _, files in os.walk(local_root):
+        for name in files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, local_root).replace(os.sep, "/")
+            if rel != CACHE_MANIFEST and rel not in wanted:
+                os.remove(path)
+
+
+@_op("pull")
+def _get(uri: str, remote: list[str], local: list[str]) -> None:
+    filesystem(uri)[0].get(remote, local)
+
+
+def _fetch(uri: str, todo: list, total_files: int, local_root: str) -> None:
+    """Fetch [(remote, local, size)] in chunks, each one bounded operation; progress lines."""
+    total = sum(size for _, _, size in todo)
+    log.info(f"pulling {len(todo)} of {total_files} files ({_mb(total)}) from {redact_uri(uri)} into {local_root}")
+    start, last_log, done_files, done_bytes = time.monotonic(), time.monotonic(), 0, 0
+    i = 0
+    while i < len(todo):
+        chunk, size = [], 0
+        while i < len(todo) and len(chunk) < PULL_CHUNK_FILES and (not chunk or size < PULL_CHUNK_BYTES):
+            chunk.append(todo[i])
+            size += todo[i][2]
+            i += 1
+        for _, dest, _ in chunk:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            _get(uri, [r for r, _, _ in chunk], [d for _, d, _ in chunk], nbytes=size)
+        except OSError as exc:
+            local_fault = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not os.access(local_root, os.W_OK)
+            if local_fault:
+                reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
+                raise CacheError(f"cannot write the dataset into JOB_CACHE_DIR ({local_root}): {reason}; "
+                                 f"{_mb(total - done_bytes)} still to fetch; give the cache volume more space or "
+                                 "make it writable") from None
+            raise
+        done_files, done_bytes = done_files + len(chunk), done_bytes + size
+        now = time.monotonic()
+        if now - last_log >= _config.log_every or i == len(todo):
+            last_log = now
+            rate = done_bytes / max(now - start, 1e-9)
+            eta = (total - done_bytes) / rate if rate > 0 else 0
+            log.info(f"pull {done_files}/{len(todo)} files ({100 * done_bytes / max(total, 1):.0f}%), "
+                     f"{_mb(done_bytes)} of {_mb(total)}, {rate / 1e6:.2f} MB/s, elapsed {now - start:.0f} s, ETA {eta:.0f} s")

@@ -18,9 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from job import __version__, checkpoint, data, features, models, report, storage
 from job.errors import DataError, DivergedError, JobError, OutputError, Stopped
+from job.lease import Lease, LeaseLost
 from job.optim import build_optimizer, lr_factor, set_lr
 from job.runtime import Runtime, is_peer_failure, peer_lost
-from job.settings import CONTINUOUS_SCHEDULES
+from job.settings import CONTINUOUS_SCHEDULES, redact_text
 
 log = logging.getLogger("job")
 EVAL_BATCH_SIZE = 1000  # evaluation keeps no activations for backward, so bigger batches are free
@@ -63,6 +64,8 @@ class Job:
     amp_dtype: torch.dtype | None = None  # CUDA mixed precision, None on CPU
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     on_features: bool = False  # training the head on cached backbone features
+    lease: Lease | None = None  # rank 0's hold on the run directory (one writer per run)
+    valid_checkpoint: str = "no checkpoint saved"  # the newest committed checkpoint, for the last log line
 
     def __post_init__(self):
         self.trainable = self.trainable or self.model
@@ -119,9 +122,9 @@ def train_one_epoch(job: Job) -> tuple[float, float, float]:
         if signum or (every and p.global_step % every == 0):
             add_sums(job, sums)
             check_finite(p.loss_sum, p)
-            save_checkpoint(job)
+            saving = save_checkpoint(job)
             if signum:
-                stop(job, signum)
+                stop(job, signum, saving)
         if time.monotonic() - last_log >= s.log_every_seconds:
             last_log = time.monotonic()
             rate = (p.seen - start_seen) / (last_log - start)
@@ -203,7 +206,7 @@ def evaluate(job: Job, x, y: torch.Tensor, idx: torch.Tensor) -> tuple[float, fl
         count += len(yb)
     signum = rt.stop_signal()
     if signum:
-        raise Stopped(signum)
+        raise Stopped(signum, "during evaluation")
     loss_sum, correct, count = rt.sum(loss_sum, correct, count)
     return loss_sum / count, correct / count
 
@@ -229,8 +232,8 @@ def fit(job: Job) -> list[dict]:
         try:
             val_loss, val_accuracy = evaluate(job, job.data.x, job.data.y, job.val_idx)
         except Stopped as stopped:
-            save_checkpoint(job)  # position: this epoch trained, not yet evaluated
-            stop(job, stopped.exit_code - 128)
+            saving = save_checkpoint(job)  # position: this epoch trained, not yet evaluated
+            stop(job, stopped.exit_code - 128, saving)
         row = {"epoch": p.epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
                "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": p.epoch_lr,
                "epoch_seconds": time.monotonic() - epoch_start, "train_samples_per_second": samples_per_second}
@@ -240,10 +243,10 @@ def fit(job: Job) -> list[dict]:
         if best:
             job.best_epoch, job.best_val_accuracy = row["epoch"], val_accuracy
         job.progress = p = Progress(epoch=p.epoch + 1, global_step=p.global_step)
-        save_checkpoint(job, best=best)
+        saving = save_checkpoint(job, best=best)
         signum = job.runtime.stop_signal()
         if signum:
-            stop(job, signum)
+            stop(job, signum, saving)
     return job.history
 
 
@@ -269,34 +272,47 @@ def checkpoint_state(job: Job) -> dict:
     }
 
 
-def save_checkpoint(job: Job, best: bool = False) -> None:
+def position(p: Progress, train_samples: int) -> str:
+    """Where a checkpoint stands, 1-based as the log's epochs are."""
+    return f"end of epoch {p.epoch}" if p.seen == 0 else f"epoch {p.epoch + 1}, sample {p.seen}/{train_samples}"
+
+
+def save_checkpoint(job: Job, best: bool = False) -> bool:
     """Snapshot now (rank 0), commit in the background; history, summary and plots follow the
-    checkpoint so that no history row is ever published ahead of a checkpoint that holds it."""
+    checkpoint so that no history row is ever published ahead of a checkpoint that holds it.
+    False when it could not even start: the previous upload had not ended by a stop's deadline."""
     if not job.runtime.is_main:
-        return
+        return True
+    if not job.uploader.wait():
+        return False
     p = job.progress
     blob = checkpoint.serialize(checkpoint_state(job))
+    name = f"step-{p.global_step:09d}"
     meta = {"epoch": p.epoch, "seen": p.seen, "global_step": p.global_step}
     history, summary = list(job.history), summary_of(job, "running")
+    where = f"checkpoints/{name}.pt ({position(p, len(job.train_idx))})"
 
     def commit():
-        checkpoint.commit(job.run_uri, f"step-{p.global_step:09d}", blob, meta, best, job.settings.keep_checkpoints)
+        checkpoint.commit(job.run_uri, name, blob, meta, best, job.settings.keep_checkpoints, job.lease)
+        job.valid_checkpoint = where
         report.publish(job.run_uri, history, summary)
 
-    job.uploader.submit(commit)
+    return job.uploader.submit(commit)
 
 
-def stop(job: Job, signum: int) -> None:
-    """Wait for the stop checkpoint within the grace period, then end every rank with 128+signal.
-    The other ranks wait for rank 0's upload: a rank that left early would make torchrun kill
-    rank 0 in the middle of it."""
-    if job.uploader.wait(deadline=job.runtime.stop.deadline(job.settings.stop_grace_seconds)):
-        log.info(f"checkpoint saved at epoch {job.progress.epoch} sample {job.progress.seen}; stopping")
-    else:
-        log.warning(f"the stop checkpoint did not finish within JOB_STOP_GRACE_SECONDS="
-                    f"{job.settings.stop_grace_seconds}; the previous checkpoint remains the valid one")
+def stop(job: Job, signum: int, saving: bool) -> None:
+    """Wait for the stop checkpoint within the grace period, then end every rank with 128+signal,
+    saying truthfully which checkpoint is the valid one. The other ranks wait for rank 0's
+    upload: a rank that left early would make torchrun kill rank 0 in the middle of it."""
+    saved = saving and job.runtime.is_main and job.uploader.wait()
+    if job.runtime.is_main and not saved:
+        log.warning(f"the stop checkpoint was not saved within JOB_STOP_GRACE_SECONDS={job.settings.stop_grace_seconds:g}; "
+                    f"the valid checkpoint is {job.valid_checkpoint}")
+    saved, valid = job.runtime.broadcast((saved, job.valid_checkpoint))  # rank 0 knows what was committed
     job.runtime.barrier()
-    raise Stopped(signum)
+    if saved:
+        raise Stopped(signum, f"after saving a checkpoint: {valid}")
+    raise Stopped(signum, f"without a new checkpoint; the valid one is {valid}")
 
 
 def summary_of(job: Job, status: str, **extra) -> dict:
@@ -322,7 +338,7 @@ def summary_of(job: Job, status: str, **extra) -> dict:
     }
 
 
-def restore(job: Job, state: dict) -> None:
+def restore(job: Job, state: dict, name: str) -> None:
     """Continue from a checkpoint after checking it belongs to this experiment and data."""
     s = job.settings
     saved = state["settings"]
@@ -349,15 +365,16 @@ def restore(job: Job, state: dict) -> None:
     torch.set_rng_state(state["rng"])
     if not job.runtime.is_main:  # rank 0's partial sums are the whole; the others add only their own
         job.progress.loss_sum, job.progress.correct, job.progress.count = 0.0, 0, 0
+    job.valid_checkpoint = f"checkpoints/{name}.pt ({position(job.progress, len(job.train_idx))})"
     log.info(f"resumed from checkpoint at epoch {job.progress.epoch} sample {job.progress.seen} "
              f"(global step {job.progress.global_step}, written by {state['world_size']} process(es)); "
              f"{len(job.history)} epochs in the history")
 
 
-def load_resume_state(settings, run_uri: str) -> dict | None:
+def load_resume_state(settings, run_uri: str) -> tuple[dict | None, str | None]:
     """Apply JOB_RESUME: never silently restart a run that has history from scratch."""
     with storage.errors(run_uri, DataError, "read checkpoints from"):
-        state = checkpoint.load_latest(run_uri)
+        state, name = checkpoint.load_latest(run_uri)
         has_history = storage.exists(storage.join(run_uri, "history.jsonl"))
     if state is not None and settings.resume == "never":
         raise DataError(f"{run_uri} already holds a checkpoint and JOB_RESUME=never; "
@@ -367,7 +384,7 @@ def load_resume_state(settings, run_uri: str) -> dict | None:
     if state is None and has_history and settings.resume == "auto":
         raise DataError(f"{run_uri} has a history but no readable checkpoint; refusing to restart it from scratch. "
                         "Set JOB_RESUME=never with a new JOB_RUN_NAME to start over")
-    return state
+    return state, name
 
 
 def on_main(runtime: Runtime, fn):
@@ -404,7 +421,7 @@ def build_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> J
     optimizer = build_optimizer(settings, models.param_groups(model, head, settings.backbone_lr_scale))
     train_idx, val_idx = dataset.split or data.split_indices(len(dataset.y), settings.val_fraction, settings.seed)
     job = Job(settings, runtime, run_uri, dataset, train_idx, val_idx, model, model, optimizer,
-              checkpoint.Uploader(run_uri), head=head, frozen=frozen, trainable=model)
+              checkpoint.Uploader(run_uri, runtime.stop, settings.stop_grace_seconds), head=head, frozen=frozen, trainable=model)
     if runtime.device.type == "cuda":
         # CUDA-only speed-ups; none of them runs (or changes anything) on CPU.
         torch.backends.cudnn.benchmark = True
@@ -424,38 +441,50 @@ def versions() -> dict:
             "torchvision": torchvision.__version__}
 
 
-def prepare_output(settings, runtime: Runtime, run_uri: str) -> None:
+def prepare_output(settings, runtime: Runtime, run_uri: str) -> Lease:
+    """Check the output takes writes, become the run's only writer, clear what a killed writer
+    left, and record the settings. Returns the lease (rank 0)."""
     with storage.errors(run_uri, OutputError, "write to"):
         storage.check_writable(run_uri)
+        lease = Lease(run_uri, settings.lease_seconds)
+        lease.acquire()
+        removed = storage.remove_stale_tmp(run_uri)
+        if removed:
+            log.info(f"removed {removed} temporary file(s) a killed writer left in {storage.redact_uri(run_uri)}")
         storage.write_json(storage.join(run_uri, "settings.json"),
                            {"settings": settings.public_dict(), "versions": versions(),
                             "device": str(runtime.device), "world_size": runtime.world_size})
+    return lease
 
 
-def begin(settings, runtime: Runtime, run_uri: str) -> None:
-    """Say what runs where, then make sure the output location takes writes before any work."""
+def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
+    """Say what runs where, then make sure the output location takes writes before any work.
+    Returns rank 0's lease on the run (None on other ranks)."""
     log.info(" ".join(f"{k} {v}" for k, v in versions().items()) + f" | device {runtime.describe()}")
     log.info(f"run {storage.redact_uri(run_uri)} settings {settings.public_dict()}")
+    held = {}
     try:
-        on_main(runtime, lambda: prepare_output(settings, runtime, run_uri))
+        on_main(runtime, lambda: held.setdefault("lease", prepare_output(settings, runtime, run_uri)) and None)
     except JobError:
         raise  # the output location is the problem: nowhere to record it
     except Exception as exc:
         if is_peer_failure(runtime, exc):
             raise peer_lost(runtime, exc) from None
         raise
+    return held.get("lease")
 
 
-def make_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> Job:
+def make_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data, lease: Lease | None) -> Job:
     """The job ready to fit: resumed if the run has a checkpoint, features cached if they can be,
     wrapped for data parallelism, and answering signals with a checkpoint from here on."""
     log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(dataset.y)} images for training and validation, "
              f"{dataset.num_classes} classes, test set: {'yes' if dataset.test_x is not None else 'no'}, "
              f"{len(dataset.bad_files)} bad files skipped, fingerprint {dataset.fingerprint[:12]}")
-    state = on_main(runtime, lambda: load_resume_state(settings, run_uri))
+    state, name = on_main(runtime, lambda: load_resume_state(settings, run_uri))
     job = build_job(settings, runtime, run_uri, dataset)
+    job.lease = lease
     if state is not None:
-        restore(job, state)
+        restore(job, state, name)
     if features.applicable(settings, job.data):
         job.data, job.trainable = features.features_data(job), job.model.get_submodule(job.head)
         job.net, job.on_features = job.trainable, True
@@ -463,7 +492,7 @@ def make_job(settings, runtime: Runtime, run_uri: str, dataset: data.Data) -> Jo
         job.net = DistributedDataParallel(job.trainable, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
     if runtime.stop.signum:
-        raise Stopped(runtime.stop.signum)
+        raise Stopped(runtime.stop.signum, f"before training; the valid checkpoint is {job.valid_checkpoint}")
     return job
 
 
@@ -471,14 +500,20 @@ def finish(job: Job) -> dict:
     """Score the test set if there is one, publish the final summary; returns it."""
     d, extra = job.data, {}
     if d.test_x is not None:
-        test_loss, test_accuracy = evaluate(job, d.test_x, d.test_y, torch.arange(len(d.test_y)))
+        try:
+            test_loss, test_accuracy = evaluate(job, d.test_x, d.test_y, torch.arange(len(d.test_y)))
+        except Stopped as stopped:  # every epoch is saved (or on its way): wait for it, then stop
+            stop(job, stopped.exit_code - 128, saving=True)
         extra = {"test_loss": test_loss, "test_accuracy": test_accuracy}
         log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
     summary = summary_of(job, "completed", **extra)
     if job.runtime.is_main:
-        job.uploader.wait()
+        if not job.uploader.wait():
+            raise Stopped(job.runtime.stop.signum, "while publishing the final outputs; the valid checkpoint is "
+                          f"{job.valid_checkpoint}")
         with storage.errors(job.run_uri, OutputError, "write to"):
             report.publish(job.run_uri, job.history, summary)
+            storage.remove(storage.join(job.run_uri, "failure.json"))  # from an earlier attempt: this one completed
     job.runtime.barrier()
     log.info(f"completed: best_val_accuracy={job.best_val_accuracy:.4f} (epoch {job.best_epoch}); "
              f"outputs in {storage.redact_uri(job.run_uri)}")
@@ -486,47 +521,58 @@ def finish(job: Job) -> dict:
 
 
 @contextlib.contextmanager
-def recorded(run_uri: str, runtime: Runtime, current: dict):
-    """Record how the run ended (summary.json, failure.json) for `current["job"]`, and turn a
-    failed collective into a clear exit 75."""
+def recorded(settings, run_uri: str, runtime: Runtime, current: dict, lease: Lease | None):
+    """Record how the run ended (summary.json, failure.json) for `current["job"]`, turn a failed
+    collective into a clear exit 75, and give the run's lease back."""
     try:
         yield
     except JobError as exc:
-        record_outcome(run_uri, runtime, current.get("job"), exc)
+        record_outcome(settings, run_uri, runtime, current.get("job"), exc)
         raise
     except Exception as exc:
         if not is_peer_failure(runtime, exc):
             raise
         error = peer_lost(runtime, exc)
-        record_outcome(run_uri, runtime, current.get("job"), error)
+        record_outcome(settings, run_uri, runtime, current.get("job"), error)
         raise error from None
+    finally:
+        if lease is not None:
+            try:
+                with storage.time_limit(settings.stop_grace_seconds):
+                    lease.release()
+            except Exception as exc:  # it expires by itself
+                log.warning(f"could not release the run's lease ({exc.__class__.__name__}); it expires in "
+                            f"JOB_LEASE_SECONDS={settings.lease_seconds:g}")
 
 
 def run(settings, runtime: Runtime) -> dict:
     """One run: outputs checked, data loaded, resume applied, fit, test, summary. Returns the summary."""
     run_uri = storage.join(settings.output_uri, settings.run_name)
-    begin(settings, runtime, run_uri)
+    lease = begin(settings, runtime, run_uri)
     current = {}
-    with recorded(run_uri, runtime, current):
+    with recorded(settings, run_uri, runtime, current, lease):
         dataset = load_data(settings, runtime)
-        current["job"] = job = make_job(settings, runtime, run_uri, dataset)
+        current["job"] = job = make_job(settings, runtime, run_uri, dataset, lease)
         fit(job)
         return finish(job)
 
 
-def record_outcome(run_uri: str, runtime: Runtime, job: Job | None, exc: JobError) -> None:
+def record_outcome(settings, run_uri: str, runtime: Runtime, job: Job | None, exc: JobError) -> None:
     """Write summary.json (and failure.json on failure) with the reason, after the last good
-    checkpoint is safe. Rank 0 only. Best effort: the storage may be why we are failing."""
-    if not runtime.is_main:
+    checkpoint is safe. Rank 0 only, and only while it holds the run. Best effort, and within
+    JOB_STOP_GRACE_SECONDS: the storage may be why we are failing."""
+    if not runtime.is_main or isinstance(exc, LeaseLost):
         return
     status = "stopped" if isinstance(exc, Stopped) else "failed"
-    outcome = {"reason": str(exc), "exit_code": exc.exit_code}
+    outcome = {"reason": redact_text(str(exc)), "exit_code": exc.exit_code}
+    end = time.monotonic() + settings.stop_grace_seconds
     try:
         if job is not None and status == "failed":
-            job.uploader.wait(deadline=time.monotonic() + job.settings.stop_grace_seconds)
+            job.uploader.wait(deadline=end)
         summary = summary_of(job, status, **outcome) if job is not None else {"status": status, **outcome}
-        storage.write_json(storage.join(run_uri, "summary.json"), summary)
-        if status == "failed":
-            storage.write_json(storage.join(run_uri, "failure.json"), {**outcome, "error": exc.__class__.__name__})
+        with storage.time_limit(max(0.0, end - time.monotonic())):
+            storage.write_json(storage.join(run_uri, "summary.json"), summary)
+            if status == "failed":
+                storage.write_json(storage.join(run_uri, "failure.json"), {**outcome, "error": exc.__class__.__name__})
     except Exception as write_error:  # never hide the original error behind this one
         log.warning(f"could not record the outcome in {storage.redact_uri(run_uri)}: {write_error.__class__.__name__}")

@@ -132,5 +132,34 @@ def corrupt_copy(src_dir, dst_dir, name: str, data: bytes) -> None:
         f.write(data)
 
 
+def read_history(run) -> list[dict]:
+    """A run's history.jsonl as rows ([] while there is none): `run` is a local run directory, or
+    (fs, "bucket/run") for one in the S3 server."""
+    import json
+
+    if isinstance(run, tuple):
+        fs, path = run
+        text = fs.cat_file(f"{path}/history.jsonl").decode() if fs.exists(f"{path}/history.jsonl") else ""
+    else:
+        path = os.path.join(str(run), "history.jsonl")
+        text = open(path).read() if os.path.exists(path) else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def wait_for(condition, proc=None, timeout: float = 60, what: str = "the condition"):
+    """Poll `condition()` until it is true; fail if `proc` ends first or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.02)
+
+
+def wait_for_epochs(run, n: int, proc=None, timeout: float = 60) -> None:
+    wait_for(lambda: len(read_history(run)) >= n, proc, timeout, f"{n} epochs in the history")
+
+
 def idx_images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)

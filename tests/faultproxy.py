@@ -1,9 +1,12 @@
 """An HTTP proxy for tests that sits in front of the S3 server and injects faults: for a chosen
-fraction of requests it answers 503 SlowDown, 500 InternalError, or resets the connection; it can
-also delay every request (a slow link)."""
+fraction of requests (optionally only those whose path matches a pattern) it answers 503
+SlowDown, 500 InternalError, resets the connection or drops it without an answer; it can delay
+every request (a slow link) and freeze (accept requests and never answer, like a server stopped
+with SIGSTOP) until thawed."""
 
 import http.client
 import random
+import re
 import socket
 import struct
 import threading
@@ -20,15 +23,24 @@ EXPIRED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ExpiredToken</Co
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "expect"}
 
 
+FAULTS = ("slowdown", "internal", "reset")
+
+
 class FaultProxy:
-    def __init__(self, upstream: str, fail_fraction: float, seed: int = 0, delay_seconds: float = 0.0):
+    def __init__(self, upstream: str, fail_fraction: float, seed: int = 0, delay_seconds: float = 0.0,
+                 faults=FAULTS, fail_paths: str = "", delay_paths: str = ""):
         self.upstream = urlparse(upstream)
         self.delay_seconds = delay_seconds
+        self.delay_paths = re.compile(delay_paths)  # only requests whose path matches are delayed
         self.revoked_keys: set[str] = set()  # access key ids answered with ExpiredToken
         self.fail_fraction = fail_fraction
+        self.faults = faults  # chosen among at random: slowdown, internal, reset, drop
+        self.fail_paths = re.compile(fail_paths)  # only requests whose path matches fail ("" matches all)
+        self.thawed = threading.Event()  # cleared by freeze(): requests wait, unanswered, until thaw()
+        self.thawed.set()
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
-        self.counts = {"forwarded": 0, "slowdown": 0, "internal": 0, "reset": 0, "expired": 0}
+        self.counts = {"forwarded": 0, "slowdown": 0, "internal": 0, "reset": 0, "drop": 0, "expired": 0, "frozen": 0}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,19 +71,31 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
-                time.sleep(proxy.delay_seconds)
+                if proxy.delay_paths.search(self.path):
+                    time.sleep(proxy.delay_seconds)
+                if not proxy.thawed.is_set():
+                    with proxy.lock:
+                        proxy.counts["frozen"] += 1
+                    proxy.thawed.wait()
+                    self.close_connection = True  # like a frozen server's backlog: never answered
+                    return
                 auth = self.headers.get("Authorization", "")
                 if any(f"Credential={key}/" in auth for key in proxy.revoked_keys):
                     with proxy.lock:
                         proxy.counts["expired"] += 1
                     return self._error(400, EXPIRED)
                 with proxy.lock:
-                    fault = proxy.rng.choice(["slowdown", "internal", "reset"]) if proxy.rng.random() < proxy.fail_fraction else None
+                    failing = proxy.fail_paths.search(self.path) and proxy.rng.random() < proxy.fail_fraction
+                    fault = proxy.rng.choice(list(proxy.faults)) if failing else None
                     proxy.counts[fault or "forwarded"] += 1
                 if fault == "reset":  # RST instead of a response
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
                     self.connection.close()
+                    return
+                if fault == "drop":  # the connection closes with no answer at all
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if fault:
                     return self._error(503, SLOWDOWN) if fault == "slowdown" else self._error(500, INTERNAL)
@@ -98,6 +122,13 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def freeze(self):
+        self.thawed.clear()
+
+    def thaw(self):
+        self.thawed.set()
+
     def close(self):
+        self.thaw()
         self.server.shutdown()
         self.server.server_close()

@@ -59,3 +59,25 @@ def test_output_under_a_file_exits_4(tmp_path, digits_dir):
     (tmp_path / "file").write_text("x")
     result = run_job(data_uri=str(digits_dir), output_uri=str(tmp_path / "file" / "runs"))
     assert_one_clear_error(result, 4, "file/runs")
+
+
+def test_a_class_without_training_examples_exits_3(tmp_path, digits_arrays):
+    import stage_dataset
+
+    labels = digits_arrays["train_labels"].copy()
+    labels[0] = 200  # labels 0..9 and one 200: classes 10..199 would have no example
+    stage_dataset.stage({**digits_arrays, "train_labels": labels}, str(tmp_path / "digits"))
+    result = run_job(data_uri=str(tmp_path / "digits"), output_uri=str(tmp_path / "out"))
+    assert_one_clear_error(result, 3, "train-labels-idx1-ubyte", "190 of them have no training example", "10, 11, 12")
+
+
+def test_a_cache_dir_that_cannot_be_written_is_its_own_error(s3, tmp_path, digits_arrays):
+    import stage_dataset
+
+    (tmp_path / "file").write_text("x")  # a cache dir under a file cannot be created, even by root
+    stage_dataset.stage(digits_arrays, "s3://data/digits")
+    common = dict(data_uri="s3://data/digits", output_uri=str(tmp_path / "out"), cache_dir=str(tmp_path / "file" / "cache"))
+    for args in (("--check",), ()):
+        result = run_job(*args, **common)
+        assert_one_clear_error(result, 4, f"JOB_CACHE_DIR={tmp_path / 'file' / 'cache'} is not writable")
+        assert "credentials" not in result.stdout

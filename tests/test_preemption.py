@@ -62,7 +62,7 @@ def test_signal_saves_a_checkpoint_and_exits_128_plus_signal(tmp_path, digits_di
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == code, out
-    assert "checkpoint saved at epoch" in out and "Traceback" not in out
+    assert "after saving a checkpoint: checkpoints/step-" in out and "Traceback" not in out
     latest = json.loads((tmp_path / "r" / "checkpoints" / "latest.json").read_text())
     assert latest["global_step"] > before  # a new checkpoint, written on the signal
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())

@@ -1,0 +1,157 @@
+"""One writer per run: a lease in the run directory.
+
+Kubernetes can briefly run an old and a new pod of one Job, and a person can start the same
+settings twice; two writers on one run prune each other's files and move `latest.json` back.
+Object stores have no locks, but they have exclusive creation (S3 `If-None-Match: *`, a local
+`open(..., "x")`), so the lease is a numbered series of objects, `<run>/lease/<generation>.json`:
+the newest generation is the lease. A writer takes it by *creating* the next generation, which
+only one writer can do, when the newest is released, expired, or held by a process that is gone
+from this machine. The holder rewrites its own generation to renew it (in a background thread and
+before every commit) and marks it released at exit. A second writer waits up to
+JOB_LEASE_SECONDS for it, then exits 75 so that the scheduler tries again later.
+"""
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from job import storage
+from job.errors import TransientStorageError
+
+log = logging.getLogger("job")
+KEEP_GENERATIONS = 3
+
+
+class LeaseLost(TransientStorageError):
+    """Another writer holds the run: stop writing (exit 75; a retry resumes from the checkpoint)."""
+
+
+def _process_identity() -> dict:
+    """Where this process runs, precisely enough to tell later whether it still does: a pid means
+    something only on the same machine (boot) and in the same pid namespace (container)."""
+
+    def read(path):
+        try:
+            return open(path).read().strip() if not path.startswith("/proc/self/ns") else os.readlink(path)
+        except OSError:
+            return ""
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "boot": read("/proc/sys/kernel/random/boot_id"),
+            "pidns": read("/proc/self/ns/pid")}
+
+
+def _gone(holder: dict) -> bool:
+    """True when the holder ran on this machine, in this pid namespace, and its process is gone
+    (a kill -9 leaves an unreleased lease; no need to wait for it to expire)."""
+    here = _process_identity()
+    if not here["boot"] or any(holder.get(k) != here[k] for k in ("host", "boot", "pidns")):
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+    return False
+
+
+class Lease:
+    def __init__(self, run_uri: str, seconds: float):
+        self.dir = storage.join(run_uri, "lease")
+        self.seconds = seconds
+        self.owner = uuid.uuid4().hex
+        self.generation = 0  # ours, once held
+        self.lost: str | None = None  # why we no longer hold it
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def _uri(self, generation: int) -> str:
+        return storage.join(self.dir, f"{generation:012d}.json")
+
+    def _record(self, released: bool = False) -> dict:
+        return {"owner": self.owner, **_process_identity(), "expires": time.time() + self.seconds,
+                "released": released, "lease_seconds": self.seconds}
+
+    def _generations(self) -> list[int]:
+        return sorted(int(n[:-5]) for n in storage.list_names(self.dir) if n.endswith(".json") and n[:-5].isdigit())
+
+    def _newest(self) -> tuple[int, dict | None]:
+        generations = self._generations()
+        if not generations:
+            return 0, None
+        try:
+            return generations[-1], storage.read_json(self._uri(generations[-1]))
+        except (FileNotFoundError, ValueError):  # pruned or being written: treat as held, look again
+            return generations[-1], {"expires": time.time() + 1, "host": "?", "pid": "?"}
+
+    def acquire(self) -> None:
+        """Take the lease, waiting up to JOB_LEASE_SECONDS for another holder to release it or
+        to expire; raise LeaseLost (exit 75) if it does not."""
+        give_up = time.monotonic() + self.seconds + 5
+        announced = False
+        while True:
+            generation, holder = self._newest()
+            free = (holder is None or holder.get("released") or time.time() > holder.get("expires", 0)
+                    or _gone(holder))
+            if free:
+                try:
+                    storage.create_json(self._uri(generation + 1), self._record())
+                except FileExistsError:
+                    continue  # another writer took this generation first: look at it
+                self.generation = generation + 1
+                self._prune()
+                threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
+                return
+            who = f"host {holder.get('host')} pid {holder.get('pid')}"
+            left = holder.get("expires", 0) - time.time()
+            if time.monotonic() > give_up:
+                raise LeaseLost(f"another job is writing {storage.redact_uri(self.dir.rsplit('/', 1)[0])} ({who}, lease "
+                                f"renewed until {left:.0f} s from now); a run has one writer. Exit 75 so the scheduler "
+                                "retries later; if that job is gone, its lease expires within JOB_LEASE_SECONDS")
+            if not announced:
+                log.warning(f"the run is held by another job ({who}; lease good for {left:.0f} s more); "
+                            f"waiting up to {self.seconds:.0f} s (JOB_LEASE_SECONDS) for it to finish or expire")
+                announced = True
+            time.sleep(min(1.0, max(0.1, self.seconds / 10)))
+
+    def renew(self) -> None:
+        """Check we still hold the lease and extend it; raise LeaseLost if another writer took it.
+        Called before every commit and by the heartbeat."""
+        with self._lock:
+            if self.lost:
+                raise LeaseLost(self.lost)
+            if not self.generation:
+                return
+            generation, holder = self._newest()
+            if generation != self.generation or (holder or {}).get("owner") != self.owner:
+                self.lost = (f"lost the run's lease to another job (host {(holder or {}).get('host')} pid "
+                             f"{(holder or {}).get('pid')}) after ours expired; stopping without writing more. "
+                             "Exit 75: a retry resumes from the last checkpoint")
+                raise LeaseLost(self.lost)
+            storage.write_json(self._uri(self.generation), self._record())
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(max(0.2, self.seconds / 4)):
+            try:
+                self.renew()
+            except LeaseLost:
+                return
+            except Exception as exc:  # storage trouble: the next commit reports it; keep trying
+                log.warning(f"could not renew the run's lease ({exc.__class__.__name__}); retrying")
+
+    def _prune(self) -> None:
+        try:
+            for generation in self._generations()[:-KEEP_GENERATIONS]:
+                storage.remove(self._uri(generation))
+        except Exception:  # best effort: old generations are harmless
+            pass
+
+    def release(self) -> None:
+        """Mark the lease released (best effort: an unreleased lease expires on its own)."""
+        self._stop.set()
+        with self._lock:
+            if self.generation and not self.lost:
+                storage.write_json(self._uri(self.generation), self._record(released=True))
