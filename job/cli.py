@@ -15,12 +15,12 @@ log = logging.getLogger("job")
 
 def check(settings) -> None:
     """--check: settings are valid (already), the dataset is reachable and the output writable."""
-    from job import data
+    from job import datasets
     from job.runtime import pick_device
 
     pick_device(settings.device)
     with storage.errors(settings.data_uri, DataError, "read dataset"):
-        fmt = data.check(settings.data_uri, settings.data_format)
+        fmt = datasets.check(settings.data_uri, settings.data_format)
         size = storage.check_cache_for(settings.data_uri, settings.cache_dir)
     run_uri = storage.join(settings.output_uri, settings.run_name)
     with storage.errors(run_uri, OutputError, "write to"):
@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         if "--check" in argv:
             check(settings)
             return 0
-        from job.runtime import setup, teardown  # imports torch: keep --help and settings errors fast
-        from job.smoke import run as smoke_run
-        from job.train import run as train_run
+        from job.run import run as train  # imports torch: keep --help and settings errors fast
+        from job.runtime import setup, teardown
+        from job.smoke import main as smoke
 
-        run = smoke_run if settings.smoke else train_run
+        run = smoke if settings.smoke else train
         runtime = setup(settings, stop)
         if not runtime.distributed:
             run(settings, runtime)

@@ -1,30 +1,34 @@
 """Feature cache for frozen backbones: with JOB_FREEZE=all and no augmentation the backbone maps
 each image to the same features every epoch, so compute them once, keep them (local cache and
 <run>/cache/ in object storage, keyed by the backbone's weights, the transform and the dataset),
-and train the head on them as an in-memory dataset. Checkpoints still hold the whole model."""
+and train the head on them as an in-memory source. Checkpoints still hold the whole model."""
 
 import hashlib
 import io
 import logging
 import os
+import time
 
 import torch
 from torch import nn
 
-from job import checkpoint, data, storage
+from job import checkpoint, storage
+from job.data import TensorSource
+from job.datasets import Data
 from job.errors import OutputError
 
 log = logging.getLogger("job")
 VERSION = 1  # bump when what is cached changes
 
 
-def applicable(settings, dataset: data.Data) -> bool:
+def applicable(settings, data: Data) -> bool:
+    """Frozen backbone, no augmentation, and samples that cost a decode per epoch."""
     return (settings.feature_cache == "auto" and settings.freeze == "all" and not settings.augment
-            and not isinstance(dataset.x, torch.Tensor))
+            and not data.samples.in_memory)
 
 
-def cache_key(settings, model: nn.Module, head: str, dataset: data.Data) -> str:
-    digest = hashlib.sha256(f"v{VERSION} {settings.model} {settings.image_size} {dataset.fingerprint}".encode())
+def cache_key(model_name: str, image_size: int, model: nn.Module, head: str, fingerprint: str) -> str:
+    digest = hashlib.sha256(f"v{VERSION} {model_name} {image_size} {fingerprint}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         if not name.startswith(head + "."):
             digest.update(name.encode() + tensor.cpu().numpy().tobytes())
@@ -32,27 +36,37 @@ def cache_key(settings, model: nn.Module, head: str, dataset: data.Data) -> str:
 
 
 @torch.no_grad()
-def compute(model: nn.Module, head: str, x, y, settings, device, amp) -> torch.Tensor:
-    """The head's inputs for every item, in order: the model with its head swapped for Identity."""
+def compute(model: nn.Module, head: str, source, batch_size: int, autocast, what: str, log_every: float) -> torch.Tensor:
+    """The head's inputs for every sample of `source`, in order: the model with its head swapped
+    for Identity. Logs progress (done/total, rate, ETA) every `log_every` seconds."""
     head_module = model.get_submodule(head)
     model.set_submodule(head, nn.Identity())
     model.eval()
+    total, out = len(source), []
+    start = last = time.monotonic()
     try:
-        out = []
-        for xb, _ in data.batches(x, y, torch.arange(len(y)), settings.batch_size, False, settings, device):
-            with amp():
+        for xb, _ in source.batches(torch.arange(total), batch_size, train=False):
+            with autocast():
                 out.append(model(xb).float().cpu())
+            now = time.monotonic()
+            if now - last >= log_every:
+                last = now
+                done = sum(len(o) for o in out)
+                rate = done / (now - start)
+                log.info(f"feature cache: {what} {done}/{total} images ({100 * done / total:.0f}%), "
+                         f"{rate:.1f} images/s, elapsed {now - start:.0f} s, ETA {(total - done) / rate:.0f} s")
         return torch.cat(out)
     finally:
         model.set_submodule(head, head_module)
 
 
-def features_data(job) -> data.Data:
-    """The job's dataset as backbone features, from a cache when one holds them."""
-    s, d = job.settings, job.data
-    key = cache_key(s, job.model, job.head, d)
-    local = os.path.join(s.cache_dir, "features", f"{key}.pt")
-    remote = storage.join(job.run_uri, "cache", f"features-{key}.pt")
+def cached(data: Data, model: nn.Module, head: str, *, model_name: str, image_size: int, batch_size: int,
+           device: torch.device, autocast, cache_dir: str, run_uri: str, publish: bool, log_every: float) -> Data:
+    """The dataset as backbone features (in-memory sources), from a cache when one holds them;
+    computed otherwise, and then published to <run>/cache/ when `publish` (rank 0)."""
+    key = cache_key(model_name, image_size, model, head, data.fingerprint)
+    local = os.path.join(cache_dir, "features", f"{key}.pt")
+    remote = storage.join(run_uri, "cache", f"features-{key}.pt")
     blob = None
     if os.path.exists(local):
         log.info(f"feature cache: using {local}")
@@ -62,21 +76,23 @@ def features_data(job) -> data.Data:
         log.info(f"feature cache: using {storage.redact_uri(remote)}")
         blob = storage.read_bytes(remote)
     if blob is not None:
-        cached = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        features = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     else:
-        log.info(f"feature cache: computing backbone features of {len(d.y)} images"
-                 f"{f' and {len(d.test_y)} test images' if d.test_x is not None else ''} (once)")
-        cached = {"x": compute(job.model, job.head, d.x, d.y, s, job.runtime.device, job.autocast)}
-        if d.test_x is not None:
-            cached["test_x"] = compute(job.model, job.head, d.test_x, d.test_y, s, job.runtime.device, job.autocast)
-        blob = checkpoint.serialize(cached)
-        if job.runtime.is_main:
+        log.info(f"feature cache: computing backbone features of {len(data.samples)} images"
+                 f"{f' and {len(data.test)} test images' if data.test is not None else ''} (once)")
+        features = {"x": compute(model, head, data.samples, batch_size, autocast, "images", log_every)}
+        if data.test is not None:
+            features["test_x"] = compute(model, head, data.test, batch_size, autocast, "test images", log_every)
+        blob = checkpoint.serialize(features)
+        if publish:
             with storage.errors(remote, OutputError, "write feature cache to"):
                 storage.write_bytes(remote, blob)
     if not os.path.exists(local):
         storage.write_bytes(local, blob)
-    device = job.runtime.device
-    test_x = cached["test_x"].to(device) if "test_x" in cached else None
-    test_y = d.test_y.to(device) if d.test_y is not None else None
-    return data.Data(cached["x"].to(device), d.y.to(device), test_x, test_y, d.class_names, d.fingerprint, d.split,
-                     d.bad_files, d.files)
+
+    def source(x, labels):
+        return TensorSource(x.to(device), labels.to(device))
+
+    return Data(source(features["x"], data.samples.labels),
+                source(features["test_x"], data.test.labels) if data.test is not None else None,
+                data.class_names, data.fingerprint, data.split, data.bad_files, data.files)

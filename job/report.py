@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import sys
+import time
 
 from job import storage
 from job.settings import redact_text
@@ -15,8 +16,6 @@ log = logging.getLogger("job")
 # Control characters and line separators, as visible escapes: one record is one line, whatever a
 # class folder or file name holds (a newline in a name must not forge a log line).
 _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127, 0x85] if c != 9} | {10: "\\n", 13: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-METRIC_FORMATS = {"train_loss": ".4f", "train_accuracy": ".4f", "val_loss": ".4f", "val_accuracy": ".4f",
-                  "lr": ".4g", "epoch_seconds": ".2f", "train_samples_per_second": ".0f"}
 
 
 def printable(text: str) -> str:
@@ -51,10 +50,28 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
     log.propagate = False
 
 
-def format_row(row: dict) -> str:
-    parts = [f"epoch {row['epoch']}"]
-    parts += [f"{k}={row[k]:{fmt}}" for k, fmt in METRIC_FORMATS.items() if k in row]
-    return " ".join(parts)
+def summary(settings, runtime, data, state, status: str, started: float, **extra) -> dict:
+    """summary.json: how the run stands (status running, completed, failed or stopped)."""
+    last = state.history[-1] if state.history else {}
+    return {
+        "status": status,
+        "run_name": settings.run_name,
+        "epochs_completed": len(state.history),
+        "best_epoch": state.best_epoch or None,
+        "best_val_accuracy": state.best_val_accuracy if state.history else None,
+        "final_val_accuracy": last.get("val_accuracy"),
+        "test_accuracy": None,
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "dataset_fingerprint": data.fingerprint,
+        "class_names": data.class_names,
+        "class_to_idx": {name: i for i, name in enumerate(data.class_names)},
+        "bad_files": len(data.bad_files),
+        "train_samples": len(state.train_idx),
+        "val_samples": len(state.val_idx),
+        **extra,
+    }
 
 
 def history_bytes(history: list[dict]) -> bytes:

@@ -1,9 +1,11 @@
-"""Where the job runs: device, CPU threads, seeds and the process group, decided once at start.
+"""Where the job runs, decided once at start: device, CPU threads, DataLoader workers, mixed
+precision, seeds and the process group.
 
-The rest of the code receives a Runtime and never asks "is CUDA here?" or "am I distributed?"
-again: the collective helpers below are no-ops in a single process.
+The rest of the code receives a Runtime and never asks "is CUDA here?", "how many CPUs?" or "am
+I distributed?" again: the collective helpers below are no-ops in a single process.
 """
 
+import contextlib
 import os
 import platform
 from dataclasses import dataclass, field
@@ -19,7 +21,10 @@ from job.signals import StopRequest
 @dataclass
 class Runtime:
     device: torch.device
-    threads: int
+    threads: int = 1  # torch intra-op threads of this process
+    workers: int = 0  # DataLoader worker processes for data read from files
+    scan_threads: int = 1  # threads that decode-check image files before training
+    amp_dtype: torch.dtype | None = None  # CUDA mixed precision; None on CPU
     stop: StopRequest = field(default_factory=StopRequest)
     rank: int = 0  # torchrun's RANK, LOCAL_RANK and WORLD_SIZE; 0, 0, 1 without torchrun
     local_rank: int = 0
@@ -35,8 +40,14 @@ class Runtime:
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
-        where = f"{self.device} ({name}), {self.threads} CPU threads"
+        where = f"{self.device} ({name}), {self.threads} CPU threads, {self.workers} data workers"
         return where + (f", rank {self.rank} of {self.world_size}" if self.distributed else "")
+
+    def autocast(self):
+        """Mixed precision on CUDA (JOB_AMP); nothing on CPU, whose results it never changes."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # --- collectives (identity in a single process) ---------------------------------------
     def sum(self, *values: float) -> list[float]:
@@ -48,7 +59,7 @@ class Runtime:
         return t.tolist()
 
     def stop_signal(self) -> int:
-        """The stop signal if any rank got one, so all ranks stop at the same step."""
+        """The stop signal if any rank got one, so all ranks stop at the same point (one sync)."""
         if not self.distributed:
             return self.stop.signum
         t = torch.tensor([self.stop.signum], device=self._collective_device)
@@ -88,6 +99,55 @@ class Runtime:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+class StopPoll:
+    """The training loop's view of a stop signal, without a sync per step.
+
+    In one process it is the local flag, read every step. Under torchrun all ranks must stop at
+    the same step, so the flag is max-reduced across ranks, but asynchronously: a reduction
+    starts every LAG steps and its result is read LAG steps later, long after it has arrived, so
+    neither the CPU nor a GPU ever waits for it (a blocking all-reduce plus .item() every step
+    would stall the GPU pipeline at every step). Every rank reads the same result at the same
+    step. A stop is therefore noticed at most 2 x LAG steps after the signal."""
+
+    LAG = 8
+
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.pending = None  # (work, host tensor, CUDA event) of the reduction in flight
+
+    def __call__(self, step: int) -> int:
+        if not self.rt.distributed:
+            return self.rt.stop.signum
+        if step % self.LAG:
+            return 0
+        signum = self.finish()
+        flag = torch.tensor([self.rt.stop.signum], device=self.rt._collective_device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        event = None
+        if flag.is_cuda:  # copy back behind the reduction; the event says when it has landed
+            work.wait()  # NCCL: orders the stream after the reduction; the CPU does not block
+            host = torch.empty_like(flag, device="cpu", pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flag
+        self.pending = (work, host, event)
+        return signum
+
+    def finish(self) -> int:
+        """Read the reduction in flight (if any); call at the same step on every rank."""
+        if self.pending is None:
+            return 0
+        work, host, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()  # recorded LAG steps ago: long done
+        else:
+            work.wait()
+        return int(host.item())
+
+
 def cpus_available() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -110,26 +170,43 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """JOB_AMP on CUDA: bf16 where the GPU has it (auto), fp16 (with a gradient scaler), or off."""
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
 def setup(settings, stop: StopRequest) -> Runtime:
-    """Pick the device and threads; join the process group when started by torchrun."""
+    """Pick the device, threads and workers; join the process group when started by torchrun."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     device = pick_device(settings.device, local_rank)
+    cpus = max(1, cpus_available() // local_world)  # this process's share of the machine
     # Small models on few cores lose badly to thread oversubscription (one epoch of a 784-32-10
     # MLP ran ~10x slower with the default count while another process was busy; ../shared
     # INFRA.md). One thread per process is the measured best for the in-memory MLP on CPU;
-    # larger models share the CPUs among the processes on this machine.
-    threads = settings.threads or (1 if settings.model == "mlp" else max(1, cpus_available() // local_world))
+    # larger models use this process's share of the CPUs.
+    threads = settings.threads or (1 if settings.model == "mlp" else cpus)
+    # Decoding images is the bottleneck of a file-fed GPU (USER-NEEDS #23): every CPU of this
+    # process's share but one (the training loop's) decodes; the pre-training scan uses them all.
+    workers = settings.num_workers if settings.num_workers is not None else max(0, cpus - 1)
+    scan_threads = max(1, settings.num_workers) if settings.num_workers is not None else cpus
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     if world_size > 1:
         # A bounded timeout: a lost peer fails the job in minutes, never hangs it.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=settings.dist_timeout_seconds))
-    return Runtime(device=device, threads=threads, stop=stop, rank=rank, local_rank=local_rank, world_size=world_size)
+    return Runtime(device=device, threads=threads, workers=workers, scan_threads=scan_threads,
+                   amp_dtype=amp_dtype(settings.amp, device), stop=stop, rank=rank, local_rank=local_rank,
+                   world_size=world_size)
 
 
 def teardown() -> None:

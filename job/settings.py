@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     data_format: Literal["auto", "mnist", "imagefolder"] = Field("auto", description="dataset layout; auto detects MNIST IDX files or class folders")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the training set held out for validation (random, seeded, saved with the run)")
     cache_dir: str = Field(os.path.join(tempfile.gettempdir(), "trainjob-cache"), description="local directory the dataset is pulled into (must be writable; works with a read-only root via TMPDIR)")
-    num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader worker processes for datasets read from files (default: from the CPUs available)")
+    num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader worker processes per training process for data read from files (default: its share of the CPUs, minus one for the loop)")
     # --- model ------------------------------------------------------------------------------
     model: str = Field("mlp", description="architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear), cnn (small convnet for 28x28), or any torchvision classification model (resnet18 ... resnet152, efficientnet_b0, convnext_tiny, ...)")
     hidden_sizes: IntList = Field([32], description="hidden layer widths for mlp, comma-separated, e.g. 32 or 256,128")
@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     run_name: str | None = Field(None, description="run directory name (default: the model plus a hash of the experiment settings)")
     resume: Literal["auto", "never", "require"] = Field("auto", description="auto: continue from the run's last good checkpoint if any; never: refuse a run that has one; require: fail if none")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="recent epoch checkpoints kept besides best.pt")
+    checkpoint_min_seconds: float = Field(30.0, ge=0.0, le=86400.0, description="epoch-end checkpoints (and the history, summary and plots published after them) at most once per this many seconds; the last epoch and a stop always checkpoint; 0: every epoch")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
     stop_grace_seconds: float = Field(25.0, gt=0.0, le=3600.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
     smoke: bool = Field(False, description="smoke test: the real code path on a few batches and a sample of the data, every step checked, outputs under <run>/smoke/")

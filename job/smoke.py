@@ -1,5 +1,6 @@
-"""Smoke mode (JOB_SMOKE=true): the real run's code path on a few batches and a sample of the
-data, each step checked and timed, outputs under <run>/smoke/ so a real run is never touched.
+"""Smoke mode (JOB_SMOKE=true): the real run (job.run.run, the same steps) on a few batches and a
+sample of the data, each step checked and timed, outputs under <run>/smoke/ so a real run is
+never touched. Adds a loss sanity check before training and reads every output back after it.
 Ends with a one-screen report; exits 0 only if every step passed."""
 
 import copy
@@ -11,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from job import checkpoint, data, models, report, storage, train
+from job import checkpoint, models, report, run, storage
 from job.errors import DataError, DivergedError, JobError, OutputError
 from job.optim import build_optimizer
 from job.runtime import Runtime
@@ -44,23 +45,22 @@ def sample(rel: str, counts: dict) -> bool:
     return counts[folder] <= SAMPLE_PER_FOLDER
 
 
-def loss_sanity(job: train.Job) -> str:
+def loss_sanity(settings, runtime: Runtime, model, data, state) -> str:
     """A fresh head's first-batch loss is about ln(classes), and a few steps on that one batch
     bring it down clearly. Catches nothing trainable, a useless lr, NaN from the start, labels
     out of range. Runs on a copy: the smoke run itself is untouched."""
-    num_classes = job.data.num_classes
-    net = copy.deepcopy(job.trainable).eval()  # eval: dropout off, batch-norm statistics fixed
+    num_classes = data.num_classes
+    net = copy.deepcopy(model.trainable).eval()  # eval: dropout off, batch-norm statistics fixed
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise DivergedError("loss sanity: nothing to train, every parameter is frozen")
-    indices = job.train_idx[:job.settings.batch_size]
-    x, y = next(data.batches(job.data.x, job.data.y, indices, job.settings.batch_size, False, job.settings, job.runtime.device))
+    x, y = next(data.samples.batches(state.train_idx[:settings.batch_size], settings.batch_size, train=False))
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise DataError(f"loss sanity: labels {int(y.min())}..{int(y.max())} fall outside the {num_classes} classes")
-    optimizer = build_optimizer(job.settings, params)
+    optimizer = build_optimizer(settings, params)
     losses = []
     for _ in range(SANITY_STEPS + 1):
-        with job.autocast():
+        with runtime.autocast():
             loss = F.cross_entropy(net(x).float(), y)
         losses.append(loss.item())
         optimizer.zero_grad(set_to_none=True)
@@ -74,26 +74,26 @@ def loss_sanity(job: train.Job) -> str:
                             f"{expected:.3f}; is the head freshly initialised and the input normalised?")
     if not last < 0.9 * first:
         raise DivergedError(f"loss sanity: {SANITY_STEPS} steps on one repeated batch took the loss from {first:.3f} "
-                            f"to {last:.3f}; nothing is learning (lr {job.settings.lr}, frozen parameters?)")
+                            f"to {last:.3f}; nothing is learning (lr {settings.lr}, frozen parameters?)")
     return f"first-batch loss {first:.3f} (ln {num_classes} = {expected:.3f}), {last:.3f} after {SANITY_STEPS} steps"
 
 
-def verify_checkpoint(job: train.Job, images) -> str:
-    """The committed checkpoint verifies, loads into a fresh model and gives identical outputs."""
-    job.uploader.wait()
-    state, _ = checkpoint.load_latest(job.run_uri)
-    if state is None:
-        raise OutputError(f"no checkpoint in {job.run_uri} after training")
-    fresh, _ = models.build_model(job.settings.model_copy(update={"pretrained": "none"}),
-                                  images.input_shape(job.settings.image_size), job.data.num_classes)
-    fresh.load_state_dict(state["model"])
-    fresh.to(job.runtime.device).eval()
-    job.model.eval()
-    x, _ = next(data.batches(images.x, images.y, job.val_idx[:4], 4, False, job.settings, job.runtime.device))
+def verify_checkpoint(settings, runtime: Runtime, run_uri: str, images, model, state) -> str:
+    """The committed checkpoint verifies, loads into a fresh model and gives identical outputs
+    on images (the dataset as read, not cached features)."""
+    saved, _ = checkpoint.load_latest(run_uri)
+    if saved is None:
+        raise OutputError(f"no checkpoint in {run_uri} after training")
+    fresh, _ = models.build_model(settings.model_copy(update={"pretrained": "none"}), images.samples.sample_shape,
+                                  images.num_classes)
+    fresh.load_state_dict(saved["model"])
+    fresh.to(runtime.device).eval()
+    model.module.eval()
+    x, _ = next(images.samples.batches(state.val_idx[:4], 4, train=False))
     with torch.no_grad():
-        if not torch.equal(fresh(x), job.model(x)):
+        if not torch.equal(fresh(x), model.module(x)):
             raise OutputError("the checkpoint read back gives different outputs from the trained model")
-    size = storage.read_json(storage.join(job.run_uri, "checkpoints", "latest.json"))["size"]
+    size = storage.read_json(storage.join(run_uri, "checkpoints", "latest.json"))["size"]
     return f"sha256 verified, {size} bytes, identical outputs"
 
 
@@ -108,49 +108,53 @@ def verify_reports(run_uri: str) -> str:
     return "history.jsonl, summary.json, plots/accuracy.png, plots/loss.png"
 
 
-def run(settings, runtime: Runtime) -> dict:
-    s = smoke_settings(settings)
-    run_uri = storage.join(s.output_uri, s.run_name)
-    steps: list[tuple[str, str, float, str]] = []
-    current: dict = {}
+def describe(result) -> str:
+    """A step's result in the report's words."""
+    if isinstance(result, str):
+        return result
+    if hasattr(result, "bad_files"):  # the dataset
+        return f"{len(result.samples)} images, {result.num_classes} classes, {len(result.bad_files)} bad files skipped"
+    if isinstance(result, list) and result:  # the history
+        return f"{result[-1]['val_accuracy']:.3f} val_accuracy"
+    if isinstance(result, dict) and "status" in result:  # the summary
+        return f"status {result['status']}"
+    return ""
 
-    def step(name: str, fn, describe=lambda result: result if isinstance(result, str) else ""):
+
+class Report:
+    """The smoke report: each step's outcome, time and result."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str, float, str]] = []
+        self.results: dict = {}
+
+    def step(self, name: str, fn):
         start = time.monotonic()
         try:
             result = fn()
         except BaseException as exc:
-            steps.append(("FAILED", name, time.monotonic() - start, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__))
+            self.lines.append(("FAILED", name, time.monotonic() - start, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__))
             raise
-        steps.append(("ok", name, time.monotonic() - start, describe(result)))
+        self.lines.append(("ok", name, time.monotonic() - start, describe(result)))
+        self.results[name] = result
         return result
 
-    def load():
-        counts: dict = {}
-        dataset = train.load_data(s, runtime, include=lambda rel: sample(rel, counts))
-        current["images"] = dataset
-        return dataset
 
-    code = 0
+def main(settings, runtime: Runtime) -> dict:
+    s = smoke_settings(settings)
+    run_uri = storage.join(s.output_uri, s.run_name)
+    steps, counts, code = Report(), {}, 0
     try:
-        def output():
-            if runtime.is_main:
-                with storage.errors(run_uri, OutputError, "write to"):
-                    storage.remove_tree(run_uri)  # a fresh smoke run; only ever under <run>/smoke
-            current["lease"] = train.begin(s, runtime, run_uri)
-            return f"{storage.redact_uri(run_uri)} is writable"
-
-        step("output location", output)
-        with train.recorded(s, run_uri, runtime, current, current.get("lease")):
-            dataset = step("dataset pulled (a sample) and read", load, lambda d: f"{len(d.y)} images, "
-                           f"{d.num_classes} classes, {len(d.bad_files)} bad files skipped")
-            job = step("model built with its weights", lambda: train.make_job(s, runtime, run_uri, dataset, current.get("lease")))
-            current["job"] = job
-            step("loss sanity", lambda: loss_sanity(job))
-            step(f"train {s.limit_train_batches} and validate {s.limit_val_batches} batches", lambda: train.fit(job), lambda history: f"{history[-1]['val_accuracy']:.3f} val_accuracy")
-            step("summary and test set", lambda: train.finish(job), lambda summary: f"status {summary['status']}")
-            step("checkpoint written, verified, reloaded", lambda: verify_checkpoint(job, current["images"]))
-            step("history, summary and plots read back", lambda: verify_reports(run_uri) if runtime.is_main else "")
-        return {"status": "completed"}
+        if runtime.is_main:
+            with storage.errors(run_uri, OutputError, "write to"):
+                storage.remove_tree(run_uri)  # a fresh smoke run; only ever under <run>/smoke
+        summary = run.run(s, runtime, step=steps.step, sanity=loss_sanity, include=lambda rel: sample(rel, counts))
+        images, built = steps.results["dataset pulled and read"], steps.results["model built with its weights"]
+        if runtime.is_main:
+            steps.step("checkpoint written, verified, reloaded",
+                       lambda: verify_checkpoint(s, runtime, run_uri, images, built[0], built[2]))
+            steps.step("history, summary and plots read back", lambda: verify_reports(run_uri))
+        return summary
     except JobError as exc:
         code = exc.exit_code
         raise
@@ -159,7 +163,8 @@ def run(settings, runtime: Runtime) -> dict:
         raise
     finally:
         lines = [f"smoke report for {storage.redact_uri(run_uri)}:"]
-        lines += [f"  {status:6} {seconds:7.2f}s  {name}{': ' + detail if detail else ''}" for status, name, seconds, detail in steps]
+        lines += [f"  {status:6} {seconds:7.2f}s  {name}{': ' + detail if detail else ''}"
+                  for status, name, seconds, detail in steps.lines]
         lines.append(f"smoke: {'PASSED' if code == 0 else 'FAILED'} (exit {code})")
         for line in lines:
             log.warning(line) if code else log.info(line)

@@ -25,19 +25,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from job import data, features, models, train  # noqa: E402
+from job import datasets, loop, models, run  # noqa: E402
 from job.runtime import Runtime  # noqa: E402
 from job.settings import Settings  # noqa: E402
 from stage_dataset import synthetic_images  # noqa: E402
 
 
-def tutorial(settings, dataset: data.Data, epochs: int) -> list[float]:
+def tutorial(settings, dataset: datasets.Data, epochs: int) -> list[float]:
     torch.manual_seed(0)
     model, head = models.build_model(settings, (3, settings.image_size, settings.image_size), dataset.num_classes)
     models.freeze(model, head, "all")
     optimizer = torch.optim.Adam(model.get_submodule(head).parameters(), lr=settings.lr)
     train_idx, val_idx = dataset.split
-    items = dataset.x
+    items = dataset.samples.items
     train_loader = torch.utils.data.DataLoader(items.loader(True, 1, 0, False)[0].dataset, batch_size=settings.batch_size,
                                                sampler=torch.utils.data.SubsetRandomSampler(train_idx.tolist()))
     val_loader = torch.utils.data.DataLoader(items.loader(False, 1, 0, False)[0].dataset, batch_size=settings.batch_size,
@@ -59,18 +59,16 @@ def tutorial(settings, dataset: data.Data, epochs: int) -> list[float]:
     return seconds
 
 
-def job_way(settings, dataset: data.Data, epochs: int, run_uri: str) -> list[float]:
+def job_way(settings, dataset: datasets.Data, epochs: int, run_uri: str) -> list[float]:
     torch.manual_seed(0)
-    runtime = Runtime(device=torch.device("cpu"), threads=torch.get_num_threads())
-    job = train.build_job(settings, runtime, run_uri, dataset)
-    seconds = []
+    runtime = Runtime(torch.device("cpu"), threads=torch.get_num_threads())
     start = time.perf_counter()
-    job.data, job.trainable = features.features_data(job), job.model.get_submodule(job.head)
-    job.net, job.on_features = job.trainable, True
+    model, features, state, _ = run.prepare(settings, runtime, run_uri, dataset, None, start)  # computes the features
+    seconds = []
     for _ in range(epochs):
-        train.train_one_epoch(job)
-        train.evaluate(job, job.data.x, job.data.y, job.val_idx)
-        job.progress = train.Progress(epoch=job.progress.epoch + 1, global_step=job.progress.global_step)
+        loop.train_one_epoch(settings, runtime, model, features, state, ckpt=None)
+        loop.evaluate(settings, runtime, model, features.samples, state.val_idx)
+        state.progress = loop.Progress(epoch=state.progress.epoch + 1, global_step=state.progress.global_step)
         seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
     return seconds
@@ -89,7 +87,8 @@ def main() -> None:
         settings = Settings(data_uri=os.path.join(tmp, "data"), output_uri=os.path.join(tmp, "runs"), model="resnet18",
                             image_size=args.image_size, freeze="all", optimizer="adam", lr=0.001, batch_size=32,
                             num_workers=0, epochs=args.epochs, cache_dir=os.path.join(tmp, "cache"))
-        dataset = data.load_images(os.path.join(tmp, "data"), settings, normalize=True)
+        runtime = Runtime(torch.device("cpu"), threads=args.threads)
+        dataset = datasets.load_images(os.path.join(tmp, "data"), settings, runtime, normalize=True)
         tutorial_s = tutorial(settings, dataset, args.epochs)
         job_s = job_way(settings, dataset, args.epochs, os.path.join(tmp, "runs", "bench"))
     later = lambda s: statistics.median(s[1:])

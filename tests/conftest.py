@@ -91,6 +91,9 @@ def job_env(**settings) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
     env.setdefault("JOB_THREADS", "1")
     env.setdefault("JOB_CACHE_DIR", CACHE_DIR)  # never the machine's shared /tmp/trainjob-cache
+    # Checkpoint every epoch: the tests' epochs last milliseconds, and kills and signals must land
+    # between checkpoints (the default, one per 30 s, is tested in test_end_to_end).
+    env.setdefault("JOB_CHECKPOINT_MIN_SECONDS", "0")
     env.update({f"JOB_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from conftest import DIGITS, ROOT, _free_port, job_env, run_job
+from conftest import DIGITS, ROOT, _free_port, job_env, read_history, run_job, wait_for_epochs
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -25,11 +25,6 @@ def torchrun(*args, timeout=180, env_extra=None, **settings) -> subprocess.Compl
 def start_torchrun(*args, **settings) -> subprocess.Popen:
     return subprocess.Popen([*TORCHRUN, *args, "-m", "job"], env=job_env(**settings), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def history(run_dir) -> list[dict]:
-    path = run_dir / "history.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
 def worker_pid(agent_pid: int, rank: int) -> int:
@@ -55,7 +50,7 @@ def test_two_processes_shard_the_data_and_match_one_process(tmp_path, digits_dir
     # the same global batch: 2 processes x 50
     double = torchrun("--standalone", "--nproc-per-node=2", run_name="double", batch_size=50, log_level="debug", **common)
     assert double.returncode == 0, double.stdout
-    h1, h2 = history(tmp_path / "single"), history(tmp_path / "double")
+    h1, h2 = read_history(tmp_path / "single"), read_history(tmp_path / "double")
     assert [r["epoch"] for r in h2] == [1, 2, 3]  # one history, written once
     assert abs(h2[-1]["val_accuracy"] - h1[-1]["val_accuracy"]) <= 0.02, (h1[-1], h2[-1])
     summary = json.loads((tmp_path / "double" / "summary.json").read_text())
@@ -91,9 +86,7 @@ def test_a_killed_worker_fails_the_job_in_bounded_time_and_the_rerun_resumes(tmp
     settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", epochs=40,
                     dist_timeout_seconds=20, **DIGITS)
     agent = start_torchrun("--standalone", "--nproc-per-node=2", **settings)
-    while len(history(tmp_path / "r")) < 2:
-        assert agent.poll() is None, agent.stdout.read()
-        time.sleep(0.05)
+    wait_for_epochs(tmp_path / "r", 2, agent)
     killed_at = time.monotonic()
     os.kill(worker_pid(agent.pid, 1), signal.SIGKILL)
     out, _ = agent.communicate(timeout=120)
@@ -105,15 +98,13 @@ def test_a_killed_worker_fails_the_job_in_bounded_time_and_the_rerun_resumes(tmp
     rerun = torchrun("--standalone", "--nproc-per-node=2", **{**settings, "epochs": 4})
     assert rerun.returncode == 0, rerun.stdout
     assert "resumed from checkpoint" in rerun.stdout
-    assert [r["epoch"] for r in history(tmp_path / "r")] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in read_history(tmp_path / "r")] == [1, 2, 3, 4]
 
 
 def test_sigterm_to_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path, digits_dir):
     settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", epochs=40, **DIGITS)
     agent = start_torchrun("--standalone", "--nproc-per-node=2", **settings)
-    while len(history(tmp_path / "r")) < 2:
-        assert agent.poll() is None, agent.stdout.read()
-        time.sleep(0.05)
+    wait_for_epochs(tmp_path / "r", 2, agent)
     os.kill(worker_pid(agent.pid, 1), signal.SIGTERM)
     out, _ = agent.communicate(timeout=60)
     assert out.count("stopped by signal 15 after saving a checkpoint: checkpoints/step-") == 2, out[-3000:]  # both ranks
@@ -134,7 +125,7 @@ def test_resume_across_process_counts(tmp_path, digits_dir):
     two = torchrun("--standalone", "--nproc-per-node=2", run_name="b", epochs=3, **common)
     assert two.returncode == 0 and "written by 1 process(es)" in two.stdout, two.stdout
     for run in ("a", "b"):
-        assert [r["epoch"] for r in history(tmp_path / run)] == [1, 2, 3]
+        assert [r["epoch"] for r in read_history(tmp_path / run)] == [1, 2, 3]
 
 
 def test_feature_cache_works_under_torchrun(tmp_path):

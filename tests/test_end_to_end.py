@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import stage_dataset
-from conftest import DIGITS, SECRET, SHARED_MNIST, assert_same_history, run_job
+from conftest import DIGITS, SECRET, SHARED_MNIST, assert_same_history, read_history, run_job
 from job import cli, storage
 from job.models import build_model
 
@@ -39,7 +39,7 @@ def test_s3_end_to_end(s3, digits_arrays):
     assert SECRET not in result.stdout
 
     run = "out/runs/e2e"
-    history = [json.loads(line) for line in s3.cat_file(f"{run}/history.jsonl").decode().splitlines()]
+    history = read_history((s3, run))
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert all(HISTORY_KEYS <= row.keys() for row in history)
     assert history[-1]["val_accuracy"] > 0.5  # real handwriting: 3 epochs learn something
@@ -70,12 +70,15 @@ def test_s3_end_to_end(s3, digits_arrays):
 
 
 def test_local_end_to_end_is_deterministic(tmp_path, digits_dir):
-    common = dict(data_uri=str(digits_dir), output_uri=str(tmp_path / "runs"), epochs=2, **DIGITS)
+    # the default checkpoint interval (30 s): epochs of milliseconds make one checkpoint, at the end
+    common = dict(data_uri=str(digits_dir), output_uri=str(tmp_path / "runs"), epochs=4, checkpoint_min_seconds=30,
+                  **DIGITS)
     first, second = run_job(**common, run_name="a"), run_job(**common, run_name="b")
     assert first.returncode == 0 and second.returncode == 0, first.stdout + second.stdout
-    assert "epoch 2 train_loss=" in first.stdout and "val_accuracy=" in first.stdout
-    read = lambda name: [json.loads(l) for l in (tmp_path / "runs" / name / "history.jsonl").read_text().splitlines()]
-    assert_same_history(read("a"), read("b"))
+    assert "epoch 4 train_loss=" in first.stdout and "val_accuracy=" in first.stdout
+    assert len(read_history(tmp_path / "runs" / "a")) == 4
+    assert [p.name for p in (tmp_path / "runs" / "a" / "checkpoints").glob("step-*.pt")] == ["step-000000048.pt"]
+    assert_same_history(read_history(tmp_path / "runs" / "a"), read_history(tmp_path / "runs" / "b"))
     assert (tmp_path / "runs" / "a" / "checkpoints" / "best.pt").exists()
 
 
@@ -104,9 +107,8 @@ def test_resume_continues_to_the_same_history(tmp_path, digits_dir):
     second = run_job(**common, run_name="split", epochs=4)
     assert second.returncode == 0, second.stdout
     assert "resumed from checkpoint at epoch 2" in second.stdout
-    read = lambda name: [json.loads(l) for l in (tmp_path / name / "history.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in read("split")] == [1, 2, 3, 4]
-    assert_same_history(read("split"), read("full"))
+    assert [r["epoch"] for r in read_history(tmp_path / "split")] == [1, 2, 3, 4]
+    assert_same_history(read_history(tmp_path / "split"), read_history(tmp_path / "full"))
 
 
 def test_check_reaches_data_and_output_without_training(tmp_path, digits_dir):

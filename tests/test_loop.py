@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from job import checkpoint, data, train
+from job import data, loop
+from job.datasets import Data
 from job.models import build_model
 from job.optim import build_optimizer
 from job.runtime import Runtime
@@ -27,7 +28,7 @@ def test_batches_follow_the_order_exactly(digits, monkeypatch, gather_bytes):
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:1234]
     monkeypatch.setattr(data, "GATHER_BYTES", gather_bytes)
     seen = 0
-    for xb, yb in data.index_batches(x, y, order, 100):
+    for xb, yb in data.TensorSource(x, y).batches(order, 100, train=True):
         expected = order[seen:seen + 100]
         assert torch.equal(xb, x[expected]) and torch.equal(yb, y[expected])
         seen += len(yb)
@@ -37,7 +38,7 @@ def test_batches_follow_the_order_exactly(digits, monkeypatch, gather_bytes):
 @pytest.mark.parametrize("fold_elements", [1, 7 * 100 * 10, 1 << 30])  # every step, every 7 steps, once
 def test_reported_train_metrics_equal_a_plain_loop(digits, monkeypatch, fold_elements):
     x, y = digits
-    monkeypatch.setattr(train.StepSums, "FOLD_ELEMENTS", fold_elements)
+    monkeypatch.setattr(loop.StepSums, "FOLD_ELEMENTS", fold_elements)
     monkeypatch.setattr(data, "GATHER_BYTES", 3 * 100 * 784 * 4)
     settings = Settings(data_uri="/unused", batch_size=100, lr=0.1, hidden_sizes=[32], lr_schedule="constant")
     train_idx, val_idx = data.split_indices(len(x), 0.2, settings.seed)
@@ -46,11 +47,12 @@ def test_reported_train_metrics_equal_a_plain_loop(digits, monkeypatch, fold_ele
         torch.manual_seed(0)
         return build_model(settings, (1, 28, 28), 10)[0]
 
-    model = fresh_model()
-    job = train.Job(settings, Runtime(device=torch.device("cpu"), threads=1), "memory://loop-test",
-                    data.Data(x, y, None, None, [str(i) for i in range(10)], "digits"), train_idx, val_idx,
-                    model, model, build_optimizer(settings, model.parameters()), checkpoint.Uploader("memory://loop-test"))
-    train_loss, train_accuracy, _ = train.train_one_epoch(job)
+    module = fresh_model()
+    model = loop.Model(module, module, head="3")
+    state = loop.TrainState(build_optimizer(settings, module.parameters()), None, train_idx, val_idx)
+    digits_data = Data(data.TensorSource(x, y), None, [str(i) for i in range(10)], "digits")
+    train_loss, train_accuracy, _ = loop.train_one_epoch(settings, Runtime(torch.device("cpu")), model, digits_data,
+                                                         state, ckpt=None)
 
     reference = fresh_model()
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
@@ -68,6 +70,6 @@ def test_reported_train_metrics_equal_a_plain_loop(digits, monkeypatch, fold_ele
     assert len(order) % 100 != 0  # the short last batch is weighted by its size
     assert train_loss == pytest.approx(loss_sum / len(order), rel=1e-6)
     assert train_accuracy == correct / len(order)
-    assert job.progress.count == len(order) and job.progress.seen == len(order)
-    for a, b in zip(model.parameters(), reference.parameters()):
+    assert state.progress.count == len(order) and state.progress.seen == len(order)
+    for a, b in zip(module.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)  # the same steps on the same batches

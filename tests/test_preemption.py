@@ -7,24 +7,11 @@ import time
 
 import pytest
 
-from conftest import DIGITS, assert_same_history, run_job, start_job
+from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, wait_for_epochs
 
 EPOCHS = 12
 # Mid-epoch checkpoints every 5 of the 12 steps per epoch, so kills land on every kind of position.
 RECIPE = dict(epochs=EPOCHS, checkpoint_every_steps=5, **DIGITS)
-
-
-def read_history(run_dir) -> list[dict]:
-    path = run_dir / "history.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for_epochs(run_dir, n: int, proc, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while len(read_history(run_dir)) < n:
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "the job made no progress"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import stage_dataset
 from conftest import run_job
 from test_transfer import RECIPE, make_tree, weights_file
 
-STEPS = ("output location", "dataset pulled (a sample) and read", "model built with its weights", "loss sanity",
-         "train 3 and validate 2 batches", "summary and test set", "checkpoint written, verified, reloaded",
+STEPS = ("output location", "dataset pulled and read", "model built with its weights", "loss sanity",
+         "train and validate", "summary and test set", "checkpoint written, verified, reloaded",
          "history, summary and plots read back")
 
 

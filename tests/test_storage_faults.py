@@ -8,7 +8,7 @@ import time
 import pytest
 
 import stage_dataset
-from conftest import DIGITS, assert_same_history, run_job, start_job
+from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, wait_for_epochs
 from faultproxy import FaultProxy
 
 
@@ -25,10 +25,6 @@ def proxy_for(s3_server):
         p.close()
 
 
-def history(s3, run):
-    return [json.loads(l) for l in s3.cat_file(f"out/{run}/history.jsonl").decode().splitlines()]
-
-
 def test_twenty_percent_failing_requests_change_nothing(s3, digits_arrays, proxy_for, monkeypatch):
     stage_dataset.stage(digits_arrays, "s3://data/digits")
     common = dict(data_uri="s3://data/digits", output_uri="s3://out", epochs=3, **DIGITS)
@@ -39,7 +35,7 @@ def test_twenty_percent_failing_requests_change_nothing(s3, digits_arrays, proxy
     faulty = run_job(run_name="faulty", **common)
     assert faulty.returncode == 0, faulty.stdout
     assert proxy.counts["slowdown"] + proxy.counts["internal"] + proxy.counts["reset"] > 5, proxy.counts
-    assert_same_history(history(s3, "faulty"), history(s3, "clean"))
+    assert_same_history(read_history((s3, "out/faulty")), read_history((s3, "out/clean")))
     assert json.loads(s3.cat_file("out/faulty/summary.json"))["status"] == "completed"
 
 
@@ -92,10 +88,7 @@ def test_credentials_rotated_in_a_file_keep_a_long_run_going(s3, s3_server, digi
         monkeypatch.delenv("AWS_ACCESS_KEY_ID")
         monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
         proc = start_job(data_uri=str(digits_dir), output_uri="s3://out", run_name="r", epochs=25, **DIGITS)
-        deadline = time.time() + 60
-        while not (s3.exists("out/r/history.jsonl") and len(s3.cat_file("out/r/history.jsonl").splitlines()) >= 2):
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-            time.sleep(0.05)
+        wait_for_epochs((s3, "out/r"), 2, proc)
         creds.write_text("[default]\naws_access_key_id = new-key\naws_secret_access_key = new-secret\n")
         proxy.revoked_keys.add("old-key")
         out = proc.communicate(timeout=120)[0]
@@ -104,4 +97,4 @@ def test_credentials_rotated_in_a_file_keep_a_long_run_going(s3, s3_server, digi
     assert proc.returncode == 0, out
     assert proxy.counts["expired"] >= 1  # the old key was really refused, and the run went on
     assert "refused our credentials (The provided token has expired.); reloading them" in out
-    assert len(history(s3, "r")) == 25
+    assert len(read_history((s3, "out/r"))) == 25

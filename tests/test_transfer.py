@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import run_job
+from conftest import read_history, run_job
 from job import images
 from job.models import build_model
 
@@ -70,7 +70,7 @@ def test_flowers_from_s3_with_weights_from_s3(s3, tree, tmp_path):
     assert summary["status"] == "completed" and summary["bad_files"] == 2
     assert summary["class_to_idx"] == {c: i for i, c in enumerate(CLASSES)}
     assert summary["train_samples"] == 30 and summary["val_samples"] == 15  # valid/ is the validation set
-    history = [json.loads(l) for l in s3.cat_file("out/flowers/history.jsonl").decode().splitlines()]
+    history = read_history((s3, "out/flowers"))
     assert [r["epoch"] for r in history] == [1, 2]
     best = torch.load(io.BytesIO(s3.cat_file("out/flowers/checkpoints/best.pt")), map_location="cpu", weights_only=True)
     assert best["class_names"] == list(CLASSES)
@@ -109,8 +109,7 @@ def test_feature_cache_matches_the_full_forward_and_is_reused(tmp_path, tree):
     for r in (cached, full, again):
         assert r.returncode == 0, r.stdout
     assert "feature cache: computing" in cached.stdout and "feature cache: using" in again.stdout
-    read = lambda n: [json.loads(l) for l in (tmp_path / n / "history.jsonl").read_text().splitlines()]
-    for a, b in zip(read("cached"), read("full"), strict=True):
+    for a, b in zip(read_history(tmp_path / "cached"), read_history(tmp_path / "full"), strict=True):
         for k in ("train_loss", "val_loss", "val_accuracy"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
     # the cached run's checkpoint still holds the whole model, backbone included

@@ -1,0 +1,229 @@
+"""One run, top to bottom: the output location, the dataset, the model and its training state
+(resumed when the run has a checkpoint), training, the test set and the final outputs, and a
+record of how the run ended.
+
+A normal run and a smoke run both go through run(): smoke mode passes `step`, which times and
+reports each phase, and `sanity`, a check between building the model and training.
+"""
+
+import logging
+import platform
+import time
+
+import torch
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+
+from job import __version__, checkpoint, datasets, features, loop, models, report, storage
+from job.checkpoint import Checkpointer
+from job.data import split_indices
+from job.errors import JobError, OutputError, Stopped
+from job.lease import Lease, LeaseLost
+from job.optim import build_optimizer
+from job.runtime import Runtime, is_peer_failure, peer_lost
+from job.settings import redact_text
+
+log = logging.getLogger("job")
+
+
+def plain_step(name: str, fn):
+    return fn()
+
+
+def run(settings, runtime: Runtime, step=plain_step, sanity=None, include=None) -> dict:
+    """One run; returns its summary. `include` limits the dataset pull (smoke mode's sample)."""
+    started = time.monotonic()
+    run_uri = storage.join(settings.output_uri, settings.run_name)
+    lease = step("output location", lambda: begin(settings, runtime, run_uri))
+    with Ending(settings, runtime, run_uri, lease) as ending:
+        data = step("dataset pulled and read", lambda: load_data(settings, runtime, include))
+        model, data, state, ckpt = step("model built with its weights",
+                                        lambda: prepare(settings, runtime, run_uri, data, lease, started))
+        ending.ckpt = ckpt
+        if sanity is not None:
+            step("loss sanity", lambda: sanity(settings, runtime, model, data, state))
+        step("train and validate", lambda: loop.fit(settings, runtime, model, data, state, ckpt))
+        return step("summary and test set", lambda: finish(settings, runtime, model, data, state, ckpt))
+
+
+def versions() -> dict:
+    return {"trainjob": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__}
+
+
+def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
+    """Say what runs where, then make sure the output location takes writes before any work.
+    Returns rank 0's lease on the run (None on other ranks)."""
+    log.info(" ".join(f"{k} {v}" for k, v in versions().items()) + f" | device {runtime.describe()}")
+    log.info(f"run {storage.redact_uri(run_uri)} settings {settings.public_dict()}")
+    held = {}
+    try:
+        on_main(runtime, lambda: held.setdefault("lease", prepare_output(settings, runtime, run_uri)) and None)
+    except JobError:
+        raise  # the output location is the problem: nowhere to record it
+    except Exception as exc:
+        if is_peer_failure(runtime, exc):
+            raise peer_lost(runtime, exc) from None
+        raise
+    return held.get("lease")
+
+
+def prepare_output(settings, runtime: Runtime, run_uri: str) -> Lease:
+    """Check the output takes writes, become the run's only writer, clear what a killed writer
+    left, and record the settings. Returns the lease."""
+    with storage.errors(run_uri, OutputError, "write to"):
+        storage.check_writable(run_uri)
+        lease = Lease(run_uri, settings.lease_seconds)
+        lease.acquire()
+        removed = storage.remove_stale_tmp(run_uri)
+        if removed:
+            log.info(f"removed {removed} temporary file(s) a killed writer left in {storage.redact_uri(run_uri)}")
+        storage.write_json(storage.join(run_uri, "settings.json"),
+                           {"settings": settings.public_dict(), "versions": versions(),
+                            "device": str(runtime.device), "world_size": runtime.world_size})
+    return lease
+
+
+def on_main(runtime: Runtime, fn):
+    """Run fn on rank 0 and hand its result to every rank; an error there ends every rank."""
+    result, error = None, None
+    if runtime.is_main:
+        try:
+            result = fn()
+        except JobError as exc:
+            error = exc
+    runtime.all_ok(error)
+    return runtime.broadcast(result)
+
+
+def load_data(settings, runtime: Runtime, include=None) -> datasets.Data:
+    """Each node pulls the dataset into its own cache once: its local rank 0 first, the others
+    after it (they then find the cache fresh and read it)."""
+    normalize = settings.model not in ("mlp", "cnn")  # torchvision models expect ImageNet statistics
+    data, error = None, None
+    if runtime.local_rank == 0:
+        try:
+            data = datasets.load(settings, runtime, normalize, include)
+        except JobError as exc:
+            error = exc
+    runtime.all_ok(error)
+    return data if data is not None else datasets.load(settings, runtime, normalize, include)
+
+
+def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease: Lease | None, started: float):
+    """The model (head replaced, weights loaded, backbone frozen as asked) and the training state,
+    resumed if the run has a checkpoint; backbone features cached when they can be; wrapped for
+    data parallelism. From here a signal is answered with a checkpoint.
+    Returns (model, data, state, checkpointer); `data` is the features when they are cached."""
+    log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(data.samples)} images for training and "
+             f"validation, {data.num_classes} classes, test set: {'yes' if data.test is not None else 'no'}, "
+             f"{len(data.bad_files)} bad files skipped, fingerprint {data.fingerprint[:12]}")
+    saved, name = on_main(runtime, lambda: checkpoint.load_resume_state(settings, run_uri))
+    shape = data.samples.sample_shape
+    module, head = models.build_model(settings, shape, data.num_classes)
+    frozen = models.freeze(module, head, settings.freeze)
+    module.to(runtime.device)
+    if runtime.device.type == "cuda" and len(shape) == 3:
+        module.to(memory_format=torch.channels_last)  # faster convolutions with tensor cores
+    optimizer = build_optimizer(settings, models.param_groups(module, head, settings.backbone_lr_scale))
+    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+    train_idx, val_idx = data.split or split_indices(len(data.samples), settings.val_fraction, settings.seed)
+    state = loop.TrainState(optimizer, scaler, train_idx, val_idx)
+    ckpt = Checkpointer(settings, runtime, run_uri, module, state, data, lease, started)
+    if saved is not None:
+        checkpoint.restore(saved, settings, module, state, data, run_uri)
+        ckpt.resumed(name)
+    on_features = features.applicable(settings, data)
+    if on_features:
+        data = features.cached(data, module, head, model_name=settings.model, image_size=settings.image_size,
+                               batch_size=settings.batch_size, device=runtime.device, autocast=runtime.autocast,
+                               cache_dir=settings.cache_dir, run_uri=run_uri, publish=runtime.is_main,
+                               log_every=settings.log_every_seconds)
+    model = loop.Model(module, module, head, frozen, on_features)
+    model.net = model.trainable
+    if runtime.distributed:  # after restore: DDP starts every rank from rank 0's weights
+        model.net = DistributedDataParallel(model.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if settings.compile and runtime.device.type == "cuda":
+        model.net = torch.compile(model.net)  # after DDP, as PyTorch's DDP + torch.compile guidance has it
+    runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
+    if runtime.stop.signum:
+        raise Stopped(runtime.stop.signum, f"before training; the valid checkpoint is {ckpt.valid}")
+    return model, data, state, ckpt
+
+
+def finish(settings, runtime: Runtime, model: loop.Model, data: datasets.Data, state: loop.TrainState,
+           ckpt: Checkpointer) -> dict:
+    """Score the test set if there is one, publish the final summary; returns it."""
+    extra = {}
+    if data.test is not None:
+        try:
+            test_loss, test_accuracy = loop.evaluate(settings, runtime, model, data.test, torch.arange(len(data.test)))
+        except Stopped as stopped:  # every epoch is saved (or on its way): wait for it, then stop
+            ckpt.stop(stopped.exit_code - 128, saving=True)
+        extra = {"test_loss": test_loss, "test_accuracy": test_accuracy}
+        log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
+    summary = report.summary(settings, runtime, data, state, "completed", ckpt.started, **extra)
+    if runtime.is_main:
+        if not ckpt.uploader.wait():
+            raise Stopped(runtime.stop.signum, f"while publishing the final outputs; the valid checkpoint is {ckpt.valid}")
+        with storage.errors(ckpt.run_uri, OutputError, "write to"):
+            report.publish(ckpt.run_uri, state.history, summary)
+            storage.remove(storage.join(ckpt.run_uri, "failure.json"))  # from an earlier attempt: this one completed
+    runtime.barrier()
+    log.info(f"completed: best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); "
+             f"outputs in {storage.redact_uri(ckpt.run_uri)}")
+    return summary
+
+
+class Ending:
+    """How the run ended, recorded: summary.json (and failure.json on failure) with the reason, a
+    failed collective turned into a clear exit 75, and the run's lease given back. Rank 0 writes,
+    only while it holds the run, within JOB_STOP_GRACE_SECONDS: the storage may be why we fail."""
+
+    def __init__(self, settings, runtime: Runtime, run_uri: str, lease: Lease | None):
+        self.settings, self.rt, self.run_uri, self.lease = settings, runtime, run_uri, lease
+        self.ckpt: Checkpointer | None = None  # once the state exists, the summary describes it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        try:
+            if isinstance(exc, JobError):
+                self.record(exc)
+            elif isinstance(exc, Exception) and is_peer_failure(self.rt, exc):
+                error = peer_lost(self.rt, exc)
+                self.record(error)
+                raise error from None
+        finally:
+            self.release()
+        return False
+
+    def record(self, exc: JobError) -> None:
+        if not self.rt.is_main or isinstance(exc, LeaseLost):
+            return
+        status = "stopped" if isinstance(exc, Stopped) else "failed"
+        outcome = {"reason": redact_text(str(exc)), "exit_code": exc.exit_code}
+        end = time.monotonic() + self.settings.stop_grace_seconds
+        try:
+            ckpt = self.ckpt
+            if ckpt is not None and status == "failed":
+                ckpt.uploader.wait(deadline=end)
+            summary = ({"status": status, **outcome} if ckpt is None else
+                       report.summary(self.settings, self.rt, ckpt.data, ckpt.state, status, ckpt.started, **outcome))
+            with storage.time_limit(max(0.0, end - time.monotonic())):
+                storage.write_json(storage.join(self.run_uri, "summary.json"), summary)
+                if status == "failed":
+                    storage.write_json(storage.join(self.run_uri, "failure.json"), {**outcome, "error": exc.__class__.__name__})
+        except Exception as write_error:  # never hide the original error behind this one
+            log.warning(f"could not record the outcome in {storage.redact_uri(self.run_uri)}: {write_error}")
+
+    def release(self) -> None:
+        if self.lease is None:
+            return
+        try:
+            with storage.time_limit(self.settings.stop_grace_seconds):
+                self.lease.release()
+        except Exception as exc:  # it expires by itself
+            log.warning(f"could not release the run's lease ({exc.__class__.__name__}); it expires within "
+                        f"JOB_LEASE_SECONDS={self.settings.lease_seconds:g}")
