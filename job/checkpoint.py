@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 
@@ -169,8 +170,8 @@ class Uploader:
     must exit before an upload ends, the previous checkpoint stays the valid one. After a stop
     signal every wait ends with the grace period, whatever the storage does."""
 
-    def __init__(self, run_uri: str, stop=None, grace_seconds: float = 0.0):
-        self.run_uri, self.stop, self.grace_seconds = run_uri, stop, grace_seconds
+    def __init__(self, run_uri: str, stop=None, grace_seconds: float = 0.0, log_every: float = 10.0):
+        self.run_uri, self.stop, self.grace_seconds, self.log_every = run_uri, stop, grace_seconds, log_every
         self._pending: Future | None = None
 
     def submit(self, fn, *args) -> bool:
@@ -194,7 +195,12 @@ class Uploader:
         time.monotonic() value) or, after a stop signal, the grace period ended first."""
         if self._pending is None:
             return True
+        start = next_log = time.monotonic()
         while True:
+            if time.monotonic() - next_log >= self.log_every:
+                next_log = time.monotonic()
+                log.info(f"waiting for the upload to {storage.redact_uri(self.run_uri)} to finish "
+                         f"({next_log - start:.0f} s so far)")
             end = deadline
             if self.stop is not None and self.stop.signum:
                 grace_end = self.stop.deadline(self.grace_seconds)
@@ -234,17 +240,18 @@ def contents(settings, runtime, module: torch.nn.Module, state, data) -> dict:
         "dataset_fingerprint": data.fingerprint,
         "split": {"train": state.train_idx, "val": state.val_idx},
         "rng": torch.get_rng_state(),
+        "val_confusion": state.val_confusion,  # the last evaluation's, for the final report
     }
 
 
-def position(progress, train_samples: int) -> str:
+def position(progress, train_samples: int | None = None) -> str:
     """Where a checkpoint stands, 1-based as the log's epochs are."""
     if progress.seen == 0:
         return f"end of epoch {progress.epoch}"
-    return f"epoch {progress.epoch + 1}, sample {progress.seen}/{train_samples}"
+    return f"epoch {progress.epoch + 1}, sample {progress.seen}{f'/{train_samples}' if train_samples else ''}"
 
 
-def restore(saved: dict, settings, module: torch.nn.Module, state, data, run_uri: str) -> None:
+def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, data, run_uri: str) -> None:
     """Continue from a checkpoint after checking it belongs to this experiment and data. Every
     rank loads the same state: the partial-epoch sums in it are all ranks' together, and every
     rank keeps them so (loop.add_sums adds the all-reduced sums of later steps on every rank)."""
@@ -270,10 +277,30 @@ def restore(saved: dict, settings, module: torch.nn.Module, state, data, run_uri
     state.history = list(saved["history"])
     state.best_epoch, state.best_val_accuracy = saved["best_epoch"], saved["best_val_accuracy"]
     state.train_idx, state.val_idx = split["train"], split["val"]
+    state.val_confusion = saved.get("val_confusion")  # absent from checkpoints of trainjob <= 0.1
     torch.set_rng_state(saved["rng"])
-    log.info(f"resumed from checkpoint at epoch {state.progress.epoch} sample {state.progress.seen} "
-             f"(global step {state.progress.global_step}, written by {saved['world_size']} process(es)); "
+    log.info(f"resumed from checkpoints/{name}.pt ({position(state.progress, len(state.train_idx))}; "
+             f"global step {state.progress.global_step}, written by {saved['world_size']} process(es)); "
              f"{len(state.history)} epochs in the history")
+
+
+def run_state(run_uri: str, epochs: int) -> str:
+    """--check: what a run would do with this run directory, from its pointer and summary (the
+    checkpoint itself is verified when the run resumes)."""
+    try:
+        latest = storage.read_json(storage.join(_dir(run_uri), "latest.json"))
+        epoch, seen = int(latest["epoch"]), int(latest["seen"])
+    except FileNotFoundError:
+        return "new" if not storage.exists(storage.join(run_uri, "history.jsonl")) else "has a history but no checkpoint"
+    except (ValueError, KeyError, TypeError):
+        return "resumable from its newest good checkpoint (latest.json is unreadable)"
+    try:
+        status = storage.read_json(storage.join(run_uri, "summary.json")).get("status")
+    except (FileNotFoundError, ValueError, AttributeError):
+        status = None
+    if status == "completed" and epoch >= epochs:
+        return f"complete ({epoch} epochs)"
+    return f"resumable from checkpoints/{latest.get('file')} ({position(SimpleNamespace(epoch=epoch, seen=seen))})"
 
 
 def load_resume_state(settings, run_uri: str) -> tuple[dict | None, str | None]:
@@ -308,7 +335,7 @@ class Checkpointer:
     def __init__(self, settings, runtime, run_uri: str, module: torch.nn.Module, state, data, lease, started: float):
         self.settings, self.rt, self.run_uri, self.module, self.state, self.data = settings, runtime, run_uri, module, state, data
         self.lease, self.started = lease, started
-        self.uploader = Uploader(run_uri, runtime.stop, settings.stop_grace_seconds)
+        self.uploader = Uploader(run_uri, runtime.stop, settings.stop_grace_seconds, settings.log_every_seconds)
         self.valid = "no checkpoint saved"  # the newest committed checkpoint, for the last log line
         self.last_save = time.monotonic()
         self.pending_best: tuple[bytes, dict] | None = None
@@ -338,13 +365,13 @@ class Checkpointer:
         best_blob, self.pending_best = (None if best else self.pending_best), None
         name = f"step-{p.global_step:09d}"
         where = f"checkpoints/{name}.pt ({position(p, len(self.state.train_idx))})"
-        history = list(self.state.history)
+        history, confusion = list(self.state.history), self.state.val_confusion
         summary = report.summary(s, self.rt, self.data, self.state, "running", self.started)
 
         def publish():
             commit(self.run_uri, name, blob, meta, best, s.keep_checkpoints, self.lease, best_blob)
             self.valid = where
-            report.publish(self.run_uri, history, summary)
+            report.publish(self.run_uri, history, summary, {"val": confusion})
 
         return self.uploader.submit(publish)
 

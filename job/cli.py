@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 
-from job import storage
+from job import __version__, storage
 from job.errors import DataError, JobError, OutputError, Stopped
 from job.report import setup_logging
 from job.settings import help_text, load_settings
@@ -14,20 +14,26 @@ log = logging.getLogger("job")
 
 
 def check(settings) -> None:
-    """--check: settings are valid (already), the dataset is reachable and the output writable."""
-    from job import datasets
+    """--check: everything the run will need, in a few seconds and without training: the dataset's
+    layout, the weights (read and loaded into the model), the cache (writable, with room), the
+    output location (writable), and the run's state (new, resumable, complete)."""
+    from job import checkpoint, datasets, models
     from job.runtime import pick_device
 
-    pick_device(settings.device)
+    device = pick_device(settings.device)
     with storage.errors(settings.data_uri, DataError, "read dataset"):
-        fmt = datasets.check(settings.data_uri, settings.data_format)
+        fmt, classes = datasets.check(settings.data_uri, settings.data_format)
         size = storage.check_cache_for(settings.data_uri, settings.cache_dir)
+    shape = (3, settings.image_size, settings.image_size) if fmt == "imagefolder" else (1, 28, 28)
+    weights = models.check_weights(settings, shape, max(2, len(classes)))
     run_uri = storage.join(settings.output_uri, settings.run_name)
-    with storage.errors(run_uri, OutputError, "write to"):
-        storage.check_writable(run_uri)
-    cache = f"the cache {settings.cache_dir} is writable" + (f" with room for {size / 1e6:,.1f} MB" if size else "")
-    log.info(f"check passed: dataset {storage.redact_uri(settings.data_uri)} ({fmt}) is readable; {cache}; "
-             f"{storage.redact_uri(run_uri)} is writable")
+    with storage.errors(settings.output_uri, OutputError, "write to"):
+        storage.check_writable(settings.output_uri)  # the output root: --check creates no run directory
+        state = checkpoint.run_state(run_uri, settings.epochs)
+    found = f"{fmt}, {len(classes)} classes" if classes else fmt
+    cache = f"cache {settings.cache_dir} writable" + (f" with room for {size / 1e6:,.1f} MB" if size else "")
+    log.info(f"check passed: dataset {storage.redact_uri(settings.data_uri)} ({found}) readable; {weights}; {cache}; "
+             f"{storage.redact_uri(settings.output_uri)} writable; device {device}; run {storage.redact_uri(run_uri)}: {state}")
 
 
 def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
@@ -49,9 +55,15 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         if "--check" in argv:
             check(settings)
             return 0
+        # the first line names the run, before the seconds PyTorch takes to load
+        log.info(f"run {storage.redact_uri(storage.join(settings.output_uri, settings.run_name))}: starting trainjob "
+                 f"{__version__}{' in smoke mode' if settings.smoke else ''}, loading PyTorch")
+        from job.run import resolve_run_name
         from job.run import run as train  # imports torch: keep --help and settings errors fast
         from job.runtime import setup, teardown
         from job.smoke import main as smoke
+
+        settings = resolve_run_name(settings)
 
         run = smoke if settings.smoke else train
         runtime = setup(settings, stop)
@@ -77,11 +89,12 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
 def report_failure(exc: BaseException) -> int:
     """Log how the job failed (one line for a JobError, the traceback for a bug); the exit code.
     Call it while handling `exc`."""
+    run = f"; run {exc.run_uri}" if getattr(exc, "run_uri", None) else ""
     if isinstance(exc, Stopped):  # a graceful stop is not an error
-        log.warning(f"{exc} (exit {exc.exit_code})")
+        log.warning(f"{exc} (exit {exc.exit_code}{run})")
         return exc.exit_code
     if isinstance(exc, JobError):
-        log.error(f"{exc} (exit {exc.exit_code})")
+        log.error(f"{exc} (exit {exc.exit_code}{run})")
         return exc.exit_code
     log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
     return 1

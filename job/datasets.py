@@ -52,13 +52,25 @@ def _find(root: str, stem: str) -> str | None:
     return None
 
 
-def detect_format(root: str) -> str:
-    if _find(root, MNIST_FILES["train_images"]):
+SPLIT_DIRS = ("train", "valid", "val", "test")
+
+
+def detect_format(names: list[str], uri: str) -> str:
+    """mnist or imagefolder, from the names at the top of the dataset; a clear error naming the
+    URI (and its parent, when it points one level too deep into an image folder) otherwise."""
+    if any(n.startswith(MNIST_FILES["train_images"]) for n in names):
         return "mnist"
-    if os.path.isdir(os.path.join(root, "train")):
+    if "train" in names:
         return "imagefolder"
-    raise DataError(f"no dataset found in {root}: expected {MNIST_FILES['train_images']}[.gz] "
-                    "(MNIST format) or a train/ folder of class folders; check JOB_DATA_URI")
+    shown = storage.redact_uri(uri)
+    hint = "; check JOB_DATA_URI"
+    last = uri.rstrip("/").rsplit("/", 1)[-1]
+    if last in SPLIT_DIRS:
+        hint = (f"; it looks like one split of an image folder: did you mean JOB_DATA_URI="
+                f"{storage.redact_uri(uri.rstrip('/').rsplit('/', 1)[0])} (the folder holding train/)?")
+    found = f" (found {', '.join(repr(n) for n in names[:5])}{' ...' if len(names) > 5 else ''})" if names else " (it is empty)"
+    raise DataError(f"no dataset found at {shown}{found}: expected {MNIST_FILES['train_images']}[.gz] "
+                    f"(MNIST format) or a train/ folder of class folders{hint}")
 
 
 def read_idx(path: str, ndim: int, max_bytes: int) -> np.ndarray:
@@ -145,7 +157,7 @@ def load_mnist(root: str, device: torch.device, max_bytes: int) -> Data:
 def load_images(root: str, settings, runtime, normalize: bool) -> Data:
     """An image-folder dataset, checked file by file (bad files are skipped and named)."""
     found = images.scan(root, threads=runtime.scan_threads, max_bytes=settings.max_file_bytes,
-                        max_pixels=settings.max_image_pixels)
+                        max_pixels=settings.max_image_pixels, log_every=settings.log_every_seconds)
     bad_fraction = len(found["bad"]) / max(found["files"], 1)
     if bad_fraction > settings.max_bad_fraction:
         raise DataError(f"{len(found['bad'])} of {found['files']} files in {root} are not readable images "
@@ -172,23 +184,29 @@ def load(settings, runtime, normalize: bool = False, include=None) -> Data:
     problem is a DataError (exit 3)."""
     with storage.errors(settings.data_uri, DataError, "read dataset"):
         root = storage.pull(settings.data_uri, settings.cache_dir, include)
-    fmt = detect_format(root) if settings.data_format == "auto" else settings.data_format
+    names = sorted(n for n in os.listdir(root) if not n.startswith("."))
+    fmt = detect_format(names, settings.data_uri) if settings.data_format == "auto" else settings.data_format
     if fmt == "imagefolder":
         return load_images(root, settings, runtime, normalize)
     return load_mnist(root, runtime.device, settings.max_file_bytes)
 
 
-def check(uri: str, data_format: str) -> str:
-    """Reach the dataset without pulling it: list its top level and recognise the format."""
+def check(uri: str, data_format: str) -> tuple[str, list[str]]:
+    """--check: reach the dataset without pulling it. Returns the format and the class names of
+    an image folder ([] for MNIST, whose classes are in its labels)."""
     names = storage.list_names(uri)
     if not names:
         raise FileNotFoundError(uri)
-    found = "mnist" if any(n.startswith(MNIST_FILES["train_images"]) for n in names) else (
-        "imagefolder" if "train" in names else None)
-    if found is None or data_format not in ("auto", found):
-        expected = data_format if data_format != "auto" else "mnist or imagefolder"
-        raise DataError(f"{uri} does not look like {expected} data (found {', '.join(names[:5])}); check JOB_DATA_URI")
-    return found
+    found = detect_format(names, uri)
+    if data_format not in ("auto", found):
+        raise DataError(f"{storage.redact_uri(uri)} holds {found} data, not JOB_DATA_FORMAT={data_format}")
+    if found == "mnist":
+        return found, []
+    classes = storage.list_names(storage.join(uri, "train"))
+    if len(classes) < 2:
+        raise DataError(f"{storage.redact_uri(storage.join(uri, 'train'))} holds {len(classes)} class folder(s); "
+                        "a classifier needs at least 2")
+    return found, classes
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

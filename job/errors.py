@@ -15,7 +15,12 @@ class JobError(Exception):
 
 
 class SettingsError(JobError):
-    exit_code, meaning, action = 2, "invalid settings", "fail at once"
+    exit_code, meaning, action = 2, "invalid settings, or credentials the store refuses", "fail at once"
+
+
+class CredentialsError(SettingsError):
+    """The object store refused our credentials (or a bucket policy denies them), wherever it
+    happened: the fix is the same, so the exit code is too."""
 
 
 class DataError(JobError):

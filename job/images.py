@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import stat
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -117,7 +118,7 @@ def _check(path: str, max_bytes: int, max_pixels: int) -> tuple[str | None, byte
         return f"{exc.__class__.__name__}: {str(exc)[:120]}", digest
 
 
-def scan(root: str, threads: int, max_bytes: int, max_pixels: int) -> dict:
+def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: float = 10.0) -> dict:
     """Find the splits and their images, decode each once, and sort out the bad ones.
 
     Returns {"classes", "train", "val" (or None), "test" (or None), "bad", "files", "digests"};
@@ -141,9 +142,17 @@ def scan(root: str, threads: int, max_bytes: int, max_pixels: int) -> dict:
             splits[key], folders[key] = found, name
     items = {k: [(p, classes.index(c)) for c, files in v.items() for p in files] for k, v in splits.items()}
     every = [p for split in items.values() for p, _ in split]
-    log.info(f"checking {len(every)} image files in {root}")
+    log.info(f"checking {len(every)} image files in {root} ({threads} threads)")
+    checked, start = {}, time.monotonic()
+    last = start
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL decodes without the GIL
-        checked = dict(zip(every, pool.map(lambda p: _check(p, max_bytes, max_pixels), every), strict=True))
+        for path, result in zip(every, pool.map(lambda p: _check(p, max_bytes, max_pixels), every), strict=True):
+            checked[path] = result
+            if time.monotonic() - last >= log_every:
+                last = time.monotonic()
+                done, rate = len(checked), len(checked) / (last - start)
+                log.info(f"checking images: {done}/{len(every)} ({100 * done / len(every):.0f}%), {rate:,.1f} files/s, "
+                         f"elapsed {last - start:.0f} s, ETA {(len(every) - done) / rate:.0f} s")
     reasons = {p: reason for p, (reason, _) in checked.items()}
     bad = [(p, r) for p, r in reasons.items() if r]
     for path, reason in bad:

@@ -5,9 +5,9 @@ settings twice; two writers on one run prune each other's files and move `latest
 Object stores have no locks, but they have exclusive creation (S3 `If-None-Match: *`, a local
 `open(..., "x")`), so the lease is a numbered series of objects, `<run>/lease/<generation>.json`:
 the newest generation is the lease. A writer takes it by *creating* the next generation, which
-only one writer can do, when the newest is released, expired, or held by a process that is gone
-from this machine. The holder rewrites its own generation to renew it (in a background thread and
-before every commit) and marks it released at exit. A second writer waits up to
+only one writer can do, when the newest is expired or held by a process that is gone from this
+machine (or there is none). The holder rewrites its own generation to renew it (in a background
+thread and before every commit) and deletes it at exit, which releases it. A second writer waits up to
 JOB_LEASE_SECONDS for it, then exits 75 so that the scheduler tries again later.
 """
 
@@ -22,7 +22,7 @@ from job import storage
 from job.errors import TransientStorageError
 
 log = logging.getLogger("job")
-KEEP_GENERATIONS = 3
+KEEP_GENERATIONS = 1  # ours: older generations only matter until ours exists
 
 
 class LeaseLost(TransientStorageError):
@@ -71,9 +71,9 @@ class Lease:
     def _uri(self, generation: int) -> str:
         return storage.join(self.dir, f"{generation:012d}.json")
 
-    def _record(self, released: bool = False) -> dict:
+    def _record(self) -> dict:
         return {"owner": self.owner, **_process_identity(), "expires": time.time() + self.seconds,
-                "released": released, "lease_seconds": self.seconds}
+                "lease_seconds": self.seconds}
 
     def _generations(self) -> list[int]:
         return sorted(int(n[:-5]) for n in storage.list_names(self.dir) if n.endswith(".json") and n[:-5].isdigit())
@@ -94,8 +94,7 @@ class Lease:
         announced = False
         while True:
             generation, holder = self._newest()
-            free = (holder is None or holder.get("released") or time.time() > holder.get("expires", 0)
-                    or _gone(holder))
+            free = holder is None or time.time() > holder.get("expires", 0) or _gone(holder)
             if free:
                 try:
                     storage.create_json(self._uri(generation + 1), self._record())
@@ -150,8 +149,10 @@ class Lease:
             pass
 
     def release(self) -> None:
-        """Mark the lease released (best effort: an unreleased lease expires on its own)."""
+        """Give the lease back by deleting our generation (best effort: an unreleased lease
+        expires on its own). The newest generation is then an older, released or expired one."""
         self._stop.set()
         with self._lock:
             if self.generation and not self.lost:
-                storage.write_json(self._uri(self.generation), self._record(released=True))
+                storage.remove(self._uri(self.generation))
+                storage.remove_empty_dir(self.dir)

@@ -16,6 +16,7 @@ from torch import nn
 
 from job.data import epoch_order, shard
 from job import models
+from job.report import duration, format_row
 from job.datasets import Data
 from job.errors import DivergedError, Stopped
 from job.optim import lr_factor, set_lr
@@ -73,6 +74,7 @@ class TrainState:
     history: list = field(default_factory=list)  # one row per completed epoch
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
+    val_confusion: torch.Tensor | None = None  # of the last evaluation: rows true classes, columns predictions
 
 
 def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> tuple[float, float, float]:
@@ -86,14 +88,15 @@ def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState,
     if s.log_level == "debug":
         log.debug(f"rank {rt.rank} epoch {p.epoch + 1} from sample {p.seen} shard {mine.tolist()}")
     start_seen, block, epoch_size = p.seen, s.batch_size * rt.world_size, len(state.train_idx)
+    steps = math.ceil(len(mine) / s.batch_size) if not s.limit_train_batches else s.limit_train_batches
     sums, autocast, poll = StepSums(rt.device), rt.autocast(), StopPoll(rt)
     lr_per_step = s.lr_schedule in CONTINUOUS_SCHEDULES  # the others change the lr only between epochs
-    set_lr(state.optimizer, s, p.epoch + p.seen / epoch_size)
+    lr = set_lr(state.optimizer, s, p.epoch + p.seen / epoch_size)
     model.train_mode()
     start = last_log = time.monotonic()
     for step, (x, y) in enumerate(data.samples.batches(mine, s.batch_size, train=True), start=1):
         if lr_per_step:
-            set_lr(state.optimizer, s, p.epoch + p.seen / epoch_size)
+            lr = set_lr(state.optimizer, s, p.epoch + p.seen / epoch_size)
         with autocast:
             logits = model.net(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -117,9 +120,13 @@ def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState,
                 ckpt.stop(signum, saving)
         if time.monotonic() - last_log >= s.log_every_seconds:
             last_log = time.monotonic()
-            rate = (p.seen - start_seen) / (last_log - start)
-            log.info(f"epoch {p.epoch + 1} sample {p.seen}/{epoch_size} "
-                     f"train_loss={loss.item():.4f} train_samples_per_second={rate:.0f}")
+            elapsed = last_log - start
+            rate = (p.seen - start_seen) / elapsed
+            epoch_eta = (epoch_size - p.seen) / rate
+            run_eta = epoch_eta + (s.epochs - p.epoch - 1) * epoch_size / rate  # training time; evaluation comes on top
+            log.info(f"epoch {p.epoch + 1}/{s.epochs} step {step}/{steps} ({100 * p.seen / epoch_size:.0f}%) "
+                     f"train_loss={loss.item():.4f} lr={lr:.4g} {rate:,.1f} samples/s, elapsed {duration(elapsed)}, "
+                     f"epoch ETA {duration(epoch_eta)}, run ETA {duration(run_eta)}, {rt.peak_memory()}")
         if step == s.limit_train_batches:  # JOB_LIMIT_TRAIN_BATCHES (smoke runs): the epoch ends here
             p.seen = start_seen + len(order)
             break
@@ -179,26 +186,37 @@ def add_sums(rt: Runtime, p: Progress, sums: StepSums) -> None:
 
 
 @torch.no_grad()
-def evaluate(s, rt: Runtime, model: Model, source, idx: torch.Tensor) -> tuple[float, float]:
-    """(mean loss, accuracy) over the samples `idx` of `source`: each rank scores its share, then
-    sums and counts are added up over ranks (never an average of averages). A signal abandons
-    the evaluation (Stopped, on every rank)."""
+def evaluate(s, rt: Runtime, model: Model, source, idx: torch.Tensor, num_classes: int,
+             what: str = "val") -> tuple[float, float, torch.Tensor]:
+    """(mean loss, accuracy, confusion matrix) over the samples `idx` of `source`: each rank
+    scores its share, then sums and counts are added up over ranks (never an average of
+    averages). Sums stay on the device (no sync per batch). A signal abandons the evaluation
+    (Stopped, on every rank)."""
     mine = idx[rt.rank::rt.world_size]
     model.trainable.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for i, (xb, yb) in enumerate(source.batches(mine, source.eval_batch_size or s.batch_size, train=False)):
+    batch_size = source.eval_batch_size or s.batch_size
+    batches = math.ceil(len(mine) / batch_size) if not s.limit_val_batches else min(s.limit_val_batches, math.ceil(len(mine) / batch_size))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=rt.device)
+    start = last_log = time.monotonic()
+    for i, (xb, yb) in enumerate(source.batches(mine, batch_size, train=False)):
         if rt.stop.signum or i == s.limit_val_batches > 0:  # a local signal (ranks agree below), or the limit
             break
         with rt.autocast():
             logits = model.trainable(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-        correct += int((logits.argmax(1) == yb).sum().item())
-        count += len(yb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+        confusion += torch.bincount(yb * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        if time.monotonic() - last_log >= s.log_every_seconds:
+            last_log = time.monotonic()
+            elapsed = last_log - start
+            log.info(f"evaluating {what}: batch {i + 1}/{batches} ({100 * (i + 1) / batches:.0f}%), "
+                     f"elapsed {duration(elapsed)}, ETA {duration(elapsed / (i + 1) * (batches - i - 1))}")
     signum = rt.stop_signal()
     if signum:
-        raise Stopped(signum, "during evaluation")
-    loss_sum, correct, count = rt.sum(loss_sum, correct, count)
-    return loss_sum / count, correct / count
+        raise Stopped(signum, f"during {what} evaluation")
+    confusion = rt.reduce(confusion).view(num_classes, num_classes).cpu()  # all ranks' samples
+    loss_total, count = rt.sum(loss_sum.item())[0], float(confusion.sum())
+    return loss_total / count, float(confusion.diagonal().sum()) / count, confusion
 
 
 def check_finite(loss_sum: float, p: Progress) -> None:
@@ -211,23 +229,30 @@ def check_finite(loss_sum: float, p: Progress) -> None:
 def fit(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> list[dict]:
     """Train until JOB_EPOCHS epochs are in the history; returns the history."""
     p = state.progress
+    warn_if_few_steps(s, rt, len(state.train_idx))
+    mark = time.monotonic()  # end of the previous epoch: epoch_seconds counts everything since
     while p.epoch < s.epochs:
         if p.seen == 0:
             p.epoch_lr = s.lr * lr_factor(s, p.epoch)
         else:
             log.info(f"continuing epoch {p.epoch + 1} at sample {p.seen}/{len(state.train_idx)}")
-        epoch_start = time.monotonic()
+        train_start = time.monotonic()
         train_loss, train_accuracy, samples_per_second = train_one_epoch(s, rt, model, data, state, ckpt)
         check_finite(train_loss, p)
+        val_start = time.monotonic()
         try:
-            val_loss, val_accuracy = evaluate(s, rt, model, data.samples, state.val_idx)
+            val_loss, val_accuracy, state.val_confusion = evaluate(s, rt, model, data.samples, state.val_idx, data.num_classes)
         except Stopped as stopped:
             ckpt.stop(stopped.exit_code - 128, ckpt.save())  # position: this epoch trained, not yet evaluated
+        now = time.monotonic()
         row = {"epoch": p.epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
                "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": p.epoch_lr,
-               "epoch_seconds": time.monotonic() - epoch_start, "train_samples_per_second": samples_per_second}
+               "train_seconds": val_start - train_start, "val_seconds": now - val_start,
+               "epoch_seconds": now - mark, "train_samples_per_second": samples_per_second}
+        mark = now
         state.history.append(row)
         log.info(format_row(row))
+        warn_if_at_chance(state, data)
         best = val_accuracy > state.best_val_accuracy
         if best:
             state.best_epoch, state.best_val_accuracy = row["epoch"], val_accuracy
@@ -239,10 +264,27 @@ def fit(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> li
     return state.history
 
 
-METRIC_FORMATS = {"train_loss": ".4f", "train_accuracy": ".4f", "val_loss": ".4f", "val_accuracy": ".4f",
-                  "lr": ".4g", "epoch_seconds": ".2f", "train_samples_per_second": ".0f"}
+FEW_STEPS = 10  # fewer optimizer steps per epoch than this rarely train anything in a few epochs
+CHANCE_EPOCHS = 3  # validation at chance this many epochs in a row: say so
 
 
-def format_row(row: dict) -> str:
-    """An epoch's log line: the history row's names and values."""
-    return " ".join([f"epoch {row['epoch']}"] + [f"{k}={row[k]:{fmt}}" for k, fmt in METRIC_FORMATS.items() if k in row])
+def warn_if_few_steps(s, rt: Runtime, train_samples: int) -> None:
+    steps = math.ceil(train_samples / (s.batch_size * rt.world_size))
+    if steps < FEW_STEPS and not s.limit_train_batches:
+        log.warning(f"each epoch is only {steps} optimizer step(s): {train_samples} training samples in batches of "
+                    f"JOB_BATCH_SIZE={s.batch_size} x {rt.world_size} process(es); lower JOB_BATCH_SIZE or add data, "
+                    "or the model will barely move")
+
+
+def warn_if_at_chance(state: TrainState, data: Data) -> None:
+    """Once: validation accuracy no better than always answering the commonest class."""
+    recent = state.history[-CHANCE_EPOCHS:]
+    if len(state.history) != CHANCE_EPOCHS or state.val_confusion is None:
+        return
+    counts = state.val_confusion.sum(1)
+    chance = float(counts.max()) / max(float(counts.sum()), 1.0)
+    if all(row["val_accuracy"] <= chance + 0.02 for row in recent):
+        log.warning(f"validation accuracy has stayed at chance ({chance:.3f}: always the commonest class) for "
+                    f"{CHANCE_EPOCHS} epochs. Likely causes: a learning rate far too high or too low (JOB_LR), "
+                    "too few steps per epoch (JOB_BATCH_SIZE), a frozen backbone whose features do not fit the "
+                    "images, or labels that do not match the images")

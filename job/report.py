@@ -44,10 +44,45 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
         sys.stdout.reconfigure(errors="backslashreplace")
     handler = logging.StreamHandler(sys.stdout)
     prefix = f"rank {rank} " if rank is not None else ""
-    handler.setFormatter(_Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setFormatter(_Formatter(f"%(asctime)s.%(msecs)03d %(levelname)s {prefix}%(message)s", "%Y-%m-%dT%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
+
+
+METRIC_FORMATS = {"train_loss": ".4f", "train_accuracy": ".4f", "val_loss": ".4f", "val_accuracy": ".4f",
+                  "lr": ".4g", "train_seconds": ".2f", "val_seconds": ".2f", "epoch_seconds": ".2f",
+                  "train_samples_per_second": ",.1f"}
+
+
+def format_row(row: dict) -> str:
+    """An epoch's log line: the history row's names and values."""
+    return " ".join([f"epoch {row['epoch']}"] + [f"{k}={row[k]:{fmt}}" for k, fmt in METRIC_FORMATS.items() if k in row])
+
+
+def duration(seconds: float) -> str:
+    """A duration a person reads at a glance: 1 h 02 min, 3 min 05 s, 12 s."""
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+def recipe(settings) -> str:
+    """The settings a person compares runs by, in a few words."""
+    return f"{settings.model}, {settings.optimizer} lr {settings.lr:g}, batch {settings.batch_size}, {settings.lr_schedule} schedule"
+
+
+def per_class(confusion, class_names: list[str]) -> dict[str, float | None]:
+    """Accuracy of each class (None for a class with no sample) from a confusion matrix whose rows
+    are true classes and columns predictions."""
+    if confusion is None:
+        return {}
+    totals = confusion.sum(1).tolist()
+    hits = confusion.diagonal().tolist()
+    return {name: (hits[i] / totals[i] if totals[i] else None) for i, name in enumerate(class_names)}
 
 
 def summary(settings, runtime, data, state, status: str, started: float, **extra) -> dict:
@@ -56,6 +91,7 @@ def summary(settings, runtime, data, state, status: str, started: float, **extra
     return {
         "status": status,
         "run_name": settings.run_name,
+        "recipe": recipe(settings),
         "epochs_completed": len(state.history),
         "best_epoch": state.best_epoch or None,
         "best_val_accuracy": state.best_val_accuracy if state.history else None,
@@ -70,8 +106,19 @@ def summary(settings, runtime, data, state, status: str, started: float, **extra
         "bad_files": len(data.bad_files),
         "train_samples": len(state.train_idx),
         "val_samples": len(state.val_idx),
+        "per_class_val_accuracy": per_class(state.val_confusion, data.class_names),
+        "peak_memory": runtime.peak_memory().removeprefix("peak memory "),
         **extra,
     }
+
+
+def completed(run_uri: str) -> dict | None:
+    """The run's summary if it says the run completed, else None."""
+    try:
+        summary = storage.read_json(storage.join(run_uri, "summary.json"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
 
 
 def history_bytes(history: list[dict]) -> bytes:
@@ -85,32 +132,84 @@ def read_history(run_uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
 
 
-def plot_png(history: list[dict], metric: str) -> bytes:
-    """Train and val curves of one metric per epoch. Uses matplotlib's object API (no pyplot
-    global state) so it is safe in the uploader thread."""
+def _figure(width: float, height: float):
+    """A matplotlib figure on the object API (no pyplot global state: safe in the uploader thread)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    epochs = [row["epoch"] for row in history]
-    for split in ("train", "val"):
-        ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per epoch")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    return fig
+
+
+def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
-def publish(run_uri: str, history: list[dict], summary: dict) -> None:
-    """Rewrite history, summary and plots whole (object stores cannot append)."""
+def plot_png(history: list[dict], metric: str, summary: dict) -> bytes:
+    """Train and val curves of one metric per epoch, the best epoch marked, the run and its recipe
+    in the title; integer epochs; a log loss axis when the loss spans more than two decades."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    epochs = [row["epoch"] for row in history]
+    for split in ("train", "val"):
+        ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+    best = summary.get("best_epoch")
+    if best:
+        ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best})")
+    values = [row[f"{split}_{metric}"] for row in history for split in ("train", "val")]
+    if metric == "loss" and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{summary.get('run_name', '')}: {metric}\n{summary.get('recipe', '')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def confusion_png(confusion, class_names: list[str], title: str) -> bytes:
+    """A confusion matrix as a picture: rows true classes, columns predictions, each row as
+    fractions of its class (so rare classes show as clearly as common ones)."""
+    counts = confusion.double()
+    rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(class_names)
+    side = min(16, 3 + 0.35 * n)
+    fig = _figure(side + 1, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 40:  # beyond that, labels are unreadable: the axes are class indices
+        names = [printable(c)[:20] for c in class_names]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def publish(run_uri: str, history: list[dict], summary: dict, confusions: dict | None = None) -> None:
+    """Rewrite history, plots and summary whole (object stores cannot append). `confusions`:
+    {split: confusion matrix} pictured as plots/confusion_<split>.png."""
     storage.write_bytes(storage.join(run_uri, "history.jsonl"), history_bytes(history))
     if history:
         for metric in ("accuracy", "loss"):
-            storage.write_bytes(storage.join(run_uri, "plots", f"{metric}.png"), plot_png(history, metric))
+            storage.write_bytes(storage.join(run_uri, "plots", f"{metric}.png"), plot_png(history, metric, summary))
+    for split, confusion in (confusions or {}).items():
+        if confusion is not None:
+            title = f"{summary.get('run_name', '')}: {split} confusion matrix"
+            png = confusion_png(confusion, summary.get("class_names", []), title)
+            storage.write_bytes(storage.join(run_uri, "plots", f"confusion_{split}.png"), png)
     storage.write_json(storage.join(run_uri, "summary.json"), summary)

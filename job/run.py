@@ -21,7 +21,7 @@ from job.errors import JobError, OutputError, Stopped
 from job.lease import Lease, LeaseLost
 from job.optim import build_optimizer
 from job.runtime import Runtime, is_peer_failure, peer_lost
-from job.settings import redact_text
+from job.settings import CONTINUOUS_SCHEDULES, redact_text
 
 log = logging.getLogger("job")
 
@@ -40,6 +40,13 @@ def run(settings, runtime: Runtime, step=plain_step, sanity=None, include=None) 
         model, data, state, ckpt = step("model built with its weights",
                                         lambda: prepare(settings, runtime, run_uri, data, lease, started))
         ending.ckpt = ckpt
+        if state.progress.epoch >= settings.epochs:
+            done = on_main(runtime, lambda: report.completed(run_uri))
+            if done is not None:
+                log.info(f"run {storage.redact_uri(run_uri)} is already complete: {len(state.history)} epochs, "
+                         f"best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); nothing to do. "
+                         "Raise JOB_EPOCHS to train it further, or set a new JOB_RUN_NAME for another run")
+                return done
         if sanity is not None:
             step("loss sanity", lambda: sanity(settings, runtime, model, data, state))
         step("train and validate", lambda: loop.fit(settings, runtime, model, data, state, ckpt))
@@ -51,11 +58,32 @@ def versions() -> dict:
             "torchvision": torchvision.__version__}
 
 
+def resolve_run_name(settings):
+    """A derived run name that an earlier trainjob (<= 0.1: model-hash) gave a run still in the
+    output location keeps that run going after an upgrade, instead of starting it over."""
+    if not settings.run_name_derived:
+        return settings
+    legacy = settings.legacy_run_name()
+    new, old = (storage.join(settings.output_uri, name, "checkpoints", "latest.json") for name in (settings.run_name, legacy))
+    with storage.errors(settings.output_uri, OutputError, "read"):
+        if not storage.exists(new) and storage.exists(old):
+            log.info(f"continuing the run {legacy}, named by an earlier trainjob (new runs are named like {settings.run_name})")
+            return settings.model_copy(update={"run_name": legacy})
+    return settings
+
+
 def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
     """Say what runs where, then make sure the output location takes writes before any work.
     Returns rank 0's lease on the run (None on other ranks)."""
-    log.info(" ".join(f"{k} {v}" for k, v in versions().items()) + f" | device {runtime.describe()}")
-    log.info(f"run {storage.redact_uri(run_uri)} settings {settings.public_dict()}")
+    log.info(f"run {storage.redact_uri(run_uri)} | " + " ".join(f"{k} {v}" for k, v in versions().items())
+             + f" | device {runtime.describe()}")
+    log.info(f"settings {settings.public_dict()}")
+    if settings.defaults_applied:
+        log.info("defaults for transfer learning (set the variable to choose otherwise): "
+                 + " ".join(f"JOB_{k.upper()}={v}" for k, v in settings.defaults_applied.items()))
+    if settings.lr_schedule in CONTINUOUS_SCHEDULES and settings.run_name_derived:
+        log.info(f"JOB_LR_SCHEDULE={settings.lr_schedule} is stretched over JOB_EPOCHS, so the epochs are part of the "
+                 "run's name: changing JOB_EPOCHS starts a new run (set JOB_RUN_NAME to keep this one)")
     held = {}
     try:
         on_main(runtime, lambda: held.setdefault("lease", prepare_output(settings, runtime, run_uri)) and None)
@@ -69,8 +97,8 @@ def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
 
 
 def prepare_output(settings, runtime: Runtime, run_uri: str) -> Lease:
-    """Check the output takes writes, become the run's only writer, clear what a killed writer
-    left, and record the settings. Returns the lease."""
+    """Check the output takes writes, become the run's only writer and clear what a killed writer
+    left. Returns the lease."""
     with storage.errors(run_uri, OutputError, "write to"):
         storage.check_writable(run_uri)
         lease = Lease(run_uri, settings.lease_seconds)
@@ -78,10 +106,15 @@ def prepare_output(settings, runtime: Runtime, run_uri: str) -> Lease:
         removed = storage.remove_stale_tmp(run_uri)
         if removed:
             log.info(f"removed {removed} temporary file(s) a killed writer left in {storage.redact_uri(run_uri)}")
+    return lease
+
+
+def record_settings(settings, runtime: Runtime, run_uri: str) -> None:
+    """settings.json, once training is about to start (a run that fails before leaves one record)."""
+    with storage.errors(run_uri, OutputError, "write to"):
         storage.write_json(storage.join(run_uri, "settings.json"),
                            {"settings": settings.public_dict(), "versions": versions(),
                             "device": str(runtime.device), "world_size": runtime.world_size})
-    return lease
 
 
 def on_main(runtime: Runtime, fn):
@@ -131,7 +164,7 @@ def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease
     state = loop.TrainState(optimizer, scaler, train_idx, val_idx)
     ckpt = Checkpointer(settings, runtime, run_uri, module, state, data, lease, started)
     if saved is not None:
-        checkpoint.restore(saved, settings, module, state, data, run_uri)
+        checkpoint.restore(saved, name, settings, module, state, data, run_uri)
         ckpt.resumed(name)
     on_features = features.applicable(settings, data)
     if on_features:
@@ -145,6 +178,7 @@ def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease
         model.net = DistributedDataParallel(model.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     if settings.compile and runtime.device.type == "cuda":
         model.net = torch.compile(model.net)  # after DDP, as PyTorch's DDP + torch.compile guidance has it
+    on_main(runtime, lambda: record_settings(settings, runtime, run_uri))
     runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
     if runtime.stop.signum:
         raise Stopped(runtime.stop.signum, f"before training; the valid checkpoint is {ckpt.valid}")
@@ -154,20 +188,22 @@ def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease
 def finish(settings, runtime: Runtime, model: loop.Model, data: datasets.Data, state: loop.TrainState,
            ckpt: Checkpointer) -> dict:
     """Score the test set if there is one, publish the final summary; returns it."""
-    extra = {}
+    extra, confusions = {}, {"val": state.val_confusion}
     if data.test is not None:
         try:
-            test_loss, test_accuracy = loop.evaluate(settings, runtime, model, data.test, torch.arange(len(data.test)))
+            test_loss, test_accuracy, confusions["test"] = loop.evaluate(
+                settings, runtime, model, data.test, torch.arange(len(data.test)), data.num_classes, "test")
         except Stopped as stopped:  # every epoch is saved (or on its way): wait for it, then stop
             ckpt.stop(stopped.exit_code - 128, saving=True)
-        extra = {"test_loss": test_loss, "test_accuracy": test_accuracy}
+        extra = {"test_loss": test_loss, "test_accuracy": test_accuracy,
+                 "per_class_test_accuracy": report.per_class(confusions["test"], data.class_names)}
         log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
     summary = report.summary(settings, runtime, data, state, "completed", ckpt.started, **extra)
     if runtime.is_main:
         if not ckpt.uploader.wait():
             raise Stopped(runtime.stop.signum, f"while publishing the final outputs; the valid checkpoint is {ckpt.valid}")
         with storage.errors(ckpt.run_uri, OutputError, "write to"):
-            report.publish(ckpt.run_uri, state.history, summary)
+            report.publish(ckpt.run_uri, state.history, summary, confusions)
             storage.remove(storage.join(ckpt.run_uri, "failure.json"))  # from an earlier attempt: this one completed
     runtime.barrier()
     log.info(f"completed: best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); "
@@ -200,21 +236,28 @@ class Ending:
         return False
 
     def record(self, exc: JobError) -> None:
+        """Before training, one record: failure.json (or, stopped, a summary saying so); after,
+        summary.json describing the state, and failure.json on failure."""
+        exc.run_uri = storage.redact_uri(self.run_uri)  # the last log line names the run
         if not self.rt.is_main or isinstance(exc, LeaseLost):
             return
         status = "stopped" if isinstance(exc, Stopped) else "failed"
         outcome = {"reason": redact_text(str(exc)), "exit_code": exc.exit_code}
+        failure = {**outcome, "error": exc.__class__.__name__}
         end = time.monotonic() + self.settings.stop_grace_seconds
         try:
             ckpt = self.ckpt
             if ckpt is not None and status == "failed":
                 ckpt.uploader.wait(deadline=end)
-            summary = ({"status": status, **outcome} if ckpt is None else
-                       report.summary(self.settings, self.rt, ckpt.data, ckpt.state, status, ckpt.started, **outcome))
             with storage.time_limit(max(0.0, end - time.monotonic())):
-                storage.write_json(storage.join(self.run_uri, "summary.json"), summary)
+                if ckpt is not None or status == "stopped":
+                    summary = ({"status": status, **outcome} if ckpt is None else
+                               report.summary(self.settings, self.rt, ckpt.data, ckpt.state, status, ckpt.started, **outcome))
+                    storage.write_json(storage.join(self.run_uri, "summary.json"), summary)
                 if status == "failed":
-                    storage.write_json(storage.join(self.run_uri, "failure.json"), {**outcome, "error": exc.__class__.__name__})
+                    if ckpt is None:
+                        failure["settings"] = self.settings.public_dict()
+                    storage.write_json(storage.join(self.run_uri, "failure.json"), failure)
         except Exception as write_error:  # never hide the original error behind this one
             log.warning(f"could not record the outcome in {storage.redact_uri(self.run_uri)}: {write_error}")
 

@@ -8,6 +8,7 @@ I distributed?" again: the collective helpers below are no-ops in a single proce
 import contextlib
 import os
 import platform
+import resource
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -43,6 +44,12 @@ class Runtime:
         where = f"{self.device} ({name}), {self.threads} CPU threads, {self.workers} data workers"
         return where + (f", rank {self.rank} of {self.world_size}" if self.distributed else "")
 
+    def peak_memory(self) -> str:
+        """This process's peak resident memory, and on CUDA the peak allocated on the GPU."""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        gpu = f", GPU {torch.cuda.max_memory_allocated(self.device) / 2**20:,.0f} MB" if self.device.type == "cuda" else ""
+        return f"peak memory {rss:,.0f} MB{gpu}"
+
     def autocast(self):
         """Mixed precision on CUDA (JOB_AMP); nothing on CPU, whose results it never changes."""
         if self.amp_dtype is None:
@@ -57,6 +64,14 @@ class Runtime:
         t = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all ranks (a confusion matrix, say)."""
+        if not self.distributed:
+            return t
+        out = t.to(self._collective_device)
+        dist.all_reduce(out)
+        return out.to(t.device)
 
     def stop_signal(self) -> int:
         """The stop signal if any rank got one, so all ranks stop at the same point (one sync)."""

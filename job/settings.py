@@ -5,7 +5,10 @@ field's description is its one-line documentation; `python -m job --help` prints
 """
 
 import difflib
+import functools
+import glob
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -13,7 +16,7 @@ import tempfile
 import typing
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from job.errors import SettingsError
@@ -33,6 +36,22 @@ EXPERIMENT_FIELDS = (
 CONTINUOUS_SCHEDULES = ("cosine", "onecycle")
 # Bound of a hidden layer width or an lr milestone: 784 x 65536 floats is already 200 MB.
 MAX_LIST_INT = 65536
+# Transfer learning from a torchvision backbone starts from these unless set: the flowers recipe
+# this job exists for (Adam at 1e-3, batch 32, constant lr). The MNIST MLP's SGD at lr 0.5 with
+# batch 100 leaves a pretrained head at chance on a small dataset.
+TRANSFER_DEFAULTS = {"optimizer": "adam", "lr": 0.001, "batch_size": 32, "lr_schedule": "constant"}
+# Names people reach for, and the setting they mean (JOB_LEARNING_RATE suggested JOB_RUN_NAME).
+SYNONYMS = {
+    "LEARNING_RATE": "LR", "LRATE": "LR", "BATCH": "BATCH_SIZE", "BS": "BATCH_SIZE", "NUM_EPOCHS": "EPOCHS",
+    "N_EPOCHS": "EPOCHS", "MAX_EPOCHS": "EPOCHS", "EPOCH": "EPOCHS", "WORKERS": "NUM_WORKERS",
+    "DATALOADER_WORKERS": "NUM_WORKERS", "DATA": "DATA_URI", "DATA_DIR": "DATA_URI", "DATA_PATH": "DATA_URI",
+    "DATASET": "DATA_URI", "DATASET_URI": "DATA_URI", "INPUT_URI": "DATA_URI", "OUTPUT": "OUTPUT_URI",
+    "OUTPUT_DIR": "OUTPUT_URI", "OUT_DIR": "OUTPUT_URI", "CHECKPOINT_DIR": "OUTPUT_URI", "ARCH": "MODEL",
+    "ARCHITECTURE": "MODEL", "NETWORK": "MODEL", "BACKBONE": "MODEL", "WEIGHTS": "PRETRAINED",
+    "PRETRAINED_WEIGHTS": "PRETRAINED", "GPU": "DEVICE", "OPTIM": "OPTIMIZER", "WD": "WEIGHT_DECAY",
+    "SCHEDULER": "LR_SCHEDULE", "SCHEDULE": "LR_SCHEDULE", "IMG_SIZE": "IMAGE_SIZE", "INPUT_SIZE": "IMAGE_SIZE",
+    "RESOLUTION": "IMAGE_SIZE", "NAME": "RUN_NAME", "EXPERIMENT": "RUN_NAME",
+}
 
 
 def _split_ints(value):
@@ -86,7 +105,7 @@ class Settings(BaseSettings):
     seed: int = Field(0, ge=0, lt=1 << 32, description="seed for the split, initialisation and data order")
     # --- run and outputs --------------------------------------------------------------------
     output_uri: str = Field("./runs", description="where run directories are written: a local path or an object-store URI")
-    run_name: str | None = Field(None, description="run directory name (default: the model plus a hash of the experiment settings)")
+    run_name: str | None = Field(None, description="run directory name (default: model-dataset-hash, the hash over the settings that define the experiment)")
     resume: Literal["auto", "never", "require"] = Field("auto", description="auto: continue from the run's last good checkpoint if any; never: refuse a run that has one; require: fail if none")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="recent epoch checkpoints kept besides best.pt")
     checkpoint_min_seconds: float = Field(30.0, ge=0.0, le=86400.0, description="epoch-end checkpoints (and the history, summary and plots published after them) at most once per this many seconds; the last epoch and a stop always checkpoint; 0: every epoch")
@@ -104,6 +123,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(60.0, ge=1.0, le=3600.0, description="a run has one writer: its lease lasts this long without renewal; a second job on the run waits this long for it, then exits 75")
     dist_timeout_seconds: float = Field(300.0, gt=0.0, le=86400.0, description="under torchrun: how long a collective waits for a lost or stuck peer before the job fails (exit 75)")
     log_level: Literal["debug", "info", "warning"] = Field("info", description="log detail; debug also logs each rank's data shard")
+    _defaults_applied: dict = PrivateAttr(default_factory=dict)
+    _run_name_derived: bool = PrivateAttr(default=False)
 
     @field_validator("hidden_sizes", "lr_milestones", mode="before")
     @classmethod
@@ -127,9 +148,7 @@ class Settings(BaseSettings):
     def _model(cls, value: str):
         if value in ("mlp", "cnn"):
             return value
-        import torchvision  # only for names beyond our own: keeps --help and most errors fast
-
-        known = ["mlp", "cnn", *torchvision.models.list_models(module=torchvision.models)]
+        known = ["mlp", "cnn", *torchvision_classifiers()]
         if value not in known:
             close = difflib.get_close_matches(value, known, n=3, cutoff=0.6)
             raise ValueError(f"unknown model; did you mean {' or '.join(close)}?" if close else
@@ -163,10 +182,37 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _workload_defaults(self):
+        """Transfer-learning defaults for a torchvision model, for what the user left unset."""
+        if self.transfer_learning:
+            self._defaults_applied = {k: v for k, v in TRANSFER_DEFAULTS.items() if k not in self.model_fields_set}
+            for field, value in self._defaults_applied.items():
+                setattr(self, field, value)
+        return self
+
+    @model_validator(mode="after")
     def _derive_run_name(self):
         if self.run_name is None:
-            self.run_name = f"{self.model}-{self.experiment_hash()}"
+            self.run_name = f"{self.model}-{dataset_name(self.data_uri)}-{self.experiment_hash()[:8]}"
+            self._run_name_derived = True
         return self
+
+    @property
+    def run_name_derived(self) -> bool:
+        return self._run_name_derived
+
+    @property
+    def transfer_learning(self) -> bool:
+        return self.model not in ("mlp", "cnn")
+
+    @property
+    def defaults_applied(self) -> dict:
+        """The transfer-learning defaults this run took (for the settings the user did not set)."""
+        return dict(self._defaults_applied)
+
+    def legacy_run_name(self) -> str:
+        """The derived name before readable names (trainjob <= 0.1): a run started then resumes."""
+        return f"{self.model}-{self.experiment_hash()[:10]}"
 
     def experiment_hash(self) -> str:
         fields = EXPERIMENT_FIELDS + (("epochs",) if self.lr_schedule in CONTINUOUS_SCHEDULES else ())
@@ -179,6 +225,34 @@ class Settings(BaseSettings):
         for key in ("data_uri", "output_uri", "pretrained"):
             out[key] = redact_uri(out[key])
         return out
+
+
+def dataset_name(uri: str) -> str:
+    """The last segment of a dataset URI, fit for a run name: s3://bucket/data/flowers -> flowers."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1]).strip(".-_")
+    return name[:40] or "data"
+
+
+@functools.cache
+def torchvision_classifiers() -> list[str]:
+    """torchvision's classification model names, read from its source (the @register_model
+    functions of torchvision/models/*.py) instead of importing it: the import takes seconds, and a
+    typo in JOB_MODEL should be reported at once. Falls back to the import if the source moved."""
+    spec = importlib.util.find_spec("torchvision")
+    names = []
+    if spec and spec.origin:
+        for path in sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "models", "*.py"))):
+            with open(path) as f:
+                text = f.read()
+            for match in re.finditer(r"@register_model\(", text):
+                found = re.compile(r"^def (\w+)\(", re.M).search(text, match.end())
+                if found:
+                    names.append(found.group(1))
+    if not names:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(names)
 
 
 def check_uri(value: str) -> str:
@@ -251,7 +325,8 @@ def unknown_variables(environ) -> list[str]:
     for name in sorted(k for k in environ if k.upper().startswith(ENV_PREFIX)):
         if name.upper() in known:
             continue
-        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+        synonym = SYNONYMS.get(name.upper().removeprefix(ENV_PREFIX))
+        close = [ENV_PREFIX + synonym] if synonym else difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else "; see python -m job --help"
         messages.append(f"{name} is not a setting{hint}")
     return messages

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from job.errors import CacheError, DataError, JobError, Stopped, TransientStorageError
+from job.errors import CacheError, CredentialsError, DataError, JobError, Stopped, TransientStorageError
 from job.settings import redact_uri
 
 log = logging.getLogger("job")
@@ -85,8 +85,9 @@ def join(uri: str, *parts: str) -> str:
 def errors(uri: str, error: type[JobError], action: str):
     """Turn storage exceptions into one-line errors naming the URI.
 
-    Missing or forbidden -> `error` (a data or output error: fail at once). Anything else that
-    survived botocore's retries (5xx, throttling, resets, timeouts) -> exit 75, worth a retry.
+    Missing, or a local path we may not write -> `error` (a data or output error: fail at once);
+    credentials the store refuses -> exit 2 wherever it happens (the fix is the same). Anything
+    else that survived botocore's retries (5xx, throttling, resets, timeouts) -> exit 75.
     """
     shown = redact_uri(uri)
     try:
@@ -95,16 +96,35 @@ def errors(uri: str, error: type[JobError], action: str):
         raise
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
         raise error(f"cannot {action} {shown}: not found ({exc.__class__.__name__}); check the URI") from None
-    except PermissionError:
-        raise error(f"cannot {action} {shown}: permission denied; check credentials and bucket policy") from None
     except OSError as exc:
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.ENOSPC):
-            raise error(f"cannot {action} {shown}: {os.strerror(exc.errno)}") from None
-        raise TransientStorageError(f"cannot {action} {shown} after retries: {_short(exc)}") from None
+        if not refused(exc):
+            raise _storage_error(exc, uri, error, action) from None
+        if is_local(uri):
+            raise error(f"cannot {action} {shown}: permission denied (a local path: check its owner and mode)") from None
+        raise CredentialsError(f"cannot {action} {shown}: the store refused our credentials ({_short(exc)}); check the "
+                               "AWS_* variables, profile or service account, and the bucket policy") from None
     except Exception as exc:  # botocore/aiohttp errors that s3fs did not translate
         if exc.__class__.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "gcsfs", "google", "fsspec"):
             raise TransientStorageError(f"cannot {action} {shown} after retries: {_short(exc)}") from None
         raise
+
+
+def _storage_error(exc: OSError, uri: str, error: type[JobError], action: str) -> JobError:
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.ENOSPC):
+        return error(f"cannot {action} {redact_uri(uri)}: {os.strerror(exc.errno)}")
+    return TransientStorageError(f"cannot {action} {redact_uri(uri)} after retries: {_short(exc)}")
+
+
+def refused(exc: BaseException) -> bool:
+    """The store refused our credentials: 403/AccessDenied/ExpiredToken (s3fs: PermissionError),
+    or a bare 400 on a HEAD request, which carries no error code (an expired token, or a
+    signature for the wrong region, as S3 answers HEAD; s3fs turns it into EINVAL)."""
+    if isinstance(exc, PermissionError):
+        return True
+    cause = exc.__cause__
+    return (isinstance(exc, OSError) and exc.errno == errno.EINVAL and cause is not None
+            and getattr(cause, "operation_name", "") == "HeadObject"
+            and getattr(cause, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") == 400)
 
 
 def _short(exc: BaseException) -> str:
@@ -185,9 +205,9 @@ def _op(action: str):
         def with_fresh_credentials(uri, *args, **kwargs):
             try:
                 return fn(uri, *args, **kwargs)
-            except PermissionError as exc:
+            except OSError as exc:
                 fs = filesystem(uri)[0]
-                if isinstance(fs, LocalFileSystem):
+                if isinstance(fs, LocalFileSystem) or not refused(exc):
                     raise
                 log.warning(f"{redact_uri(uri)}: the store refused our credentials ({str(exc)[:120]}); "
                             "reloading them and retrying once")
@@ -314,6 +334,14 @@ def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def remove_empty_dir(uri: str) -> None:
+    """Remove a local directory if it is empty (object stores have no empty folders to tidy)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def check_writable(uri: str) -> None:

@@ -67,7 +67,7 @@ def job_way(settings, dataset: datasets.Data, epochs: int, run_uri: str) -> list
     seconds = []
     for _ in range(epochs):
         loop.train_one_epoch(settings, runtime, model, features, state, ckpt=None)
-        loop.evaluate(settings, runtime, model, features.samples, state.val_idx)
+        loop.evaluate(settings, runtime, model, features.samples, state.val_idx, features.num_classes)
         state.progress = loop.Progress(epoch=state.progress.epoch + 1, global_step=state.progress.global_step)
         seconds.append(time.perf_counter() - start)
         start = time.perf_counter()

@@ -106,7 +106,7 @@ def test_resume_continues_to_the_same_history(tmp_path, digits_dir):
     assert first.returncode == 0
     second = run_job(**common, run_name="split", epochs=4)
     assert second.returncode == 0, second.stdout
-    assert "resumed from checkpoint at epoch 2" in second.stdout
+    assert "(end of epoch 2; global step" in second.stdout
     assert [r["epoch"] for r in read_history(tmp_path / "split")] == [1, 2, 3, 4]
     assert_same_history(read_history(tmp_path / "split"), read_history(tmp_path / "full"))
 

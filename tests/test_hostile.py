@@ -19,7 +19,7 @@ import stage_dataset
 from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, wait_for, wait_for_epochs
 from faultproxy import FaultProxy
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 FORGED = "2026-01-01T00:00:00 INFO forged line"
 SMALL_IMAGES = dict(model="mlp", image_size=16, epochs=1, batch_size=16, num_workers=0, **DIGITS)
 
@@ -166,7 +166,7 @@ def test_sigterm_while_reading_the_checkpoint_at_resume_moves_nothing(s3, s3_ser
         assert s3.cat_file("out/r/checkpoints/latest.json") == latest
         proxy.delay_seconds = 0.0
         rerun = run_job(epochs=4, **settings)
-        assert rerun.returncode == 0 and "resumed from checkpoint at epoch 2" in rerun.stdout, rerun.stdout
+        assert rerun.returncode == 0 and "(end of epoch 2; global step" in rerun.stdout, rerun.stdout
     finally:
         proxy.close()
 

@@ -36,7 +36,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, digits_dir, ref
     proc.wait()
     rerun = run_job(**settings)
     assert rerun.returncode == 0, rerun.stdout
-    assert "resumed from checkpoint" in rerun.stdout
+    assert "resumed from checkpoints/step-" in rerun.stdout
     assert_same_history(read_history(tmp_path / "r"), reference)
 
 

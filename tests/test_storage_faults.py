@@ -61,7 +61,7 @@ def test_sigterm_during_a_slow_data_pull_exits_143_promptly(s3, digits_arrays, s
         lines = []
         for line in proc.stdout:  # the output location is local: the pull starts right after this line
             lines.append(line)
-            if " INFO run " in line:
+            if " INFO settings " in line:
                 break
         time.sleep(1.0)
         signalled = time.monotonic()
