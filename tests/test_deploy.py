@@ -3,6 +3,7 @@ pass the Kubernetes schemas, hadolint passes, and the policies that matter hold.
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_hadolint_passes(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_images_run_the_job_as_non_root_under_tini(dockerfile):
     text = open(os.path.join(ROOT, dockerfile)).read()
-    assert re.search(r"^FROM python:\S+ AS build$|^ARG PYTHON_IMAGE=python:3\.\d+\.\d+-slim-bookworm$", text, re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$", text, re.M)
     assert ":latest" not in text
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "python", "-m", "job"]' in text
     assert re.search(r"^USER 10001", text, re.M)
@@ -69,6 +70,27 @@ def test_images_run_the_job_as_non_root_under_tini(dockerfile):
     if dockerfile.endswith("gpu"):
         assert "NVIDIA_VISIBLE_DEVICES=all" in text and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in text
         assert "torch.version.cuda" in text  # the build refuses a CPU-only torch
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_pins_cannot_rot_silently(dockerfile):
+    """The base by digest (above); Debian packages pinned to an upstream version with any Debian
+    revision (`tini=0.19.0-1*`), or not at all: the archive keeps only the newest build of a
+    version, so an exact pin breaks at the next binNMU."""
+    text = re.sub(r"\\\n\s*", " ", open(os.path.join(ROOT, dockerfile)).read())
+    installs = [line.split("apt-get install", 1)[1].split("&&")[0] for line in text.splitlines() if "apt-get install" in line]
+    assert installs
+    for package in (word for words in installs for word in shlex.split(words) if not word.startswith("-")):
+        assert "=" not in package or package.endswith("*"), f"{package}: pin the upstream version with a trailing *"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_cache_and_tmp_are_writable_by_any_uid(dockerfile):
+    """runc gives a tmpfs mounted over a directory that directory's mode (not its owner), so the
+    README's `--tmpfs /cache` is writable by an arbitrary uid only if the image's /cache is 1777."""
+    text = open(os.path.join(ROOT, dockerfile)).read()
+    assert "mkdir -p /cache && chmod 1777 /cache" in text
+    assert "HOME=/tmp" in text and "TMPDIR=/tmp" in text
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
