@@ -1,6 +1,8 @@
 """Images and manifests, validated offline: kustomize renders every overlay, the rendered objects
-pass the Kubernetes schemas, hadolint passes, and the policies that matter hold."""
+pass the Kubernetes schemas, hadolint, actionlint and shellcheck pass, and the policies that matter
+hold."""
 
+import glob
 import os
 import re
 import shlex
@@ -91,6 +93,20 @@ def test_cache_and_tmp_are_writable_by_any_uid(dockerfile):
     text = open(os.path.join(ROOT, dockerfile)).read()
     assert "mkdir -p /cache && chmod 1777 /cache" in text
     assert "HOME=/tmp" in text and "TMPDIR=/tmp" in text
+
+
+def test_workflows_pass_actionlint():
+    workflows = glob.glob(os.path.join(ROOT, ".github", "workflows", "*.yml"))
+    assert workflows
+    result = subprocess.run([os.path.join(BIN, "actionlint"), "-shellcheck", os.path.join(BIN, "shellcheck"),
+                             "-pyflakes=", *workflows], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shell_scripts_pass_shellcheck():
+    scripts = glob.glob(os.path.join(ROOT, "scripts", "*.sh")) + glob.glob(os.path.join(ROOT, ".ci", "*"))
+    result = subprocess.run([os.path.join(BIN, "shellcheck"), *scripts], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
