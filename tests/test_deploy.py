@@ -1,6 +1,6 @@
 """Images and manifests, validated offline: kustomize renders every overlay, the rendered objects
 pass the Kubernetes schemas, hadolint, actionlint and shellcheck pass, and the policies that matter
-hold."""
+hold. (tests/test_image.py builds and runs the images for real.)"""
 
 import glob
 import os
@@ -15,7 +15,8 @@ import yaml
 
 from conftest import ROOT
 from job.errors import EXIT_CODES
-from job.settings import load_settings
+from job.settings import Settings, load_settings
+from readme_docker import docker_run_flags, option, readme_run_flags
 
 OVERLAYS = ("cpu", "gpu", "multinode")
 DOCKERFILES = ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu")
@@ -93,6 +94,23 @@ def test_cache_and_tmp_are_writable_by_any_uid(dockerfile):
     text = open(os.path.join(ROOT, dockerfile)).read()
     assert "mkdir -p /cache && chmod 1777 /cache" in text
     assert "HOME=/tmp" in text and "TMPDIR=/tmp" in text
+
+
+def test_readme_docker_run_uses_a_read_only_root_and_outlasts_the_stop_grace():
+    flags = readme_run_flags()
+    pairs = set(zip(flags, flags[1:]))
+    assert "--read-only" in flags and {("--tmpfs", "/tmp"), ("--tmpfs", "/cache")} <= pairs
+    assert float(option(flags, "--stop-timeout")) >= Settings.model_fields["stop_grace_seconds"].default + 10
+
+
+def test_smoke_docker_script_and_example_workflow_run_the_readme_flags():
+    script = open(os.path.join(ROOT, "scripts", "smoke-docker.sh")).read()
+    assert shlex.split(re.search(r"^run_flags=\((.*)\)$", script, re.M).group(1)) == readme_run_flags()
+    workflow, _ = docker_run_flags(open(os.path.join(ROOT, ".github", "workflows", "smoke.yml")).read())
+    assert option(workflow, "--network") == "host"  # the S3 server listens on the runner's 127.0.0.1
+    workflow.remove("--network")
+    workflow.remove("host")
+    assert workflow == readme_run_flags()
 
 
 def test_workflows_pass_actionlint():
