@@ -96,13 +96,12 @@ def serve(directory: str, port: int = 0):
 
 @pytest.fixture(scope="module")
 def build_args():
-    """--build-arg options for this machine: the stand-in base and the local wheel index, if given."""
-    args, server = [], None
+    """Build arguments for this machine: the stand-in base and the local wheel index, if given."""
+    args, server = {}, None
     if os.environ.get("TRAINJOB_IMAGE_BASE"):
-        args += ["--build-arg", f"PYTHON_IMAGE={os.environ['TRAINJOB_IMAGE_BASE']}"]
+        args["PYTHON_IMAGE"] = os.environ["TRAINJOB_IMAGE_BASE"]
     if os.environ.get("TRAINJOB_IMAGE_WHEELHOUSE"):
-        server, url = serve(os.environ["TRAINJOB_IMAGE_WHEELHOUSE"], WHEEL_PORT)
-        args += ["--build-arg", f"TORCH_INDEX_URL={url}"]
+        server, args["TORCH_INDEX_URL"] = serve(os.environ["TRAINJOB_IMAGE_WHEELHOUSE"], WHEEL_PORT)
     yield args
     if server:
         server.terminate()
@@ -145,9 +144,13 @@ def host_env(env: dict) -> dict:
     return {**base, **env}
 
 
-def smoke_docker(*args, env: dict | None = None, timeout: float = BUILD_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "smoke-docker.sh"), *args], env=host_env(env or {}),
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+def smoke_docker(*args, build_args: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+    """scripts/smoke-docker.sh with `args`, the build arguments and --network host (for a wheel
+    index and the moto server on 127.0.0.1)."""
+    options = [o for name, value in build_args.items() for o in ("--build-arg", f"{name}={value}")]
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "smoke-docker.sh"), *args, "--network", "host", *options],
+                          env=host_env(env or {}), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=BUILD_TIMEOUT)
 
 
 def run_command(image: str, env: dict, *job_args, name: str | None = None, user: str | None = None) -> list[str]:
@@ -170,21 +173,30 @@ def tail(text: str, n: int = 60) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
-def remove_dangling_trainjob_images() -> None:
-    """Rebuilding a tag leaves the previous image dangling (~6 GB each): remove ours."""
-    subprocess.run(["docker", "image", "prune", "-f", "--filter", f"label={LABEL}"],
-                   capture_output=True, timeout=300)
+def tidy_images(result: subprocess.CompletedProcess, image: str) -> None:
+    """Keep the build cache, drop what a rebuild replaced. Rebuilding a tag leaves the previous
+    image dangling (~6 GB): remove ours by their label. The legacy builder leaves the build stage
+    untagged: tag it `<image>-build` (so it stays as the cache of the torch install) and remove the
+    one it replaces (~130 MB of the app install per change of the sources)."""
+    subprocess.run(["docker", "image", "prune", "-f", "--filter", f"label={LABEL}"], capture_output=True, timeout=300)
+    stages = re.split(r"^Step \d+/\d+ : FROM ", result.stdout, flags=re.M)
+    ids = re.findall(r"^ ---> ([0-9a-f]{12})$", stages[1], re.M) if len(stages) == 3 else []
+    if not ids:  # BuildKit keeps its cache apart from images
+        return
+    old = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", f"{image}-build"], capture_output=True, text=True)
+    subprocess.run(["docker", "tag", ids[-1], f"{image}-build"], capture_output=True, timeout=60)
+    if old.returncode == 0 and not old.stdout.strip().removeprefix("sha256:").startswith(ids[-1]):
+        subprocess.run(["docker", "rmi", old.stdout.strip()], capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def cpu_image(build_args, bucket):
     """scripts/smoke-docker.sh: builds the CPU image from the real Dockerfile, then runs its smoke
-    mode in a container as the README shows. Yields the image and the script's result."""
+    mode in a container as the README shows. Returns the image and the script's result."""
     image = "trainjob:test-cpu"
-    env = job_env(bucket, run_name="smoke-docker")
-    result = smoke_docker("--tag", image, "--network", "host", *build_args, env=env)
-    remove_dangling_trainjob_images()
+    result = smoke_docker("--tag", image, build_args=build_args, env=job_env(bucket, run_name="smoke-docker"))
     assert_built(result, image)
+    tidy_images(result, image)
     return SimpleNamespace(image=image, smoke=result)
 
 
@@ -322,10 +334,10 @@ def test_a_rerun_resumes_from_the_stop_checkpoint(stopped, cpu_image, bucket):
 
 def test_gpu_image_builds_with_the_cuda_wheel_and_runs_on_cpu(cpu_image, build_args, bucket):
     image = "trainjob:test-gpu"
-    result = smoke_docker("--gpu", "--build-only", "--tag", image, "--network", "host", *build_args)
-    remove_dangling_trainjob_images()
+    result = smoke_docker("--gpu", "--build-only", "--tag", image, build_args=build_args)
     assert result.returncode == 0, tail(result.stdout)
     assert_built(result, image)
+    tidy_images(result, image)
     # No GPU here: the same image trains on the CPU (smoke mode, README flags without --gpus).
     smoke = docker_run(image, job_env(bucket, run_name="gpu-image-on-cpu", smoke="true"))
     assert smoke.returncode == 0, tail(smoke.stdout)
@@ -353,16 +365,15 @@ def test_gpu_build_refuses_a_cpu_only_torch(cpu_image, build_args, tmp_path):
     fake_wheel(tmp_path, "torchvision", "0.29.1+cpu", {"torchvision/__init__.py": "__version__ = '0.29.1+cpu'\n"})
     server, url = serve(str(tmp_path))
     try:
-        base = [a for a in build_args if a.startswith("PYTHON_IMAGE=")]
-        result = smoke_docker("--gpu", "--build-only", "--tag", "trainjob:test-gpu-cpu-torch", "--network", "host",
-                              *[x for b in base for x in ("--build-arg", b)], "--build-arg", f"TORCH_INDEX_URL={url}")
+        result = smoke_docker("--gpu", "--build-only", "--tag", "trainjob:test-gpu-cpu-torch",
+                              build_args={**build_args, "TORCH_INDEX_URL": url})
     finally:
         server.terminate()
         server.wait(timeout=10)
-        # the layers built before the refusal are this test's alone (its index URL is new each run)
-        built = re.findall(r"^ ---> ([0-9a-f]{12})$", result.stdout if "result" in locals() else "", re.M)
-        if built:
-            subprocess.run(["docker", "rmi", built[-1]], capture_output=True, timeout=120)
+    # The layers built before the refusal are this test's alone (its index URL is new each run).
+    built = re.findall(r"^ ---> ([0-9a-f]{12})$", result.stdout, re.M)
+    if built:
+        subprocess.run(["docker", "rmi", built[-1]], capture_output=True, timeout=120)
     assert result.returncode != 0, tail(result.stdout)
     assert "torch 2.14.1+cpu is a CPU-only build" in result.stdout, tail(result.stdout)
     assert subprocess.run(["docker", "image", "inspect", "trainjob:test-gpu-cpu-torch"], capture_output=True).returncode
