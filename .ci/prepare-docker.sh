@@ -2,7 +2,8 @@
 # Prepare this machine for the image test (tests/test_image.py): a Docker engine, a stand-in for
 # the python base image and a wheelhouse of the torch wheels, all without a container registry.
 # Idempotent: a second run finds dockerd up and reuses the cached tarball and wheelhouse.
-# Prints the variables the image test reads, as `export` lines for eval.
+# Prints the variables the image test reads, as `export` lines for eval (and keeps them in
+# $cache/image-test.env, where the test finds them when they are not set).
 # Why each step: ../shared/INFRA.md "Containers for real".
 set -euo pipefail
 cache="${TRAINJOB_CI_CACHE:-/var/cache/trainjob-ci}"  # kept between runs on the same machine, never in the repo
@@ -107,5 +108,6 @@ PY
   mv "$wheelhouse.tmp" "$wheelhouse"
 fi
 
-echo "export TRAINJOB_IMAGE_BASE=$standin"
-echo "export TRAINJOB_IMAGE_WHEELHOUSE=$wheelhouse"
+# For eval by the caller, and kept where tests/test_image.py looks when the variables are not set
+# (a later `scripts/test.sh` on this machine builds from the same inputs).
+printf 'export TRAINJOB_IMAGE_BASE=%s\nexport TRAINJOB_IMAGE_WHEELHOUSE=%s\n' "$standin" "$wheelhouse" | tee "$cache/image-test.env"

@@ -7,7 +7,8 @@ Needs a Docker engine. CI prepares one (.ci/prepare-docker.sh: Debian's docker.i
 image and a wheelhouse, as there is no registry) and sets TRAINJOB_IMAGE_TEST=required, so there a
 missing engine fails; elsewhere the module skips at once and says why. Build inputs come from
 TRAINJOB_IMAGE_BASE (the PYTHON_IMAGE build arg) and TRAINJOB_IMAGE_WHEELHOUSE (a PEP 503 wheel
-folder served on 127.0.0.1 as TORCH_INDEX_URL); unset, the Dockerfiles' defaults are used.
+folder served on 127.0.0.1 as TORCH_INDEX_URL), or where they are unset from the file
+.ci/prepare-docker.sh leaves on the machine; with neither, the Dockerfiles' defaults are used.
 """
 
 import json
@@ -94,14 +95,24 @@ def serve(directory: str, port: int = 0):
     return proc, url
 
 
+def prepared_machine() -> dict:
+    """The variables .ci/prepare-docker.sh printed on this machine, if it ran here."""
+    path = os.path.join(os.environ.get("TRAINJOB_CI_CACHE", "/var/cache/trainjob-ci"), "image-test.env")
+    if not os.path.exists(path):
+        return {}
+    lines = open(path).read().split("\n")
+    return dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+
+
 @pytest.fixture(scope="module")
 def build_args():
     """Build arguments for this machine: the stand-in base and the local wheel index, if given."""
+    config = {**prepared_machine(), **{k: v for k, v in os.environ.items() if k.startswith("TRAINJOB_IMAGE_")}}
     args, server = {}, None
-    if os.environ.get("TRAINJOB_IMAGE_BASE"):
-        args["PYTHON_IMAGE"] = os.environ["TRAINJOB_IMAGE_BASE"]
-    if os.environ.get("TRAINJOB_IMAGE_WHEELHOUSE"):
-        server, args["TORCH_INDEX_URL"] = serve(os.environ["TRAINJOB_IMAGE_WHEELHOUSE"], WHEEL_PORT)
+    if config.get("TRAINJOB_IMAGE_BASE"):
+        args["PYTHON_IMAGE"] = config["TRAINJOB_IMAGE_BASE"]
+    if config.get("TRAINJOB_IMAGE_WHEELHOUSE"):
+        server, args["TORCH_INDEX_URL"] = serve(config["TRAINJOB_IMAGE_WHEELHOUSE"], WHEEL_PORT)
     yield args
     if server:
         server.terminate()
@@ -204,9 +215,9 @@ def assert_built(result: subprocess.CompletedProcess, image: str) -> None:
     if f"smoke-docker.sh: built {image}" in result.stdout:
         return
     hint = ""
-    if not os.environ.get("TRAINJOB_IMAGE_BASE"):
-        hint = ('\n(With no registry access, build from a stand-in base and local wheels: '
-                'eval "$(bash .ci/prepare-docker.sh)" before running the tests, as .ci/run does.)')
+    if not any(a.startswith("PYTHON_IMAGE=") for a in result.args):
+        hint = ("\n(With no registry access, build from a stand-in base and local wheels: run "
+                "`bash .ci/prepare-docker.sh` once on this machine, as .ci/run does.)")
     pytest.fail(f"scripts/smoke-docker.sh did not build {image}:\n{tail(result.stdout)}{hint}")
 
 
