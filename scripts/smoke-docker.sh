@@ -1,31 +1,83 @@
 #!/usr/bin/env bash
-# For machines with a Docker engine: build the image, stage a tiny dataset, run the job in the
-# container exactly as a cluster would (read-only root, non-root user, settings by environment),
-# and print where the outputs went.
-#   scripts/smoke-docker.sh          CPU image
-#   scripts/smoke-docker.sh --gpu    CUDA image, run with --gpus all
+# Build the image and run the job's smoke mode in a container exactly as the README's "Run in
+# Docker" shows (read-only root, tmpfs /tmp and /cache, non-root, settings by environment).
+# tests/test_image.py builds and smoke-runs through this script, so this is the path CI checks.
+#   scripts/smoke-docker.sh                    CPU image; a local S3 server (moto) with a small dataset
+#   scripts/smoke-docker.sh --gpu              CUDA image, run with --gpus all
+#   scripts/smoke-docker.sh --build-arg TORCH_INDEX_URL=https://pypi.example.com/torch-cpu/simple
+#   JOB_DATA_URI=s3://bucket/data JOB_OUTPUT_URI=s3://bucket/runs scripts/smoke-docker.sh
+#                                              your own store and data (AWS_* and JOB_* passed in)
+# Options:
+#   --gpu                    docker/Dockerfile.gpu, run with --gpus all (default: Dockerfile.cpu)
+#   --tag IMAGE              image name (default trainjob:smoke-cpu or trainjob:smoke-gpu)
+#   --build-arg NAME=VALUE   passed to docker build; repeat it (TORCH_INDEX_URL, PYTHON_IMAGE, ...)
+#   --network MODE           network of the build and the run (default host: the local S3 server
+#                            and a wheel index on 127.0.0.1 are reachable only from the host's network)
+#   --build-only             build, do not run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-flavour=cpu
-gpu_args=()
-if [ "${1:-}" = "--gpu" ]; then
-  flavour=gpu
-  gpu_args=(--gpus all)
+
+# The README's flags; tests/test_image.py checks that they are the README's.
+run_flags=(--rm --read-only --tmpfs /tmp --tmpfs /cache --shm-size 2g --stop-timeout 40)
+
+flavour=cpu tag="" network=host build_only=false
+build_args=() gpu_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpu) flavour=gpu; gpu_args=(--gpus all) ;;
+    --tag) tag="$2"; shift ;;
+    --build-arg) build_args+=(--build-arg "$2"); shift ;;
+    --network) network="$2"; shift ;;
+    --build-only) build_only=true ;;
+    *) echo "smoke-docker.sh: unknown argument $1 (see the comment at the top of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+image="${tag:-trainjob:smoke-$flavour}"
+
+docker build --force-rm --network "$network" "${build_args[@]}" -f "docker/Dockerfile.$flavour" -t "$image" .
+echo "smoke-docker.sh: built $image"
+$build_only && exit 0
+
+if [ -z "${JOB_DATA_URI:-}" ]; then  # no store given: a local S3-compatible server, as scripts/smoke.sh
+  bash scripts/setup-venv.sh test >/dev/null
+  py=.venv/bin/python
+  port=$($py -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  $py -m moto.server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
+  moto=$!
+  trap 'kill $moto 2>/dev/null' EXIT
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ACCESS_KEY_ID=smoke AWS_SECRET_ACCESS_KEY=smoke AWS_DEFAULT_REGION=us-east-1
+  $py - <<'PY'  # wait for the server, then make the buckets
+import os, time, urllib.request
+import s3fs
+deadline = time.time() + 30
+while True:
+    try:
+        urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"] + "/moto-api/", timeout=1)
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise SystemExit("smoke-docker.sh: the local S3 server did not start within 30 s")
+        time.sleep(0.1)
+fs = s3fs.S3FileSystem()
+fs.mkdir("data")
+fs.mkdir("runs")
+PY
+  $py scripts/stage_dataset.py digits s3://data/digits >/dev/null
+  export JOB_DATA_URI=s3://data/digits JOB_OUTPUT_URI=s3://runs JOB_RUN_NAME=smoke-docker
 fi
-image="trainjob:smoke-$flavour"
-docker build -f "docker/Dockerfile.$flavour" -t "$image" .
 
-bash scripts/setup-venv.sh stage >/dev/null
-work="$(pwd)/runs/smoke-docker"
-mkdir -p "$work/data" "$work/out"
-.venv/bin/python scripts/stage_dataset.py digits "$work/data" >/dev/null
-chmod -R a+rwX "$work"  # the container runs as uid 10001
-
-docker run --rm "${gpu_args[@]}" \
-  --read-only --tmpfs /tmp --tmpfs /cache --shm-size 1g \
-  -v "$work/data:/data:ro" -v "$work/out:/out" \
-  -e JOB_DATA_URI=/data -e JOB_OUTPUT_URI=/out -e JOB_RUN_NAME=smoke \
-  -e JOB_EPOCHS=3 -e JOB_OPTIMIZER=adam -e JOB_LR=0.01 \
-  "$image"
-echo
-echo "outputs: $work/out/smoke (summary.json, history.jsonl, checkpoints/, plots/)"
+# Every JOB_* variable and the standard AWS ones, by name only (docker reads the values from this
+# environment, so secrets stay off the command line).
+env_args=(-e JOB_SMOKE=true)
+for name in $(compgen -e); do
+  case "$name" in
+    JOB_SMOKE) ;;
+    JOB_*|AWS_ENDPOINT_URL|AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|AWS_DEFAULT_REGION|AWS_REGION)
+      env_args+=(-e "$name") ;;
+  esac
+done
+code=0
+docker run "${run_flags[@]}" --network "$network" "${gpu_args[@]}" "${env_args[@]}" "$image" || code=$?
+echo "smoke-docker.sh: $image exited $code; outputs under $JOB_OUTPUT_URI/${JOB_RUN_NAME:-<run name>}/smoke"
+exit $code

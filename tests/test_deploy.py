@@ -1,8 +1,11 @@
 """Images and manifests, validated offline: kustomize renders every overlay, the rendered objects
-pass the Kubernetes schemas, hadolint passes, and the policies that matter hold."""
+pass the Kubernetes schemas, hadolint, actionlint and shellcheck pass, and the policies that matter
+hold. (tests/test_image.py builds and runs the images for real.)"""
 
+import glob
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,7 +15,8 @@ import yaml
 
 from conftest import ROOT
 from job.errors import EXIT_CODES
-from job.settings import load_settings
+from job.settings import Settings, load_settings
+from readme_docker import docker_run_flags, option, readme_run_flags
 
 OVERLAYS = ("cpu", "gpu", "multinode")
 DOCKERFILES = ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu")
@@ -61,7 +65,7 @@ def test_hadolint_passes(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_images_run_the_job_as_non_root_under_tini(dockerfile):
     text = open(os.path.join(ROOT, dockerfile)).read()
-    assert re.search(r"^FROM python:\S+ AS build$|^ARG PYTHON_IMAGE=python:3\.\d+\.\d+-slim-bookworm$", text, re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$", text, re.M)
     assert ":latest" not in text
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "python", "-m", "job"]' in text
     assert re.search(r"^USER 10001", text, re.M)
@@ -69,6 +73,58 @@ def test_images_run_the_job_as_non_root_under_tini(dockerfile):
     if dockerfile.endswith("gpu"):
         assert "NVIDIA_VISIBLE_DEVICES=all" in text and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in text
         assert "torch.version.cuda" in text  # the build refuses a CPU-only torch
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_pins_cannot_rot_silently(dockerfile):
+    """The base by digest (above); Debian packages pinned to an upstream version with any Debian
+    revision (`tini=0.19.0-1*`), or not at all: the archive keeps only the newest build of a
+    version, so an exact pin breaks at the next binNMU."""
+    text = re.sub(r"\\\n\s*", " ", open(os.path.join(ROOT, dockerfile)).read())
+    installs = [line.split("apt-get install", 1)[1].split("&&")[0] for line in text.splitlines() if "apt-get install" in line]
+    assert installs
+    for package in (word for words in installs for word in shlex.split(words) if not word.startswith("-")):
+        assert "=" not in package or package.endswith("*"), f"{package}: pin the upstream version with a trailing *"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_cache_and_tmp_are_writable_by_any_uid(dockerfile):
+    """runc gives a tmpfs mounted over a directory that directory's mode (not its owner), so the
+    README's `--tmpfs /cache` is writable by an arbitrary uid only if the image's /cache is 1777."""
+    text = open(os.path.join(ROOT, dockerfile)).read()
+    assert "mkdir -p /cache && chmod 1777 /cache" in text
+    assert "HOME=/tmp" in text and "TMPDIR=/tmp" in text
+
+
+def test_readme_docker_run_uses_a_read_only_root_and_outlasts_the_stop_grace():
+    flags = readme_run_flags()
+    pairs = set(zip(flags, flags[1:]))
+    assert "--read-only" in flags and {("--tmpfs", "/tmp"), ("--tmpfs", "/cache")} <= pairs
+    assert float(option(flags, "--stop-timeout")) >= Settings.model_fields["stop_grace_seconds"].default + 10
+
+
+def test_smoke_docker_script_and_example_workflow_run_the_readme_flags():
+    script = open(os.path.join(ROOT, "scripts", "smoke-docker.sh")).read()
+    assert shlex.split(re.search(r"^run_flags=\((.*)\)$", script, re.M).group(1)) == readme_run_flags()
+    workflow, _ = docker_run_flags(open(os.path.join(ROOT, ".github", "workflows", "smoke.yml")).read())
+    assert option(workflow, "--network") == "host"  # the S3 server listens on the runner's 127.0.0.1
+    workflow.remove("--network")
+    workflow.remove("host")
+    assert workflow == readme_run_flags()
+
+
+def test_workflows_pass_actionlint():
+    workflows = glob.glob(os.path.join(ROOT, ".github", "workflows", "*.yml"))
+    assert workflows
+    result = subprocess.run([os.path.join(BIN, "actionlint"), "-shellcheck", os.path.join(BIN, "shellcheck"),
+                             "-pyflakes=", *workflows], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shell_scripts_pass_shellcheck():
+    scripts = glob.glob(os.path.join(ROOT, "scripts", "*.sh")) + glob.glob(os.path.join(ROOT, ".ci", "*"))
+    result = subprocess.run([os.path.join(BIN, "shellcheck"), *scripts], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
