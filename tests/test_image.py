@@ -276,7 +276,8 @@ def test_any_uid_can_write_cache_and_tmp_openshift_style(cpu_image, bucket):
 def stopped(cpu_image, bucket, tmp_path_factory):
     """A run stopped with `docker stop` once its first epoch is in the bucket (the README's stop
     timeout applies), with the processes seen inside the container while it ran."""
-    env = job_env(bucket, run_name="stop", epochs=EPOCHS_TO_STOP, hidden_sizes="1024,1024", **DIGITS)
+    # a checkpoint (and history) every epoch, so the stop lands between published epochs
+    env = job_env(bucket, run_name="stop", epochs=EPOCHS_TO_STOP, hidden_sizes="1024,1024", checkpoint_min_seconds=0, **DIGITS)
     name = f"trainjob-test-{uuid.uuid4().hex[:8]}"
     log = tmp_path_factory.mktemp("stop") / "run.log"
     with open(log, "w") as out:
