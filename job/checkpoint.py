@@ -339,6 +339,7 @@ class Checkpointer:
         self.valid = "no checkpoint saved"  # the newest committed checkpoint, for the last log line
         self.last_save = time.monotonic()
         self.pending_best: tuple[bytes, dict] | None = None
+        self.published_epochs = -1  # the history length the published curves show
 
     def resumed(self, name: str) -> None:
         self.valid = f"checkpoints/{name}.pt ({position(self.state.progress, len(self.state.train_idx))})"
@@ -372,6 +373,7 @@ class Checkpointer:
             commit(self.run_uri, name, blob, meta, best, s.keep_checkpoints, self.lease, best_blob)
             self.valid = where
             report.publish(self.run_uri, history, summary, {"val": confusion})
+            self.published_epochs = len(history)
 
         return self.uploader.submit(publish)
 

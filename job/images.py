@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from job.errors import DataError
 
@@ -64,6 +63,8 @@ def transforms(image_size: int, augment: bool, normalize: bool):
     """(train, eval) transforms as in the flowers tutorial: resize + centre crop for evaluation;
     random rotation (20 degrees), random resized crop and flip for training when augmenting.
     Normalised with ImageNet's mean/std, the statistics torchvision's pretrained weights expect."""
+    from torchvision import transforms as T  # here, not at the top: MNIST-format runs never load torchvision
+
     tail = [T.ToTensor()] + ([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else [])
     eval_t = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), *tail])
     if not augment:

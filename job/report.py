@@ -200,11 +200,12 @@ def confusion_png(confusion, class_names: list[str], title: str) -> bytes:
     return _png(fig)
 
 
-def publish(run_uri: str, history: list[dict], summary: dict, confusions: dict | None = None) -> None:
+def publish(run_uri: str, history: list[dict], summary: dict, confusions: dict | None = None, curves: bool = True) -> None:
     """Rewrite history, plots and summary whole (object stores cannot append). `confusions`:
-    {split: confusion matrix} pictured as plots/confusion_<split>.png."""
+    {split: confusion matrix} pictured as plots/confusion_<split>.png; `curves`: redraw the
+    accuracy and loss plots (skipped when they already show this history)."""
     storage.write_bytes(storage.join(run_uri, "history.jsonl"), history_bytes(history))
-    if history:
+    if history and curves:
         for metric in ("accuracy", "loss"):
             storage.write_bytes(storage.join(run_uri, "plots", f"{metric}.png"), plot_png(history, metric, summary))
     for split, confusion in (confusions or {}).items():

@@ -10,8 +10,9 @@ import logging
 import platform
 import time
 
+from importlib.metadata import version
+
 import torch
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 from job import __version__, checkpoint, datasets, features, loop, models, report, storage
@@ -54,8 +55,9 @@ def run(settings, runtime: Runtime, step=plain_step, sanity=None, include=None) 
 
 
 def versions() -> dict:
+    # torchvision's version without importing it: an MLP run never needs it (a second of start-up)
     return {"trainjob": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__}
+            "torchvision": version("torchvision")}
 
 
 def resolve_run_name(settings):
@@ -65,7 +67,7 @@ def resolve_run_name(settings):
         return settings
     legacy = settings.legacy_run_name()
     new, old = (storage.join(settings.output_uri, name, "checkpoints", "latest.json") for name in (settings.run_name, legacy))
-    with storage.errors(settings.output_uri, OutputError, "read"):
+    with storage.errors(storage.join(settings.output_uri, settings.run_name), OutputError, "read"):
         if not storage.exists(new) and storage.exists(old):
             log.info(f"continuing the run {legacy}, named by an earlier trainjob (new runs are named like {settings.run_name})")
             return settings.model_copy(update={"run_name": legacy})
@@ -129,18 +131,24 @@ def on_main(runtime: Runtime, fn):
     return runtime.broadcast(result)
 
 
-def load_data(settings, runtime: Runtime, include=None) -> datasets.Data:
-    """Each node pulls the dataset into its own cache once: its local rank 0 first, the others
-    after it (they then find the cache fresh and read it)."""
-    normalize = settings.model not in ("mlp", "cnn")  # torchvision models expect ImageNet statistics
-    data, error = None, None
+def node_first(runtime: Runtime, fn):
+    """fn() on each node's local rank 0 first, then on the node's other ranks, which find what it
+    cached on the node's disk (the dataset, the backbone features) and read it. An error on any
+    rank ends every rank."""
+    result, error = None, None
     if runtime.local_rank == 0:
         try:
-            data = datasets.load(settings, runtime, normalize, include)
+            result = fn()
         except JobError as exc:
             error = exc
     runtime.all_ok(error)
-    return data if data is not None else datasets.load(settings, runtime, normalize, include)
+    return result if runtime.local_rank == 0 else fn()
+
+
+def load_data(settings, runtime: Runtime, include=None) -> datasets.Data:
+    """Each node pulls the dataset into its own cache once (node_first)."""
+    normalize = settings.model not in ("mlp", "cnn")  # torchvision models expect ImageNet statistics
+    return node_first(runtime, lambda: datasets.load(settings, runtime, normalize, include))
 
 
 def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease: Lease | None, started: float):
@@ -168,10 +176,11 @@ def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease
         ckpt.resumed(name)
     on_features = features.applicable(settings, data)
     if on_features:
-        data = features.cached(data, module, head, model_name=settings.model, image_size=settings.image_size,
-                               batch_size=settings.batch_size, device=runtime.device, autocast=runtime.autocast,
-                               cache_dir=settings.cache_dir, run_uri=run_uri, publish=runtime.is_main,
-                               log_every=settings.log_every_seconds)
+        images = data
+        data = node_first(runtime, lambda: features.cached(
+            images, module, head, model_name=settings.model, image_size=settings.image_size,
+            batch_size=settings.batch_size, device=runtime.device, autocast=runtime.autocast,
+            cache_dir=settings.cache_dir, run_uri=run_uri, publish=runtime.is_main, log_every=settings.log_every_seconds))
     model = loop.Model(module, module, head, frozen, on_features)
     model.net = model.trainable
     if runtime.distributed:  # after restore: DDP starts every rank from rank 0's weights
@@ -188,7 +197,7 @@ def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease
 def finish(settings, runtime: Runtime, model: loop.Model, data: datasets.Data, state: loop.TrainState,
            ckpt: Checkpointer) -> dict:
     """Score the test set if there is one, publish the final summary; returns it."""
-    extra, confusions = {}, {"val": state.val_confusion}
+    extra, confusions = {}, {}
     if data.test is not None:
         try:
             test_loss, test_accuracy, confusions["test"] = loop.evaluate(
@@ -203,7 +212,10 @@ def finish(settings, runtime: Runtime, model: loop.Model, data: datasets.Data, s
         if not ckpt.uploader.wait():
             raise Stopped(runtime.stop.signum, f"while publishing the final outputs; the valid checkpoint is {ckpt.valid}")
         with storage.errors(ckpt.run_uri, OutputError, "write to"):
-            report.publish(ckpt.run_uri, state.history, summary, confusions)
+            fresh = ckpt.published_epochs == len(state.history)  # the last checkpoint drew this history
+            if not fresh:
+                confusions["val"] = state.val_confusion
+            report.publish(ckpt.run_uri, state.history, summary, confusions, curves=not fresh)
             storage.remove(storage.join(ckpt.run_uri, "failure.json"))  # from an earlier attempt: this one completed
     runtime.barrier()
     log.info(f"completed: best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); "

@@ -41,28 +41,8 @@ $build_only && exit 0
 
 if [ -z "${JOB_DATA_URI:-}" ]; then  # no store given: a local S3-compatible server, as scripts/smoke.sh
   bash scripts/setup-venv.sh test >/dev/null
-  py=.venv/bin/python
-  port=$($py -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-  $py -m moto.server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
-  moto=$!
-  trap 'kill $moto 2>/dev/null' EXIT
-  export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ACCESS_KEY_ID=smoke AWS_SECRET_ACCESS_KEY=smoke AWS_DEFAULT_REGION=us-east-1
-  $py - <<'PY'  # wait for the server, then make the buckets
-import os, time, urllib.request
-import s3fs
-deadline = time.time() + 30
-while True:
-    try:
-        urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"] + "/moto-api/", timeout=1)
-        break
-    except OSError:
-        if time.time() > deadline:
-            raise SystemExit("smoke-docker.sh: the local S3 server did not start within 30 s")
-        time.sleep(0.1)
-fs = s3fs.S3FileSystem()
-fs.mkdir("data")
-fs.mkdir("runs")
-PY
+  # shellcheck source=scripts/local-s3.sh
+  source scripts/local-s3.sh
   $py scripts/stage_dataset.py digits s3://data/digits >/dev/null
   export JOB_DATA_URI=s3://data/digits JOB_OUTPUT_URI=s3://runs JOB_RUN_NAME=smoke-docker
 fi

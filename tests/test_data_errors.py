@@ -46,8 +46,8 @@ def test_corrupt_idx_exits_3_naming_the_file(tmp_path, digits_dir, name, data, r
     corrupt_copy(digits_dir, broken, name, data)
     result = run_job(data_uri=str(broken), output_uri=str(tmp_path / "out"))
     assert_one_clear_error(result, 3, name.removesuffix(".gz"), reason)
-    summary = (tmp_path / "out").glob("*/summary.json")
-    assert '"status": "failed"' in next(summary).read_text()  # the output was reachable: the reason is recorded
+    failure = next((tmp_path / "out").glob("*/failure.json"))  # the output was reachable: the reason is recorded
+    assert '"exit_code": 3' in failure.read_text()
 
 
 def test_unwritable_output_exits_4(s3, digits_dir):

@@ -94,7 +94,7 @@ def test_a_killed_worker_fails_the_job_in_bounded_time_and_the_rerun_resumes(tmp
     assert time.monotonic() - killed_at < 60
     # torchrun names the lost worker; the surviving rank says it lost its peers
     assert re.search(r"rank\W+1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", out), out[-3000:]
-    assert "ERROR rank 0 lost contact with the other ranks" in out and "(exit 75)" in out
+    assert "ERROR rank 0 lost contact with the other ranks" in out and "(exit 75" in out
     rerun = torchrun("--standalone", "--nproc-per-node=2", **{**settings, "epochs": 4})
     assert rerun.returncode == 0, rerun.stdout
     assert "resumed from checkpoints/step-" in rerun.stdout
@@ -108,7 +108,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path, digit
     os.kill(worker_pid(agent.pid, 1), signal.SIGTERM)
     out, _ = agent.communicate(timeout=60)
     assert out.count("stopped by signal 15 after saving a checkpoint: checkpoints/step-") == 2, out[-3000:]  # both ranks
-    assert out.count("(exit 143)") == 2
+    assert out.count("(exit 143") == 2
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["exit_code"] == 143
     latest = json.loads((tmp_path / "r" / "checkpoints" / "latest.json").read_text())

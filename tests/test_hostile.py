@@ -202,7 +202,7 @@ def test_frozen_storage_cannot_outlast_the_grace_period(s3, s3_server, digits_di
         proxy.close()
     assert proc.returncode == 143, out
     last = out.strip().splitlines()[-1]
-    assert "without a new checkpoint; the valid one is checkpoints/step-" in last and "(exit 143)" in last, last
+    assert "without a new checkpoint; the valid one is checkpoints/step-" in last and "(exit 143" in last, last
     assert "Traceback" not in out
 
 
@@ -215,7 +215,7 @@ def test_persistent_storage_failure_ends_with_exit_75_within_its_bound(s3, s3_se
     finally:
         proxy.close()
     assert result.returncode == 75, result.stdout
-    assert "storage: still trying to write s3://out/" in result.stdout  # not silent while it retries
+    assert re.search(r"storage: still trying to \w+ s3://out/", result.stdout)  # not silent while it retries
     errors = [l for l in result.stdout.splitlines() if " ERROR " in l]
     assert len(errors) == 1 and "JOB_STORAGE_TIMEOUT_SECONDS=6" in errors[0], result.stdout
 
