@@ -98,7 +98,7 @@ class Corrupt(Exception):
     """A checkpoint failed verification: its manifest is unreadable or its bytes do not match it."""
 
 
-def _verified(run_uri: str, name: str) -> dict:
+def read(run_uri: str, name: str) -> dict:
     """The checkpoint `name`, its bytes checked against its manifest. FileNotFoundError when it
     is incomplete (a manifest without its file); Corrupt when it fails verification; storage
     errors and signals propagate untouched."""
@@ -146,7 +146,7 @@ def load_latest(run_uri: str) -> tuple[dict | None, str | None]:
     tried = []
     for name in candidates:
         try:
-            state = _verified(run_uri, name)
+            state = read(run_uri, name)
         except FileNotFoundError:
             continue
         except Corrupt as exc:
@@ -241,6 +241,8 @@ def contents(settings, runtime, module: torch.nn.Module, state, data) -> dict:
         "split": {"train": state.train_idx, "val": state.val_idx},
         "rng": torch.get_rng_state(),
         "val_confusion": state.val_confusion,  # the last evaluation's, for the final report
+        "input_shape": list(data.samples.sample_shape),  # what the model takes (data as read, not cached features)
+        "input_kind": "idx" if data.samples.in_memory else "image",
     }
 
 
@@ -332,9 +334,10 @@ class Checkpointer:
     epoch was published). The last epoch, a stop and JOB_CHECKPOINT_EVERY_STEPS always save; a
     new best epoch between two checkpoints is snapshotted and written as best.pt with the next."""
 
-    def __init__(self, settings, runtime, run_uri: str, module: torch.nn.Module, state, data, lease, started: float):
+    def __init__(self, settings, runtime, run_uri: str, module: torch.nn.Module, state, data, lease, started: float,
+                 tracker=None):
         self.settings, self.rt, self.run_uri, self.module, self.state, self.data = settings, runtime, run_uri, module, state, data
-        self.lease, self.started = lease, started
+        self.lease, self.started, self.tracker = lease, started, tracker
         self.uploader = Uploader(run_uri, runtime.stop, settings.stop_grace_seconds, settings.log_every_seconds)
         self.valid = "no checkpoint saved"  # the newest committed checkpoint, for the last log line
         self.last_save = time.monotonic()
@@ -374,6 +377,8 @@ class Checkpointer:
             self.valid = where
             report.publish(self.run_uri, history, summary, {"val": confusion})
             self.published_epochs = len(history)
+            if self.tracker is not None:
+                self.tracker.epochs(history)
 
         return self.uploader.submit(publish)
 

@@ -36,8 +36,60 @@ def check(settings) -> None:
              f"{storage.redact_uri(settings.output_uri)} writable; device {device}; run {storage.redact_uri(run_uri)}: {state}")
 
 
+COMMANDS = {
+    "predict": ("classify images (or IDX images) with an exported model -> predictions.jsonl",
+                [("model", "the model: a run's URI or its model/ folder"),
+                 ("inputs", "a folder or prefix of images (subfolders included), or of IDX image files")],
+                "where to write predictions.jsonl (default: <run>/predictions/<inputs>.jsonl)"),
+    "evaluate": ("score an exported model on labelled data -> evaluation.json and confusion.png",
+                 [("model", "the model: a run's URI or its model/ folder"),
+                  ("data", "class folders, an image-folder dataset (its test/ or valid/ split), or MNIST-format IDX files")],
+                 "the folder to write to (default: <run>/evaluations/<data>/)"),
+    "export": ("write a model/ folder (safetensors, config.json, verified ONNX) from any checkpoint",
+               [("checkpoint", "a checkpoint's URI, e.g. <run>/checkpoints/best.pt or a step-*.pt")],
+               "the folder to write to (default: <run>/model/)"),
+}
+
+
+def command(name: str, args: list[str], stop: StopRequest) -> int:
+    """`python -m job predict|evaluate|export ...`: the arguments name the model and data; the
+    rest (device, batch size, cache, storage, limits) comes from the usual JOB_* variables."""
+    import argparse
+
+    description, positional, output = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"python -m job {name}", description=description)
+    for arg, help_ in positional:
+        parser.add_argument(arg, help=help_)
+    parser.add_argument("--output", help=output)
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return int(exc.code or 0)
+    setup_logging()
+    try:
+        settings = load_settings(data_uri=getattr(ns, positional[-1][0]))
+        setup_logging(settings.log_level)
+        storage.configure(settings, stop)
+        from job import predict
+        from job.runtime import setup
+
+        runtime = setup(settings, stop)
+        if name == "predict":
+            predict.predict(settings, runtime, ns.model, ns.inputs, ns.output)
+        elif name == "evaluate":
+            predict.evaluate(settings, runtime, ns.model, ns.data, ns.output)
+        else:
+            predict.export_checkpoint(settings, ns.checkpoint, ns.output)
+        return 0
+    except Exception as exc:
+        return report_failure(exc)
+
+
 def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    stop = stop or StopRequest().install()
+    if argv and argv[0] in COMMANDS:
+        return command(argv[0], argv[1:], stop)
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0
@@ -47,7 +99,6 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
               "(see python -m job --help)", file=sys.stderr)
         return 2
     setup_logging()
-    stop = stop or StopRequest().install()
     try:
         settings = load_settings()
         setup_logging(settings.log_level)

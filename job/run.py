@@ -1,6 +1,6 @@
 """One run, top to bottom: the output location, the dataset, the model and its training state
-(resumed when the run has a checkpoint), training, the test set and the final outputs, and a
-record of how the run ended.
+(resumed when the run has a checkpoint), training, the test set and the final outputs, the
+exported model, and a record of how the run ended.
 
 A normal run and a smoke run both go through run(): smoke mode passes `step`, which times and
 reports each phase, and `sanity`, a check between building the model and training.
@@ -15,10 +15,10 @@ from importlib.metadata import version
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from job import __version__, checkpoint, datasets, features, loop, models, report, storage
+from job import __version__, checkpoint, datasets, export, features, loop, models, report, storage, tracking
 from job.checkpoint import Checkpointer
 from job.data import split_indices
-from job.errors import JobError, OutputError, Stopped
+from job.errors import DataError, JobError, OutputError, Stopped
 from job.lease import Lease, LeaseLost
 from job.optim import build_optimizer
 from job.runtime import Runtime, is_peer_failure, peer_lost
@@ -36,10 +36,11 @@ def run(settings, runtime: Runtime, step=plain_step, sanity=None, include=None) 
     started = time.monotonic()
     run_uri = storage.join(settings.output_uri, settings.run_name)
     lease = step("output location", lambda: begin(settings, runtime, run_uri))
-    with Ending(settings, runtime, run_uri, lease) as ending:
-        data = step("dataset pulled and read", lambda: load_data(settings, runtime, include))
+    tracker = tracking.Tracker(settings, runtime, run_uri)
+    with Ending(settings, runtime, run_uri, lease, tracker) as ending:
+        dataset = step("dataset pulled and read", lambda: load_data(settings, runtime, include))
         model, data, state, ckpt = step("model built with its weights",
-                                        lambda: prepare(settings, runtime, run_uri, data, lease, started))
+                                        lambda: prepare(settings, runtime, run_uri, dataset, lease, started, tracker))
         ending.ckpt = ckpt
         if state.progress.epoch >= settings.epochs:
             done = on_main(runtime, lambda: report.completed(run_uri))
@@ -51,7 +52,14 @@ def run(settings, runtime: Runtime, step=plain_step, sanity=None, include=None) 
         if sanity is not None:
             step("loss sanity", lambda: sanity(settings, runtime, model, data, state))
         step("train and validate", lambda: loop.fit(settings, runtime, model, data, state, ckpt))
-        return step("summary and test set", lambda: finish(settings, runtime, model, data, state, ckpt))
+        summary = step("summary and test set", lambda: finish(settings, runtime, model, data, state, ckpt))
+        step("model exported", lambda: export_model(settings, runtime, run_uri, dataset, state))
+        if runtime.is_main:
+            tracker.artifacts(final_outputs(run_uri))
+        tracker.end("FINISHED")
+        log.info(f"completed: best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); "
+                 f"outputs in {storage.redact_uri(run_uri)}")
+        return summary
 
 
 def versions() -> dict:
@@ -151,7 +159,8 @@ def load_data(settings, runtime: Runtime, include=None) -> datasets.Data:
     return node_first(runtime, lambda: datasets.load(settings, runtime, normalize, include))
 
 
-def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease: Lease | None, started: float):
+def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease: Lease | None, started: float,
+            tracker=None):
     """The model (head replaced, weights loaded, backbone frozen as asked) and the training state,
     resumed if the run has a checkpoint; backbone features cached when they can be; wrapped for
     data parallelism. From here a signal is answered with a checkpoint.
@@ -170,10 +179,12 @@ def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
     train_idx, val_idx = data.split or split_indices(len(data.samples), settings.val_fraction, settings.seed)
     state = loop.TrainState(optimizer, scaler, train_idx, val_idx)
-    ckpt = Checkpointer(settings, runtime, run_uri, module, state, data, lease, started)
+    ckpt = Checkpointer(settings, runtime, run_uri, module, state, data, lease, started, tracker)
     if saved is not None:
         checkpoint.restore(saved, name, settings, module, state, data, run_uri)
         ckpt.resumed(name)
+    if tracker is not None:
+        tracker.start(state.history)
     on_features = features.applicable(settings, data)
     if on_features:
         images = data
@@ -218,9 +229,41 @@ def finish(settings, runtime: Runtime, model: loop.Model, data: datasets.Data, s
             report.publish(ckpt.run_uri, state.history, summary, confusions, curves=not fresh)
             storage.remove(storage.join(ckpt.run_uri, "failure.json"))  # from an earlier attempt: this one completed
     runtime.barrier()
-    log.info(f"completed: best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); "
-             f"outputs in {storage.redact_uri(ckpt.run_uri)}")
     return summary
+
+
+def export_model(settings, runtime: Runtime, run_uri: str, dataset: datasets.Data, state: loop.TrainState) -> str:
+    """<run>/model/ from the best checkpoint (read back and checked against its manifest), its
+    ONNX form verified on validation samples of the dataset as read (images, not features)."""
+    if settings.export == "off" or not runtime.is_main:
+        return "not asked for" if settings.export == "off" else ""
+    with storage.errors(run_uri, DataError, "read the best checkpoint from"):
+        best = checkpoint.read(run_uri, "best")
+    source = {"run": storage.redact_uri(run_uri), "checkpoint": "checkpoints/best.pt", "epoch": best["best_epoch"],
+              "val_accuracy": best["best_val_accuracy"], "dataset_fingerprint": dataset.fingerprint}
+    config = export.config_for(settings, dataset.class_names, dataset.samples.sample_shape,
+                               from_images=not dataset.samples.in_memory, source=source)
+    module = export.build(config)
+    module.load_state_dict(best["model"])
+    samples = state.val_idx[:export.VERIFY_SAMPLES]
+    batches = (x.cpu() for x, _ in dataset.samples.batches(samples, 64, train=False))
+    config = export.write(storage.join(run_uri, "model"), module, config, batches, onnx=settings.export == "onnx")
+    if config["onnx"]:
+        return f"model.safetensors, config.json, model.onnx verified on {config['verification']['samples']} samples"
+    return "model.safetensors, config.json" + (f" (no ONNX: {config['onnx_error']})" if config.get("onnx_error") else "")
+
+
+def final_outputs(run_uri: str) -> dict[str, bytes]:
+    """The files of a completed run worth keeping beside its metrics: summary, plots, the model."""
+    files = {}
+    for path in ("summary.json", "plots/accuracy.png", "plots/loss.png", "plots/confusion_val.png",
+                 "plots/confusion_test.png", "model/config.json", "model/model.safetensors", "model/model.onnx"):
+        uri = storage.join(run_uri, path)
+        try:
+            files[path] = storage.read_bytes(uri)
+        except FileNotFoundError:
+            continue
+    return files
 
 
 class Ending:
@@ -228,8 +271,8 @@ class Ending:
     failed collective turned into a clear exit 75, and the run's lease given back. Rank 0 writes,
     only while it holds the run, within JOB_STOP_GRACE_SECONDS: the storage may be why we fail."""
 
-    def __init__(self, settings, runtime: Runtime, run_uri: str, lease: Lease | None):
-        self.settings, self.rt, self.run_uri, self.lease = settings, runtime, run_uri, lease
+    def __init__(self, settings, runtime: Runtime, run_uri: str, lease: Lease | None, tracker=None):
+        self.settings, self.rt, self.run_uri, self.lease, self.tracker = settings, runtime, run_uri, lease, tracker
         self.ckpt: Checkpointer | None = None  # once the state exists, the summary describes it
 
     def __enter__(self):
@@ -237,6 +280,8 @@ class Ending:
 
     def __exit__(self, kind, exc, traceback):
         try:
+            if isinstance(exc, JobError) and self.tracker is not None:
+                self.tracker.end("KILLED" if isinstance(exc, Stopped) else "FAILED")
             if isinstance(exc, JobError):
                 self.record(exc)
             elif isinstance(exc, Exception) and is_peer_failure(self.rt, exc):

@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     checkpoint_min_seconds: float = Field(30.0, ge=0.0, le=86400.0, description="epoch-end checkpoints (and the history, summary and plots published after them) at most once per this many seconds; the last epoch and a stop always checkpoint; 0: every epoch")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
     stop_grace_seconds: float = Field(25.0, gt=0.0, le=3600.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
+    export: Literal["onnx", "safetensors", "off"] = Field("onnx", description="at the end of a completed run, write <run>/model/: the best weights as safetensors with a config.json, and (onnx) an ONNX model verified against them")
+    tensorboard: bool = Field(False, description="also write TensorBoard scalar event files under <run>/tensorboard/ (needs the tensorboard extra); MLflow is used when MLFLOW_TRACKING_URI is set")
     smoke: bool = Field(False, description="smoke test: the real code path on a few batches and a sample of the data, every step checked, outputs under <run>/smoke/")
     limit_train_batches: int = Field(0, ge=0, description="train at most this many batches per epoch (0: all; smoke mode default 3)")
     limit_val_batches: int = Field(0, ge=0, description="evaluate at most this many batches (0: all; smoke mode default 2)")
@@ -332,13 +334,14 @@ def unknown_variables(environ) -> list[str]:
     return messages
 
 
-def load_settings() -> Settings:
-    """Read and validate the settings once; every problem becomes one SettingsError line."""
+def load_settings(**given) -> Settings:
+    """Read and validate the settings once; every problem becomes one SettingsError line.
+    `given` settings (a command's arguments) take the place of their JOB_* variables."""
     environ = os.environ
     problems = unknown_variables(environ)
     settings = None
     try:
-        settings = Settings()
+        settings = Settings(**given)
     except ValidationError as exc:
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
@@ -370,8 +373,14 @@ def _type_name(annotation) -> str:
 
 def help_text() -> str:
     lines = ["trainjob: train an image classifier; configured only by environment variables.", "",
-             "usage: python -m job [--check | --help]", "",
-             "  --check  validate settings, reach the dataset and the output location, then exit", "",
+             "usage: python -m job [--check | --help]",
+             "       python -m job predict MODEL INPUTS [--output URI]",
+             "       python -m job evaluate MODEL DATA [--output URI]",
+             "       python -m job export CHECKPOINT [--output URI]", "",
+             "  --check   verify everything the run needs (dataset, weights, cache, output) and its state, then exit",
+             "  predict   classify images with a run's exported model (python -m job predict --help)",
+             "  evaluate  score an exported model on labelled data",
+             "  export    write a model/ folder from any checkpoint", "",
              "settings:"]
     for field, info in Settings.model_fields.items():
         annotation = _type_name(info.annotation)

@@ -94,6 +94,9 @@ def job_env(**settings) -> dict:
     # Checkpoint every epoch: the tests' epochs last milliseconds, and kills and signals must land
     # between checkpoints (the default, one per 30 s, is tested in test_end_to_end).
     env.setdefault("JOB_CHECKPOINT_MIN_SECONDS", "0")
+    # The model export without its ONNX form: tracing a model for ONNX costs ~2 s a run; the
+    # default (onnx) is tested where the exported model is the point (test_export, end to end).
+    env.setdefault("JOB_EXPORT", "safetensors")
     env.update({f"JOB_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
