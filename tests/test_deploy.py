@@ -22,7 +22,7 @@ from job.settings import Settings, load_settings
 from readme_docker import docker_run_flags, option, readme_run_flags
 
 JOB_OVERLAYS = ("cpu", "gpu", "multinode")  # a batch/v1 Job
-OVERLAYS = (*JOB_OVERLAYS, "jobset")
+OVERLAYS = (*JOB_OVERLAYS, "jobset", "trainjob")
 DOCKERFILES = ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu")
 BIN = os.path.dirname(sys.executable)
 LAUNCHER = ["/usr/bin/tini", "--", "python", "-m", "job.launch"]
@@ -31,6 +31,7 @@ KUEUE_EXAMPLE = os.path.join(ROOT, "k8s", "components", "kueue", "localqueue.yam
 # apiVersion and kind -> the CRD schema they are validated against (tests/data/crds/README.md: sources)
 CRD_SCHEMAS = {
     ("jobset.x-k8s.io/v1alpha2", "JobSet"): "jobset.x-k8s.io_jobsets_v1alpha2.json",
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs_v1alpha1.json",
     ("kueue.x-k8s.io/v1beta2", "LocalQueue"): "kueue.x-k8s.io_localqueues_v1beta2.json",
 }
 
@@ -62,7 +63,7 @@ def kind(docs, k):
 
 
 def workload(docs) -> dict:
-    """The object a scheduler runs: the Job or the JobSet."""
+    """The object a scheduler runs: the Job, the JobSet or the TrainJob."""
     (found,) = [d for d in docs if d["kind"] in ("Job", "JobSet", "TrainJob")]
     return found
 
@@ -146,7 +147,7 @@ def custom_resources(rendered, overlay) -> list[dict]:
     return [d for d in rendered[overlay] if not is_built_in(d)]
 
 
-@pytest.mark.parametrize("overlay", ["jobset"])
+@pytest.mark.parametrize("overlay", ["jobset", "trainjob"])
 def test_custom_resources_pass_their_crd_schemas(rendered, overlay, tmp_path):
     docs = custom_resources(rendered, overlay)
     assert docs
@@ -164,7 +165,8 @@ def test_the_kueue_localqueue_example_passes_its_crd_schema(tmp_path):
     ("jobset", ["spec", "replicatedJobs", 0, "template", "spec", "template", "spec", "containers", 0, "envFrom", 0,
                 "configMapRef", "nme"], "x", "'nme' was unexpected"),  # deep in the embedded pod template
     ("jobset", ["spec", "network", "enableDNSHostnames"], "yes", "'yes' is not of type 'boolean'"),
-    ("jobset", ["apiVersion"], "jobset.x-k8s.io/v1", "'jobset.x-k8s.io/v1alpha2' was expected"),
+    ("trainjob", ["spec", "trainer", "numProcPerNode"], "auto", "'auto' is not of type 'integer'"),  # v2.3: an integer
+    ("trainjob", ["apiVersion"], "trainer.kubeflow.org/v1", "'trainer.kubeflow.org/v1alpha1' was expected"),
 ])
 def test_the_crd_validation_refuses_what_the_api_server_would(rendered, tmp_path, overlay, path, value, error):
     doc = json.loads(json.dumps(custom_resources(rendered, overlay)[0]))
@@ -248,7 +250,7 @@ def test_shell_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*JOB_OVERLAYS, "jobset"))
 def test_pods_are_locked_down(rendered, overlay):
     spec = pod_spec(rendered[overlay])
     c = container(rendered[overlay])
@@ -338,6 +340,14 @@ def test_jobset_restarts_every_pod_on_a_retryable_exit_code_and_fails_at_once_on
     assert {r for rule in policy["rules"] for r in rule.get("onJobFailureReasons", [])} <= reasons
 
 
+def trainjob_pod(docs) -> dict:
+    """The pod spec a TrainJob patches into Trainer's runtime (its one runtimePatches entry)."""
+    (patch,) = workload(docs)["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"  # the torch-distributed runtime's replicated Job
+    return node["template"]["spec"]["template"]["spec"]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_configmap_holds_valid_settings_and_the_grace_period_fits(rendered, overlay, monkeypatch):
     docs = rendered[overlay]
@@ -350,10 +360,17 @@ def test_configmap_holds_valid_settings_and_the_grace_period_fits(rendered, over
     for k, v in data.items():
         monkeypatch.setenv(k, v)
     settings = load_settings()  # the job's own validation: unknown names and bad values fail here
-    grace = pod_spec(docs)["terminationGracePeriodSeconds"]
-    env_from = container(docs)["envFrom"]
-    assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in env_from  # the generated name
-    assert {"secretRef": {"name": "trainjob-s3", "optional": True}} in env_from  # referenced, not committed
+    if workload(docs)["kind"] == "TrainJob":  # env only: every setting, and the credentials
+        grace = trainjob_pod(docs)["terminationGracePeriodSeconds"]
+        refs = {e["name"]: e["valueFrom"] for e in workload(docs)["spec"]["trainer"]["env"]}
+        assert {k: refs.get(k) for k in data} == {k: {"configMapKeyRef": {"name": configmap["metadata"]["name"], "key": k}} for k in data}
+        secrets = [ref["secretKeyRef"] for ref in refs.values() if "secretKeyRef" in ref]
+        assert secrets and all(s["name"] == "trainjob-s3" and s["optional"] is True for s in secrets)
+    else:
+        grace = pod_spec(docs)["terminationGracePeriodSeconds"]
+        env_from = container(docs)["envFrom"]
+        assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in env_from  # the generated name
+        assert {"secretRef": {"name": "trainjob-s3", "optional": True}} in env_from  # referenced, not committed
     assert grace > settings.stop_grace_seconds
     assert not [d for d in docs if d["kind"] == "Secret"]
 
@@ -414,9 +431,31 @@ def test_jobset_is_wired_to_its_rendezvous_through_a_real_pod_name(rendered):
     assert container(docs)["command"] == LAUNCHER
 
 
-def test_kueue_queues_the_jobset_and_any_job_overlay_on_request(rendered, tmp_path):
+def test_trainjob_runs_the_gpu_overlays_pod_on_trainers_torch_runtime(rendered):
+    docs, gpu = rendered["trainjob"], rendered["gpu"]
+    trainjob = workload(docs)
+    trainer, pod = trainjob["spec"]["trainer"], trainjob_pod(docs)
+    assert trainjob["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                              "name": "torch-distributed"}
+    assert trainer["command"] == LAUNCHER
+    assert trainer["image"] == container(gpu)["image"] and trainer["resourcesPerNode"] == container(gpu)["resources"]
+    assert trainer["numProcPerNode"] == int(container(gpu)["resources"]["limits"]["nvidia.com/gpu"])
+    assert trainer["numNodes"] > 1
+    for key in ("securityContext", "terminationGracePeriodSeconds", "tolerations", "volumes"):
+        assert pod[key] == pod_spec(gpu)[key], key
+    (c,) = pod["containers"]
+    assert c["name"] == "node"  # the runtime's container
+    assert c["securityContext"] == container(gpu)["securityContext"] and c["volumeMounts"] == container(gpu)["volumeMounts"]
+    # Trainer sets the PET_* variables itself and refuses a TrainJob that sets them
+    # (pkg/runtime/framework/plugins/torch: TorchRunReservedEnvNames)
+    assert not [e["name"] for e in trainer["env"] if e["name"].startswith("PET_")]
+    # the TrainJob CRD's own rule (x-kubernetes-validations, which a JSON Schema validator skips)
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", trainjob["metadata"]["name"]) and len(trainjob["metadata"]["name"]) <= 63
+
+
+def test_kueue_queues_the_jobset_and_the_trainjob_and_any_job_overlay_on_request(rendered, tmp_path):
     queue = yaml.safe_load(open(KUEUE_EXAMPLE))["metadata"]["name"]
-    for overlay in ("jobset",):
+    for overlay in ("jobset", "trainjob"):
         assert workload(rendered[overlay])["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
     for overlay in JOB_OVERLAYS:  # opt-in: on a cluster with Kueue, a label naming a missing queue never starts
         assert "kueue.x-k8s.io/queue-name" not in workload(rendered[overlay])["metadata"]["labels"]

@@ -1,6 +1,7 @@
 """The multi-node entrypoint, `python -m job.launch`: real torchrun agents and workers (gloo on
 CPU) whose exit code is the job's, as a podFailurePolicy or a JobSet failure policy reads it: a
-settings error exits 2, SIGTERM 143 after the checkpoint, a SIGKILLed worker 75 (a lost peer)."""
+settings error exits 2, SIGTERM 143 after the checkpoint, a SIGKILLed worker 75 (a lost peer),
+and Kubeflow Trainer's PET_* variables run the job unchanged."""
 
 import json
 import os
@@ -9,8 +10,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from conftest import DIGITS, ROOT, job_env, read_history, wait_for_epochs
+from conftest import DIGITS, ROOT, _free_port, job_env, read_history, wait_for_epochs
 from job import launch
 from job.errors import EXIT_CODES, DataError, PeerLostError, SettingsError
 from job.settings import Settings
@@ -71,6 +73,22 @@ def test_a_sigkilled_worker_is_a_lost_peer_exit_75(tmp_path, digits_dir):
     assert EXIT_CODES[PeerLostError.exit_code][1] == "retry"
     assert "worker rank 1 (local rank 1) was killed by signal 9 (SIGKILL): a lost process, the first to fail" in out
     assert (tmp_path / "r" / "checkpoints" / "latest.json").exists()  # what the retry resumes from
+
+
+def test_kubeflow_trainer_pet_variables_run_the_trainjob_command_unchanged(tmp_path, digits_dir):
+    """Trainer's torch plugin sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR
+    and PET_MASTER_PORT (a static rendezvous) and runs the TrainJob's command: here by hand."""
+    trainjob = yaml.safe_load(open(os.path.join(ROOT, "k8s", "overlays", "trainjob", "trainjob.yaml")))
+    command = trainjob["spec"]["trainer"]["command"]
+    assert command[:2] == ["/usr/bin/tini", "--"] and command[2] == "python"
+    pet = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": "0",
+           "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())}
+    settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="t", epochs=2, **DIGITS)
+    result = subprocess.run([sys.executable, *command[3:]], env={**job_env(**settings), **pet}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["epochs_completed"] == 2
 
 
 # --- in-process: the launcher's own decisions ------------------------------------------------
