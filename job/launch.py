@@ -75,10 +75,7 @@ def parse_args(argv: list[str]):
     parser.prog = "python -m job.launch"
     parser.description = ("torchrun running `python -m job` on every worker and exiting with the job's exit code. "
                           "Takes torchrun's options (or their PET_* variables); the job itself is configured by JOB_*.")
-    if any(a in ("-h", "--help") for a in argv):
-        parser.print_help()
-        raise SystemExit(0)
-    args = parser.parse_args([*argv, "--module", "job"])  # argparse exits 2 on an unknown option
+    args = parser.parse_args([*argv, "--module", "job"])  # argparse exits 0 on --help, 2 on an unknown option
     if args.training_script != "job" or args.training_script_args or args.no_python or args.run_path:
         raise SettingsError(f"python -m job.launch takes torchrun's options only, got {' '.join(argv)!r}; "
                             "it always runs `python -m job` (configured by JOB_* variables)")
@@ -130,8 +127,9 @@ def launch(args) -> int:
                     f"save and stop (exit {code})")
         return code
     except RendezvousError as exc:
-        log.error(f"launcher: the rendezvous failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
-                  f"a peer did not come or went away; retrying can help (exit {PeerLostError.exit_code})")
+        detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+        log.error(f"launcher: the rendezvous failed ({type(exc).__name__}{': ' + detail if detail else ''}): a peer did "
+                  f"not come or went away; retrying can help (exit {PeerLostError.exit_code})")
         return PeerLostError.exit_code
     except (ValueError, AssertionError) as exc:
         # torchrun checks its options as it starts: an unsupported --nproc-per-node, --nnodes MIN > MAX,

@@ -6,13 +6,14 @@ and Kubeflow Trainer's PET_* variables run the job unchanged."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import DIGITS, ROOT, _free_port, job_env, read_history, wait_for_epochs
+from conftest import DIGITS, ROOT, _free_port, job_env, read_history, wait_for, wait_for_epochs
 from job import launch
 from job.errors import EXIT_CODES, DataError, PeerLostError, SettingsError
 from job.settings import Settings
@@ -73,6 +74,36 @@ def test_a_sigkilled_worker_is_a_lost_peer_exit_75(tmp_path, digits_dir):
     assert EXIT_CODES[PeerLostError.exit_code][1] == "retry"
     assert "worker rank 1 (local rank 1) was killed by signal 9 (SIGKILL): a lost process, the first to fail" in out
     assert (tmp_path / "r" / "checkpoints" / "latest.json").exists()  # what the retry resumes from
+
+
+def rendezvous_of_two(port: int) -> list[str]:
+    """torchrun options for a c10d rendezvous of two nodes on 127.0.0.1:port (one agent: it waits)."""
+    return ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=t"]
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_rendezvous_that_never_completes_is_a_lost_peer_exit_75(tmp_path):
+    result = run_launcher(*rendezvous_of_two(_free_port()), "--rdzv-conf=join_timeout=2",
+                          data_uri=str(tmp_path), output_uri=str(tmp_path / "out"))
+    assert result.returncode == PeerLostError.exit_code, result.stdout[-3000:]
+    assert "the rendezvous failed (RendezvousTimeoutError)" in result.stdout
+
+
+def test_sigterm_while_waiting_for_peers_exits_143_with_nothing_to_save(tmp_path):
+    port = _free_port()
+    agent = start_launcher(*rendezvous_of_two(port), data_uri=str(tmp_path), output_uri=str(tmp_path / "out"))
+    wait_for(lambda: listening(port), agent, what="the rendezvous store listening")  # node 0 hosts it
+    agent.send_signal(signal.SIGTERM)
+    out, _ = agent.communicate(timeout=60)
+    assert agent.returncode == STOPPED_BY_SIGTERM, out[-3000:]
+    assert "launcher stopped by signal 15 before the workers started: nothing to save" in out
 
 
 def test_kubeflow_trainer_pet_variables_run_the_trainjob_command_unchanged(tmp_path, digits_dir):
