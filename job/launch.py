@@ -1,0 +1,143 @@
+"""The multi-node entrypoint: torchrun running `python -m job` on every worker, exiting with the
+job's own exit code.
+
+torchrun exits 1 whenever a worker fails, whatever the worker's exit code, so a scheduler that acts
+on exit codes (a podFailurePolicy, a JobSet failure policy) never sees 2, 3, 4 or 65 under it.
+This module is torchrun: its argument parser (every option, and every option as a PET_* variable,
+as Kubeflow Trainer and our manifests set them), its agent and its rendezvous
+(`torch.distributed.run.run`). It only turns how torchrun ended into the job's exit code:
+
+- a worker failed: the exit code of the first worker that failed (torchrun's root cause,
+  `ChildFailedError.get_first_failure()`); a worker killed by a signal (SIGKILL from the OOM
+  killer, a lost node) is a lost peer, 75;
+- the launcher got SIGTERM or SIGINT (the kubelet's stop, forwarded by tini): torchrun forwards it
+  to the workers and waits for them (they checkpoint and exit 143 within JOB_STOP_GRACE_SECONDS),
+  then 128 + the signal: 143 or 130;
+- the rendezvous failed (a peer never came, or went away): 75;
+- torchrun's options are invalid: 2.
+
+    python -m job.launch [torchrun options]      # or: trainjob-launch [torchrun options]
+"""
+
+import logging
+import math
+import os
+import signal
+import sys
+
+from job.errors import EXIT_CODES, JobError, PeerLostError, SettingsError
+from job.report import setup_logging
+from job.settings import Settings
+
+log = logging.getLogger("job")
+
+# torchrun waits this long past the job's stop grace before it kills the workers (SIGKILL).
+SHUTDOWN_MARGIN_SECONDS = 5
+
+
+class _Stopped(BaseException):
+    """A stop signal before torchrun's own handlers are installed (they are once the workers start).
+    A BaseException, so no `except Exception` in the rendezvous code swallows it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def _stop_before_start(signum, frame):
+    raise _Stopped(signum)
+
+
+def shutdown_timeout(env: dict) -> int:
+    """Seconds torchrun waits for the workers after forwarding a stop signal: the job's stop grace
+    plus a margin. torchrun's default (30 s) would kill workers still saving under a longer
+    JOB_STOP_GRACE_SECONDS; a value the job refuses leaves the default (the workers report it)."""
+    grace = Settings.model_fields["stop_grace_seconds"].default
+    try:
+        grace = float(env.get("JOB_STOP_GRACE_SECONDS", grace))
+    except ValueError:
+        pass
+    if not math.isfinite(grace) or grace <= 0:
+        grace = Settings.model_fields["stop_grace_seconds"].default
+    return math.ceil(grace) + SHUTDOWN_MARGIN_SECONDS
+
+
+def worker_exit_code(exitcode: int) -> int:
+    """The job's exit code for a failed worker: its own, or 75 (a lost peer, retry) when a signal
+    killed it (torchrun reports those as minus the signal number)."""
+    return exitcode if exitcode > 0 else PeerLostError.exit_code
+
+
+def parse_args(argv: list[str]):
+    """torchrun's own options, with `-m job` as the program; raises SettingsError for anything else."""
+    from torch.distributed import run as torchrun
+
+    parser = torchrun.get_args_parser()
+    parser.prog = "python -m job.launch"
+    parser.description = ("torchrun running `python -m job` on every worker and exiting with the job's exit code. "
+                          "Takes torchrun's options (or their PET_* variables); the job itself is configured by JOB_*.")
+    args = parser.parse_args([*argv, "--module", "job"])  # argparse exits 0 on --help, 2 on an unknown option
+    if args.training_script != "job" or args.training_script_args or args.no_python or args.run_path:
+        raise SettingsError(f"python -m job.launch takes torchrun's options only, got {' '.join(argv)!r}; "
+                            "it always runs `python -m job` (configured by JOB_* variables)")
+    if getattr(args, "shutdown_timeout", 0) is None and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+        args.shutdown_timeout = shutdown_timeout(os.environ)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_before_start)
+    setup_logging()
+    try:
+        args = parse_args(argv)
+        return launch(args)
+    except _Stopped as stop:
+        code = 128 + stop.signum
+        log.warning(f"launcher stopped by signal {stop.signum} before the workers started: nothing to save (exit {code})")
+        return code
+    except JobError as exc:
+        log.error(f"{exc} (exit {exc.exit_code})")
+        return exc.exit_code
+
+
+def launch(args) -> int:
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
+    try:
+        torchrun.run(args)
+        return 0
+    except ChildFailedError as exc:
+        print(exc.format_msg(), file=sys.stderr, flush=True)  # torchrun's table of the failed workers
+        rank, failure = exc.get_first_failure()
+        code = worker_exit_code(failure.exitcode)
+        how = (f"was killed by signal {-failure.exitcode} ({failure.signal_name()}): a lost process"
+               if failure.exitcode < 0 else f"exited {failure.exitcode}")
+        meaning = EXIT_CODES.get(code, ("", ""))[0]
+        log.error(f"launcher: worker rank {rank} (local rank {failure.local_rank}) {how}, the first to fail; "
+                  f"exit {code}{': ' + meaning if meaning else ''}")
+        return code
+    except SignalException as exc:
+        # torchrun forwarded the signal to the workers and waited for them (--shutdown-timeout)
+        code = 128 + exc.sigval
+        log.warning(f"launcher stopped by signal {int(exc.sigval)} ({exc.sigval.name}): the workers were told to "
+                    f"save and stop (exit {code})")
+        return code
+    except RendezvousError as exc:
+        detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+        log.error(f"launcher: the rendezvous failed ({type(exc).__name__}{': ' + detail if detail else ''}): a peer did "
+                  f"not come or went away; retrying can help (exit {PeerLostError.exit_code})")
+        return PeerLostError.exit_code
+    except (ValueError, AssertionError) as exc:
+        # torchrun checks its options as it starts: an unsupported --nproc-per-node, --nnodes MIN > MAX,
+        # a static rendezvous endpoint without a port, ...
+        log.error(f"launcher: torchrun refused its options ({exc}); check the torchrun options or PET_* variables "
+                  f"(exit {SettingsError.exit_code})")
+        return SettingsError.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
