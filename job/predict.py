@@ -74,12 +74,16 @@ def _idx_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 def _image_source(settings, runtime, items: list[tuple[str, int]], config: dict) -> FileSource:
     """Files read with the model's evaluation preprocessing (config.json), by DataLoader workers."""
     prep = config["preprocessing"]
-    if prep["kind"] != "image":
-        raise DataError(f"this model takes {prep['kind']} inputs ({prep.get('height')}x{prep.get('width')} IDX "
-                        "images), not image files")
-    _, eval_t = images.transforms(prep["center_crop"], augment=False, normalize=prep["mean"] is not None)
+    if prep["kind"] == "image":
+        _, eval_t = images.transforms(prep["center_crop"], augment=False, normalize=prep["mean"] is not None)
+        size = prep["center_crop"]
+    else:  # a model trained on IDX images, given image files: grayscale at the IDX size, in [0, 1]
+        from torchvision import transforms as T
+
+        eval_t = T.Compose([T.Grayscale(prep["channels"]), T.Resize((prep["height"], prep["width"])), T.ToTensor()])
+        size = prep["height"]
     return FileSource(images.ImageItems(items, eval_t, eval_t, max_pixels=settings.max_image_pixels),
-                      prep["center_crop"], runtime.workers, runtime.device)
+                      size, runtime.workers, runtime.device)
 
 
 def _pull(settings, uri: str, what: str) -> str:
@@ -183,10 +187,12 @@ def export_checkpoint(settings, checkpoint_uri: str, output_uri: str | None) -> 
     from job import checkpoint
 
     folder, _, file = checkpoint_uri.rstrip("/").rpartition("/")
+    run, name = folder.removesuffix("/checkpoints"), file.removesuffix(".pt")
     with storage.errors(checkpoint_uri, DataError, "read the checkpoint"):
-        name = file.removesuffix(".pt")
-        state = checkpoint.read(folder, name) if storage.exists(storage.join(folder, f"{name}.json")) else \
-            torch.load(io.BytesIO(storage.read_bytes(checkpoint_uri)), map_location="cpu", weights_only=True)
+        if folder.endswith("/checkpoints") and storage.exists(storage.join(folder, f"{name}.json")):
+            state = checkpoint.read(run, name)  # checked against its manifest
+        else:
+            state = torch.load(io.BytesIO(storage.read_bytes(checkpoint_uri)), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "model" not in state or "settings" not in state:
         raise DataError(f"{storage.redact_uri(checkpoint_uri)} is not a trainjob checkpoint")
     saved = state["settings"]
@@ -200,7 +206,7 @@ def export_checkpoint(settings, checkpoint_uri: str, output_uri: str | None) -> 
     module.load_state_dict(state["model"])
     generator = torch.Generator().manual_seed(0)
     batches = [torch.rand(16, *shape, generator=generator)]
-    output_uri = output_uri or storage.join(folder.rsplit("/checkpoints", 1)[0], "model")
+    output_uri = output_uri or storage.join(run, "model")
     config = export.write(output_uri, module, config, batches, onnx=settings.export != "safetensors")
     if config.get("verification"):
         config["verification"]["inputs"] = "random"

@@ -144,10 +144,13 @@ class Tracker:
                         if k in row:
                             self.writer.add_scalar(k, float(row[k]), row["epoch"])
             self.writer.flush()
-            for name in os.listdir(self.tb_dir):
-                with open(os.path.join(self.tb_dir, name), "rb") as f:
-                    storage.write_bytes(storage.join(self.run_uri, "tensorboard", name), f.read())
+            self._upload_tensorboard()
         self.logged = max([self.logged] + [row["epoch"] for row in history])
+
+    def _upload_tensorboard(self) -> None:
+        for name in os.listdir(self.tb_dir):
+            with open(os.path.join(self.tb_dir, name), "rb") as f:
+                storage.write_bytes(storage.join(self.run_uri, "tensorboard", name), f.read())
 
     def _artifacts(self, files: dict[str, bytes]) -> None:
         if self.mlflow is None:
@@ -163,5 +166,6 @@ class Tracker:
         if self.mlflow is not None:
             self.mlflow.set_terminated(self.run_id, status=status)
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close()  # writes what its queue still held: upload the final file
+            self._upload_tensorboard()
 

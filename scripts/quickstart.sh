@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # From a fresh clone: install, stage scikit-learn's bundled handwritten digits as an MNIST-format
-# dataset in ./data/digits (no download), train on it, and say where the outputs are.
+# dataset in ./data/digits (no download), train on it, then use the model it exports: classify a
+# folder of digit images with it, and say where everything is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh stage
@@ -13,8 +14,14 @@ export JOB_OPTIMIZER="${JOB_OPTIMIZER:-adam}" JOB_LR="${JOB_LR:-0.01}" JOB_EPOCH
 .venv/bin/python -m job
 run="$JOB_OUTPUT_URI/$JOB_RUN_NAME"
 echo
+echo "the exported model classifies new images: the digits' test set as PNG files, in ./data/digit-images"
+.venv/bin/python scripts/stage_dataset.py digit-images ./data/digit-images
+.venv/bin/python -m job predict "$run" ./data/digit-images --output "$run/predictions/digit-images.jsonl"
+echo
 echo "outputs:"
+echo "  model       $run/model/ (model.safetensors, model.onnx, config.json)"
+echo "  predictions $run/predictions/digit-images.jsonl"
 echo "  checkpoint  $run/checkpoints/best.pt (and last.pt, latest.json)"
 echo "  history     $run/history.jsonl"
 echo "  summary     $run/summary.json"
-echo "  plots       $run/plots/accuracy.png $run/plots/loss.png"
+echo "  plots       $run/plots/ (accuracy, loss, confusion matrices)"

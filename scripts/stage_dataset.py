@@ -3,6 +3,8 @@
 
   python scripts/stage_dataset.py digits DEST            scikit-learn's bundled 8x8 digits, no download
   python scripts/stage_dataset.py idx SRC_DIR DEST       local MNIST IDX files (raw or .gz)
+  python scripts/stage_dataset.py digit-images DEST      the digits' test set as PNG files, DEST/<label>/<n>.png
+                                                        (for predict and evaluate on a folder of images)
   python scripts/stage_dataset.py images DEST [--per-class N]
       a generated image-folder dataset (train/ and valid/ of 3 classes of coloured, noisy JPEGs)
       [--t10k-as-train]  stage a t10k-only folder (like ../shared/data/mnist-t10k) as the train set
@@ -76,6 +78,22 @@ def synthetic_images(dest: str, per_class: int = 40, size: int = 96, seed: int =
     return written
 
 
+def png_folder(images: np.ndarray, labels: np.ndarray, dest: str) -> list[str]:
+    """Grayscale images as PNG files in class folders: DEST/<label>/<index>.png."""
+    import io
+
+    from PIL import Image
+
+    written = []
+    for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+        uri = storage.join(dest, str(int(label)), f"{i:04d}.png")
+        storage.write_bytes(uri, buffer.getvalue())
+        written.append(uri)
+    return written
+
+
 def stage(arrays: dict[str, np.ndarray], dest: str) -> list[str]:
     """Write the arrays as gzipped IDX files under dest; returns the URIs written."""
     written = []
@@ -88,7 +106,7 @@ def stage(arrays: dict[str, np.ndarray], dest: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", choices=["digits", "idx", "images"])
+    parser.add_argument("source", choices=["digits", "digit-images", "idx", "images"])
     parser.add_argument("paths", nargs="+", help="digits, images: DEST; idx: SRC_DIR DEST")
     parser.add_argument("--t10k-as-train", action="store_true")
     parser.add_argument("--per-class", type=int, default=40, help="images: training images per class")
@@ -97,6 +115,10 @@ def main() -> None:
         parser.error("digits and images take DEST; idx takes SRC_DIR DEST")
     if args.source == "images":
         print(f"{len(synthetic_images(args.paths[0], args.per_class))} images under {args.paths[0]}")
+        return
+    if args.source == "digit-images":
+        arrays = digits()
+        print(f"{len(png_folder(arrays['test_images'], arrays['test_labels'], args.paths[0]))} PNG files under {args.paths[0]}")
         return
     arrays = digits() if args.source == "digits" else from_idx(args.paths[0], args.t10k_as_train)
     for uri in stage(arrays, args.paths[-1]):
