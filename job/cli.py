@@ -48,6 +48,10 @@ COMMANDS = {
     "export": ("write a model/ folder (safetensors, config.json, verified ONNX) from any checkpoint",
                [("checkpoint", "a checkpoint's URI, e.g. <run>/checkpoints/best.pt or a step-*.pt")],
                "the folder to write to (default: <run>/model/)"),
+    "prepare": ("write a sharded dataset (WebDataset tar shards and index.json) that training streams",
+                [("source", "an image folder (train/ and optional valid/, test/) or MNIST IDX files, at any URI"),
+                 ("dest", "where the shards and index.json go (JOB_DATA_URI for training)")],
+                None),
 }
 
 
@@ -60,21 +64,26 @@ def command(name: str, args: list[str], stop: StopRequest) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m job {name}", description=description)
     for arg, help_ in positional:
         parser.add_argument(arg, help=help_)
-    parser.add_argument("--output", help=output)
+    if output:
+        parser.add_argument("--output", help=output)
     try:
         ns = parser.parse_args(args)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
         return int(exc.code or 0)
     setup_logging()
     try:
-        settings = load_settings(data_uri=getattr(ns, positional[-1][0]))
+        settings = load_settings(data_uri=getattr(ns, positional[0 if name == "prepare" else -1][0]))
         setup_logging(settings.log_level)
         storage.configure(settings, stop)
         from job import predict
         from job.runtime import setup
 
         runtime = setup(settings, stop)
-        if name == "predict":
+        if name == "prepare":
+            from job import shards
+
+            shards.prepare(settings, runtime, ns.source, ns.dest)
+        elif name == "predict":
             predict.predict(settings, runtime, ns.model, ns.inputs, ns.output)
         elif name == "evaluate":
             predict.evaluate(settings, runtime, ns.model, ns.data, ns.output)

@@ -1,9 +1,10 @@
 """Data sources: "this rank's batches, in this order, on the device", whatever holds the samples.
 
-A source is asked for batches of given sample indices and the loop never looks inside it. Two
-implement it: samples held as tensors (MNIST-format data, cached backbone features), gathered by
-index with no per-item work, and image files decoded by DataLoader workers. Also here: the seeded
-train/val split, each epoch's order and each rank's share of it.
+A source is asked for an epoch's order and for batches of given sample indices, and the loop
+never looks inside it. Three implement it: samples held as tensors (MNIST-format data, cached
+backbone features), gathered by index with no per-item work; image files decoded by DataLoader
+workers; and shards streamed from object storage (job.shards). Also here: the seeded train/val
+split, the default epoch order and each rank's share of it.
 """
 
 import math
@@ -25,9 +26,12 @@ class Source(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batches(self, indices: torch.Tensor, batch_size: int, train: bool) -> Batches:
+    def order(self, indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        """`indices` in this epoch's training order, a function of (seed, epoch) alone."""
+
+    def batches(self, indices: torch.Tensor, batch_size: int, train: bool, epoch: int = 0) -> Batches:
         """(x, y) on the device for the samples `indices`, in that order; `train` selects the
-        training transform where there is one."""
+        training transform where there is one (its randomness may depend on the epoch)."""
 
 
 class TensorSource:
@@ -44,7 +48,10 @@ class TensorSource:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, indices: torch.Tensor, batch_size: int, train: bool) -> Batches:
+    def order(self, indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        return epoch_order(indices, seed, epoch)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, train: bool, epoch: int = 0) -> Batches:
         return index_batches(self.x, self.labels, indices.to(self.x.device), batch_size)
 
 
@@ -63,7 +70,10 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, indices: torch.Tensor, batch_size: int, train: bool) -> Batches:
+    def order(self, indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        return epoch_order(indices, seed, epoch)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, train: bool, epoch: int = 0) -> Batches:
         loader, sampler = self.items.loader(train, batch_size, self.workers, pin_memory=self.device.type == "cuda")
         sampler.indices = indices.tolist()
         for xb, yb in loader:

@@ -6,6 +6,7 @@ image folders are checked file by file and read through DataLoader workers (job.
 
 import gzip
 import hashlib
+import logging
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -13,9 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from job import images, storage
+from job import images, shards, storage
 from job.data import FileSource, Source, TensorSource
 from job.errors import DataError
+
+log = logging.getLogger("job")
 
 # role -> file stem; each may be stored raw or with .gz
 MNIST_FILES = {
@@ -180,9 +183,13 @@ def load_images(root: str, settings, runtime, normalize: bool) -> Data:
 
 
 def load(settings, runtime, normalize: bool = False, include=None) -> Data:
-    """Pull the dataset (or the files `include` selects) into the local cache and load it; every
-    problem is a DataError (exit 3)."""
+    """A sharded dataset (its index.json) is streamed; any other is pulled (or the files
+    `include` selects: a smoke run's sample, which takes one shard per split of a sharded one)
+    into the local cache and loaded. Every problem is a DataError (exit 3)."""
     with storage.errors(settings.data_uri, DataError, "read dataset"):
+        index = shards.find_index(settings.data_uri)
+        if index is not None:
+            return load_shards(settings, runtime, index, normalize, limit=1 if include else 0)
         root = storage.pull(settings.data_uri, settings.cache_dir, include)
     names = sorted(n for n in os.listdir(root) if not n.startswith("."))
     fmt = detect_format(names, settings.data_uri) if settings.data_format == "auto" else settings.data_format
@@ -191,9 +198,35 @@ def load(settings, runtime, normalize: bool = False, include=None) -> Data:
     return load_mnist(root, runtime.device, settings.max_file_bytes)
 
 
+def load_shards(settings, runtime, index: dict, normalize: bool, limit: int = 0) -> Data:
+    """A sharded dataset from its index alone (no listing, no scan, no hash: start-up does not
+    grow with the dataset): train and val shards as one source, test shards as another, one
+    bounded cache for all."""
+    uri = settings.data_uri
+    train, val, test = (shards.split_shards(index, split, limit) for split in ("train", "val", "test"))
+    if not train or not val:
+        raise DataError(f"{storage.redact_uri(uri)}/{shards.INDEX} lists no train or no val shards")
+    cache = shards.ShardCache(uri, shards.cache_folder(settings, uri, runtime.local_rank), settings.shard_cache_bytes,
+                              train + val + test)
+
+    def source(parts):
+        return shards.ShardSource(parts, cache, index["kind"], settings.image_size, normalize, runtime.workers,
+                                  runtime.device, settings.seed, settings.max_image_pixels, settings.augment)
+
+    n_train, n_val = (sum(s["samples"] for s in parts) for parts in (train, val))
+    log.info(f"sharded dataset {storage.redact_uri(uri)}: {len(train) + len(val) + len(test)} shards, streamed through "
+             f"at most {settings.shard_cache_bytes / 1e6:,.1f} MB of local cache")
+    return Data(source(train + val), source(test) if test else None, index["class_names"], index["fingerprint"],
+                (torch.arange(n_train), torch.arange(n_train, n_train + n_val)), [tuple(b) for b in index["bad_files"]],
+                index["files"])
+
+
 def check(uri: str, data_format: str) -> tuple[str, list[str]]:
     """--check: reach the dataset without pulling it. Returns the format and the class names of
     an image folder ([] for MNIST, whose classes are in its labels)."""
+    index = shards.find_index(uri)
+    if index is not None:
+        return "sharded", index["class_names"]
     names = storage.list_names(uri)
     if not names:
         raise FileNotFoundError(uri)

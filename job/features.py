@@ -18,7 +18,7 @@ from job.datasets import Data
 from job.errors import OutputError
 
 log = logging.getLogger("job")
-VERSION = 1  # bump when what is cached changes
+VERSION = 2  # bump when what is cached changes (2: the labels too, read with the features)
 
 
 def applicable(settings, data: Data) -> bool:
@@ -36,18 +36,20 @@ def cache_key(model_name: str, image_size: int, model: nn.Module, head: str, fin
 
 
 @torch.no_grad()
-def compute(model: nn.Module, head: str, source, batch_size: int, autocast, what: str, log_every: float) -> torch.Tensor:
-    """The head's inputs for every sample of `source`, in order: the model with its head swapped
-    for Identity. Logs progress (done/total, rate, ETA) every `log_every` seconds."""
+def compute(model: nn.Module, head: str, source, batch_size: int, autocast, what: str,
+            log_every: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the head's inputs, the labels) for every sample of `source`, in order: the model with its
+    head swapped for Identity. Logs progress (done/total, rate, ETA) every `log_every` seconds."""
     head_module = model.get_submodule(head)
     model.set_submodule(head, nn.Identity())
     model.eval()
-    total, out = len(source), []
+    total, out, labels = len(source), [], []
     start = last = time.monotonic()
     try:
-        for xb, _ in source.batches(torch.arange(total), batch_size, train=False):
+        for xb, yb in source.batches(torch.arange(total), batch_size, train=False):
             with autocast():
                 out.append(model(xb).float().cpu())
+            labels.append(yb.cpu())
             now = time.monotonic()
             if now - last >= log_every:
                 last = now
@@ -55,7 +57,7 @@ def compute(model: nn.Module, head: str, source, batch_size: int, autocast, what
                 rate = done / (now - start)
                 log.info(f"feature cache: {what} {done}/{total} images ({100 * done / total:.0f}%), "
                          f"{rate:.1f} images/s, elapsed {now - start:.0f} s, ETA {(total - done) / rate:.0f} s")
-        return torch.cat(out)
+        return torch.cat(out), torch.cat(labels)
     finally:
         model.set_submodule(head, head_module)
 
@@ -80,9 +82,11 @@ def cached(data: Data, model: nn.Module, head: str, *, model_name: str, image_si
     else:
         log.info(f"feature cache: computing backbone features of {len(data.samples)} images"
                  f"{f' and {len(data.test)} test images' if data.test is not None else ''} (once)")
-        features = {"x": compute(model, head, data.samples, batch_size, autocast, "images", log_every)}
+        features = dict(zip(("x", "y"), compute(model, head, data.samples, batch_size, autocast, "images", log_every),
+                            strict=True))
         if data.test is not None:
-            features["test_x"] = compute(model, head, data.test, batch_size, autocast, "test images", log_every)
+            features["test_x"], features["test_y"] = compute(model, head, data.test, batch_size, autocast, "test images",
+                                                             log_every)
         blob = checkpoint.serialize(features)
         if publish:
             with storage.errors(remote, OutputError, "write feature cache to"):
@@ -93,6 +97,6 @@ def cached(data: Data, model: nn.Module, head: str, *, model_name: str, image_si
     def source(x, labels):
         return TensorSource(x.to(device), labels.to(device))
 
-    return Data(source(features["x"], data.samples.labels),
-                source(features["test_x"], data.test.labels) if data.test is not None else None,
+    return Data(source(features["x"], features["y"]),
+                source(features["test_x"], features["test_y"]) if data.test is not None else None,
                 data.class_names, data.fingerprint, data.split, data.bad_files, data.files)

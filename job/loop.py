@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.data import epoch_order, shard
+from job.data import shard
 from job import models
 from job.report import duration, format_row
 from job.datasets import Data
@@ -83,7 +83,7 @@ def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState,
     Returns (train_loss, train_accuracy, train_samples_per_second). A signal is noticed within a
     few steps (StopPoll) and answered with a checkpoint at that step edge."""
     p = state.progress
-    order = epoch_order(state.train_idx, s.seed, p.epoch)[p.seen:]
+    order = data.samples.order(state.train_idx, s.seed, p.epoch)[p.seen:]
     mine = shard(order, s.batch_size, rt.rank, rt.world_size)
     if s.log_level == "debug":
         log.debug(f"rank {rt.rank} epoch {p.epoch + 1} from sample {p.seen} shard {mine.tolist()}")
@@ -94,7 +94,7 @@ def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState,
     lr = set_lr(state.optimizer, s, p.epoch + p.seen / epoch_size)
     model.train_mode()
     start = last_log = time.monotonic()
-    for step, (x, y) in enumerate(data.samples.batches(mine, s.batch_size, train=True), start=1):
+    for step, (x, y) in enumerate(data.samples.batches(mine, s.batch_size, train=True, epoch=p.epoch), start=1):
         if lr_per_step:
             lr = set_lr(state.optimizer, s, p.epoch + p.seen / epoch_size)
         with autocast:

@@ -246,7 +246,7 @@ def export_model(settings, runtime: Runtime, run_uri: str, dataset: datasets.Dat
     module = export.build(config)
     module.load_state_dict(best["model"])
     samples = state.val_idx[:export.VERIFY_SAMPLES]
-    batches = (x.cpu() for x, _ in dataset.samples.batches(samples, 64, train=False))
+    batches = (x.cpu() for x, _ in dataset.samples.batches(samples, settings.batch_size, train=False))
     config = export.write(storage.join(run_uri, "model"), module, config, batches, onnx=settings.export == "onnx")
     if config["onnx"]:
         return f"model.safetensors, config.json, model.onnx verified on {config['verification']['samples']} samples"

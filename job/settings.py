@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     data_format: Literal["auto", "mnist", "imagefolder"] = Field("auto", description="dataset layout; auto detects MNIST IDX files or class folders")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the training set held out for validation (random, seeded, saved with the run)")
     cache_dir: str = Field(os.path.join(tempfile.gettempdir(), "trainjob-cache"), description="local directory the dataset is pulled into (must be writable; works with a read-only root via TMPDIR)")
+    shard_cache_bytes: int = Field(16 << 30, ge=1 << 16, le=1 << 50, description="sharded datasets: the most bytes of shards kept on local disk per training process (least recently used out first); a dataset larger than this streams")
     num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader worker processes per training process for data read from files (default: its share of the CPUs, minus one for the loop)")
     # --- model ------------------------------------------------------------------------------
     model: str = Field("mlp", description="architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear), cnn (small convnet for 28x28), or any torchvision classification model (resnet18 ... resnet152, efficientnet_b0, convnext_tiny, ...)")
@@ -111,6 +112,8 @@ class Settings(BaseSettings):
     checkpoint_min_seconds: float = Field(30.0, ge=0.0, le=86400.0, description="epoch-end checkpoints (and the history, summary and plots published after them) at most once per this many seconds; the last epoch and a stop always checkpoint; 0: every epoch")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
     stop_grace_seconds: float = Field(25.0, gt=0.0, le=3600.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
+    shard_bytes: int = Field(128 << 20, ge=1024, le=1 << 34, description="python -m job prepare: about how many bytes each shard holds")
+    shard_max_side: int = Field(256, ge=32, le=8192, description="python -m job prepare: images are re-encoded as JPEG with their longer side at most this (keep it at or above JOB_IMAGE_SIZE x 256/224)")
     export: Literal["onnx", "safetensors", "off"] = Field("onnx", description="at the end of a completed run, write <run>/model/: the best weights as safetensors with a config.json, and (onnx) an ONNX model verified against them")
     tensorboard: bool = Field(False, description="also write TensorBoard scalar event files under <run>/tensorboard/ (needs the tensorboard extra); MLflow is used when MLFLOW_TRACKING_URI is set")
     smoke: bool = Field(False, description="smoke test: the real code path on a few batches and a sample of the data, every step checked, outputs under <run>/smoke/")
@@ -376,11 +379,13 @@ def help_text() -> str:
              "usage: python -m job [--check | --help]",
              "       python -m job predict MODEL INPUTS [--output URI]",
              "       python -m job evaluate MODEL DATA [--output URI]",
-             "       python -m job export CHECKPOINT [--output URI]", "",
+             "       python -m job export CHECKPOINT [--output URI]",
+             "       python -m job prepare SOURCE DEST", "",
              "  --check   verify everything the run needs (dataset, weights, cache, output) and its state, then exit",
              "  predict   classify images with a run's exported model (python -m job predict --help)",
              "  evaluate  score an exported model on labelled data",
-             "  export    write a model/ folder from any checkpoint", "",
+             "  export    write a model/ folder from any checkpoint",
+             "  prepare   write a sharded dataset (tar shards + index.json) that training streams", "",
              "settings:"]
     for field, info in Settings.model_fields.items():
         annotation = _type_name(info.annotation)

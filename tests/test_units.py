@@ -138,7 +138,10 @@ def test_tiny_epochs_checkpoint_at_most_once_per_interval_and_keep_the_best(monk
     module = torch.nn.Linear(4, 2)
     state = loop.TrainState(torch.optim.SGD(module.parameters(), lr=0.1), None, torch.arange(8), torch.arange(8, 10))
     run = fresh_uri()
-    ckpt = Checkpointer(settings, Runtime(torch.device("cpu")), run, module, state, Data(None, None, ["a", "b"], "fp"),
+    from job.data import TensorSource
+
+    samples = TensorSource(torch.zeros(10, 4), torch.zeros(10, dtype=torch.int64))
+    ckpt = Checkpointer(settings, Runtime(torch.device("cpu")), run, module, state, Data(samples, None, ["a", "b"], "fp"),
                         None, started=0.0)
     for epoch, best in ((1, True), (2, False), (3, False)):
         with torch.no_grad():

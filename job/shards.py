@@ -1,0 +1,612 @@
+"""Sharded datasets: written once by `python -m job prepare`, streamed from object storage by
+training through a bounded local cache, so a dataset larger than a node's disk trains and a
+start costs the same whatever the dataset's size.
+
+Format (WebDataset-compatible, readable by webdataset and DALI): tar shards
+`<split>-NNNNNN.tar` of samples `<key>.jpg` (`.png` for IDX images) + `<key>.cls` (the class
+index as text), written with fixed headers so the same input gives the same bytes; and
+`index.json`: class names, per split the shards with their sample counts, bytes and sha256, the
+dataset fingerprint, the bad files skipped. Every image was decoded (and re-encoded at
+JOB_SHARD_MAX_SIDE) once, by prepare: training never scans, lists or hashes the dataset.
+
+Order: per (seed, epoch), shards are shuffled and samples shuffled within windows of WINDOW
+shards, so a process reads each shard once an epoch; the order does not depend on the number of
+processes, so a resume continues exactly, mid-epoch too, with any number of them at the same
+global batch (the position is counted in samples, as for in-memory data).
+"""
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from job import __version__, images, storage
+from job.errors import DataError, OutputError, SettingsError
+
+log = logging.getLogger("job")
+INDEX = "index.json"
+FORMAT_VERSION = 1
+WINDOW = 4  # shards whose samples are shuffled together
+JPEG_QUALITY = 90
+_ROTATION_MAPS: dict = {}  # (size, angle in half degrees) -> gather indices: the nearest-neighbour rotation
+
+
+# --- reading: the index ----------------------------------------------------------------------
+
+def find_index(uri: str) -> dict | None:
+    """The dataset's index.json if `uri` is a sharded dataset (one small read), else None."""
+    try:
+        index = storage.read_json(storage.join(uri, INDEX))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise DataError(f"{storage.redact_uri(storage.join(uri, INDEX))} is not valid JSON: an interrupted or "
+                        "foreign write; run python -m job prepare again") from None
+    if not isinstance(index, dict) or index.get("format") != "trainjob-shards":
+        raise DataError(f"{storage.redact_uri(storage.join(uri, INDEX))} is not a trainjob shard index")
+    return index
+
+
+def split_shards(index: dict, split: str, limit: int = 0) -> list[dict]:
+    shards = index["splits"].get(split) or []
+    return shards[:limit] if limit else shards
+
+
+# --- reading: the bounded local cache --------------------------------------------------------
+
+class ShardCache:
+    """Shards on local disk, never more than `limit` bytes (space is reserved before a download
+    starts), least recently used out first, fetched ahead of need in a background thread. Each
+    shard is checked against its sha256 from the index: a mismatch is fetched once more, then
+    refused (exit 3). A shard in use (pinned) is never evicted."""
+
+    def __init__(self, uri: str, folder: str, limit: int, shards: list[dict]):
+        self.uri, self.folder, self.limit = uri, folder, limit
+        self.meta = {s["name"]: s for s in shards}
+        self.local: dict[str, dict] = {}  # name -> {"path", "samples": [(offset, size, label, key)], "used"}
+        self.pins: dict[str, int] = {}
+        self.reserved = 0  # bytes on disk or being written
+        self.error: Exception | None = None
+        self.fetching: set[str] = set()
+        self.plan: list[str] = []
+        self.cursor = 0  # the plan's position of the last shard asked for: prefetch goes on from there
+        self.peak = 0  # most bytes reserved at once (the limit is never passed)
+        self.disk_peak = 0  # most bytes measured on disk, after each download
+        self.lock = threading.Condition()
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # a previous process's files: the budget starts from scratch
+            os.remove(os.path.join(folder, name))
+        threading.Thread(target=self._prefetch, name="shard-prefetch", daemon=True).start()
+
+    def bytes_on_disk(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.folder, n)) for n in os.listdir(self.folder))
+
+    def want(self, sequence: list[str]) -> None:
+        """The order the shards will be needed in: the prefetcher works down it."""
+        with self.lock:
+            self.plan, self.cursor = list(sequence), 0
+            self.lock.notify_all()
+
+    def get(self, name: str) -> dict:
+        """The local shard (fetched now if the prefetcher has not), pinned until release()."""
+        with self.lock:
+            if name in self.plan[self.cursor:]:
+                self.cursor += self.plan[self.cursor:].index(name)
+            while True:
+                if self.error:
+                    raise self.error
+                if name in self.local:
+                    self.pins[name] = self.pins.get(name, 0) + 1
+                    self.local[name]["used"] = time.monotonic()
+                    return self.local[name]
+                if name not in self.fetching:
+                    break
+                self.lock.wait(0.5)
+        self._fetch(name, for_now=True)
+        return self.get(name)
+
+    def release(self, name: str) -> None:
+        with self.lock:
+            self.pins[name] -= 1
+            self.lock.notify_all()
+
+    def _room(self, size: int, for_now: bool) -> bool:
+        """Reserve `size` bytes, evicting unpinned shards (least recently used first). Without
+        room, the prefetcher waits; a shard needed now means the limit is too small (raise)."""
+        while self.reserved + size > self.limit:
+            idle = [(s["used"], n) for n, s in self.local.items() if not self.pins.get(n)]
+            if not idle:
+                if not for_now:
+                    return False
+                raise SettingsError(
+                    f"JOB_SHARD_CACHE_BYTES={self.limit} cannot hold the shards in use at once plus the next one "
+                    f"({size} bytes): raise it (at least {2 * WINDOW + 2} shards of this dataset is safe)")
+            _, victim = min(idle)
+            path = self.local.pop(victim)["path"]
+            self.reserved -= self.meta[victim]["bytes"]
+            os.remove(path)
+        self.reserved += size
+        self.peak = max(self.peak, self.reserved)
+        return True
+
+    def _fetch(self, name: str, for_now: bool) -> bool:
+        size = self.meta[name]["bytes"]
+        with self.lock:
+            if name in self.local or name in self.fetching:
+                return True
+            if not self._room(size, for_now):
+                return False
+            self.fetching.add(name)
+        try:
+            path = self._download(name)
+            samples = _members(path)
+        except Exception as exc:
+            with self.lock:
+                self.reserved -= size
+                self.fetching.discard(name)
+                if for_now:
+                    raise
+                self.error = exc if isinstance(exc, (DataError, SettingsError)) else self.error
+                self.lock.notify_all()
+            return False
+        with self.lock:
+            self.local[name] = {"path": path, "samples": samples, "used": time.monotonic()}
+            self.fetching.discard(name)
+            self.lock.notify_all()
+        return True
+
+    def _download(self, name: str) -> str:
+        meta = self.meta[name]
+        uri = storage.join(self.uri, name)
+        for attempt in (1, 2):  # a shard whose bytes do not match the index is fetched once more
+            with storage.errors(uri, DataError, "read shard"):
+                blob = storage.read_bytes(uri, nbytes=meta["bytes"])
+            if len(blob) == meta["bytes"] and hashlib.sha256(blob).hexdigest() == meta["sha256"]:
+                path = os.path.join(self.folder, name)
+                tmp = storage.tmp_name(path)
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+                os.replace(tmp, path)
+                with self.lock:
+                    self.disk_peak = max(self.disk_peak, self.bytes_on_disk())
+                return path
+            log.warning(f"shard {storage.redact_uri(uri)} does not match its sha256 in {INDEX} "
+                        f"({len(blob)} bytes, expected {meta['bytes']}){'; fetching it again' if attempt == 1 else ''}")
+        raise DataError(f"shard {storage.redact_uri(uri)} does not match its sha256 in {INDEX}, twice: it is corrupt "
+                        "or was replaced; prepare the dataset again")
+
+    def _prefetch(self) -> None:
+        while True:
+            with self.lock:
+                ahead = self.plan[self.cursor:self.cursor + 2 * WINDOW]
+                todo = [n for n in ahead if n not in self.local and n not in self.fetching]
+                if not todo or self.error:
+                    self.lock.wait(0.5)
+                    continue
+            if not self._fetch(todo[0], for_now=False):
+                with self.lock:
+                    self.lock.wait(0.2)  # no room yet: after the next release
+
+
+def _members(path: str) -> list[tuple[int, int, int, str]]:
+    """[(offset, size, label, key)] of a shard's samples, in order, from its tar headers."""
+    samples, pending = [], {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition(".")
+            entry = pending.setdefault(key, {})
+            if ext == "cls":
+                entry["cls"] = int(tar.extractfile(member).read().decode().strip())
+            elif ext in ("jpg", "jpeg", "png"):
+                entry["image"] = (member.offset_data, member.size)
+            if "cls" in entry and "image" in entry:
+                samples.append((*entry["image"], entry["cls"], key))
+                del pending[key]
+    return samples
+
+
+# --- reading: decode and augment -------------------------------------------------------------
+
+def rotate_nearest(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate a uint8 (C, H, W) image about its centre by nearest neighbour, as torchvision's
+    RandomRotation does by default, with one gather through a cached index map (~10x faster
+    than torchvision's float grid_sample on CPU); corners are filled with 0."""
+    c, h, w = x.shape
+    key = (h, w, round(degrees * 2))
+    index = _ROTATION_MAPS.get(key)
+    if index is None:
+        angle = math.radians(key[2] / 2)
+        ys, xs = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
+        src_x = (math.cos(angle) * xs - math.sin(angle) * ys + (w - 1) / 2).round().long()
+        src_y = (math.sin(angle) * xs + math.cos(angle) * ys + (h - 1) / 2).round().long()
+        inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+        index = torch.where(inside, src_y * w + src_x, h * w).flatten()  # h * w: the appended zero pixel
+        _ROTATION_MAPS[key] = index
+    padded = torch.cat([x.reshape(c, -1), x.new_zeros(c, 1)], 1)
+    return padded[:, index].view(c, h, w)
+
+
+def augment(x: torch.Tensor, size: int, train: bool, rng: random.Random) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, size, size): evaluation resizes the shorter side to
+    size*256/224 and crops the centre; training (JOB_AUGMENT) takes a random resized crop, a
+    horizontal flip and a rotation of up to 20 degrees, the tutorial's augmentations, on tensors."""
+    from torchvision.transforms.v2 import functional as TF
+
+    _, h, w = x.shape
+    if not train:
+        x = TF.resize(x, [round(size * 256 / 224)], antialias=True)
+        return TF.center_crop(x, [size, size])
+    area = h * w
+    for _ in range(10):  # torchvision's RandomResizedCrop: scale (0.08, 1), ratio (3/4, 4/3)
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            break
+    else:
+        ch, cw = min(h, w), min(h, w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    x = TF.resized_crop(x, top, left, ch, cw, [size, size], antialias=True)
+    if rng.random() < 0.5:
+        x = x.flip(-1)
+    return rotate_nearest(x, rng.uniform(-20, 20))
+
+
+class ShardItems(Dataset):
+    """What a DataLoader worker does per sample: read its bytes from the local shard, decode
+    (libjpeg-turbo through torchvision.io), augment or crop on uint8 tensors. The item carries
+    everything (path, offset, size, label, key, augmentation seed), so workers keep no state;
+    the seed is a function of (seed, epoch, sample), so augmentations survive a resume."""
+
+    def __init__(self, size: int, kind: str, max_pixels: int):
+        self.size, self.kind, self.max_pixels = size, kind, max_pixels
+
+    def __len__(self):
+        return 0  # items come from the sampler
+
+    def __getitem__(self, item):
+        path, offset, nbytes, label, key, seed, train = item
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                blob = torch.frombuffer(bytearray(f.read(nbytes)), dtype=torch.uint8)
+            return decode(blob, self.kind, self.size, train, seed, self.max_pixels), label, key
+        except Exception as exc:  # a corrupt sample: the batch takes another in its place (collate)
+            return None, label, f"{key} ({exc.__class__.__name__})"
+
+
+def decode(blob: torch.Tensor, kind: str, size: int, train: bool, seed: int, max_pixels: int) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    if kind == "idx":
+        return decode_image(blob, mode=ImageReadMode.GRAY)
+    x = decode_jpeg(blob, mode=ImageReadMode.RGB) if blob[:2].tolist() == [0xFF, 0xD8] else decode_image(blob, mode=ImageReadMode.RGB)
+    if x.shape[1] * x.shape[2] > max_pixels:
+        raise ValueError("over JOB_MAX_IMAGE_PIXELS")
+    return augment(x, size, train, random.Random(seed))
+
+
+def collate(batch):
+    """Stack a batch; a sample that failed to decode is replaced by another of the same batch
+    (the batch keeps its size, so every rank takes the same steps) and named."""
+    good = [b for b in batch if b[0] is not None]
+    if not good:
+        raise DataError(f"every sample of a batch failed to decode: {', '.join(b[2] for b in batch[:5])}")
+    failed = [b[2] for b in batch if b[0] is None]
+    filled = [b if b[0] is not None else good[i % len(good)] for i, b in enumerate(batch)]
+    return torch.stack([b[0] for b in filled]), torch.tensor([b[1] for b in filled]), failed
+
+
+class _Items(Sampler):
+    """Yields the items the source sets for the current read (one DataLoader per kind of read)."""
+
+    def __init__(self):
+        self.items, self.length = iter(()), 0
+
+    def __iter__(self):
+        return self.items
+
+    def __len__(self):
+        return self.length
+
+
+class ShardSource:
+    """A sharded dataset's samples (some of its splits, indexed in order), streamed through a
+    ShardCache: the loop's data source like the in-memory and file ones."""
+
+    in_memory = False
+    eval_batch_size = None
+
+    def __init__(self, shards: list[dict], cache: ShardCache, kind: str, image_size: int, normalize: bool,
+                 workers: int, device: torch.device, seed: int, max_pixels: int, augment: bool):
+        self.shards, self.cache, self.kind, self.workers, self.device = shards, cache, kind, workers, device
+        self.augment = augment  # JOB_AUGMENT: training reads are augmented, else cropped as for evaluation
+        self.size = image_size if kind == "image" else None
+        self.seed, self.max_pixels = seed, max_pixels
+        counts = [s["samples"] for s in shards]
+        self.starts = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
+        self.sample_shape = (3, image_size, image_size) if kind == "image" else tuple(shards[0].get("shape", (1, 28, 28)))
+        self.mean = torch.tensor(images.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) if normalize else None
+        self.std = torch.tensor(images.IMAGENET_STD, device=device).view(1, 3, 1, 1) if normalize else None
+        self.loaders: dict = {}
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shard = torch.searchsorted(self.starts, indices, right=True) - 1
+        return shard, indices - self.starts[shard]
+
+    def order(self, indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        """`indices` in this epoch's order: shards shuffled, samples shuffled within windows of
+        WINDOW shards. Depends only on (seed, epoch) and the indices, never on the processes."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        shard, _ = self.locate(indices)
+        present = torch.unique(shard)
+        groups = {int(s): indices[shard == s] for s in present}
+        shuffled = present[torch.randperm(len(present), generator=g)].tolist()
+        out = []
+        for w in range(0, len(shuffled), WINDOW):
+            window = torch.cat([groups[s] for s in shuffled[w:w + WINDOW]])
+            out.append(window[torch.randperm(len(window), generator=g)])
+        return torch.cat(out) if out else indices[:0]
+
+    def batches(self, indices: torch.Tensor, batch_size: int, train: bool, epoch: int = 0):
+        shard_ids, positions = self.locate(indices.cpu())
+        names = [self.shards[i]["name"] for i in range(len(self.shards))]
+        sequence, last = [], {}
+        for k, s in enumerate(shard_ids.tolist()):
+            if s not in last:
+                sequence.append(names[s])
+            last[s] = k
+        self.check_room(len(sequence), batch_size)
+        self.cache.want(sequence)
+        key = (train, batch_size)
+        if key not in self.loaders:
+            sampler = _Items()
+            loader = DataLoader(ShardItems(self.size, self.kind, self.max_pixels), batch_size=batch_size,
+                                sampler=sampler, num_workers=self.workers, collate_fn=collate,
+                                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                                multiprocessing_context="forkserver" if self.workers else None)
+            self.loaders[key] = (loader, sampler)
+        loader, sampler = self.loaders[key]
+        held: dict[int, int] = {}  # shard -> items handed to the loader and not yet received
+        base_seed = (self.seed * 1_000_003 + epoch) * 1_000_003
+
+        def items():
+            for k, (s, pos) in enumerate(zip(shard_ids.tolist(), positions.tolist(), strict=True)):
+                local = self.cache.get(names[s]) if s not in held else self.cache.local[names[s]]
+                held[s] = held.get(s, 0) + 1
+                offset, nbytes, label, sample_key = local["samples"][pos]
+                yield (local["path"], offset, nbytes, label, f"{names[s]}:{sample_key}",
+                       base_seed + int(indices[k]), train and self.augment)
+
+        sampler.items, sampler.length = items(), len(indices)
+        received = 0
+        try:
+            for x, y, failed in loader:
+                for name in failed:
+                    log.warning(f"skipping a corrupt sample {name}; another sample of its batch took its place")
+                self.skipped += len(failed)
+                received += len(y)
+                for s in [s for s, k in last.items() if k < received and s in held]:
+                    self.cache.release(names[s])
+                    del held[s]
+                yield self._to_model(x), y.to(self.device, non_blocking=True)
+        finally:
+            for s in list(held):
+                self.cache.release(names[s])
+            held.clear()
+            log.debug(f"shard cache: {self.cache.disk_peak} bytes on disk at most (limit {self.cache.limit})")
+
+    def check_room(self, shards_read: int, batch_size: int) -> None:
+        """The cache must hold every shard the loader may be reading at once: those of the batches
+        in flight (the DataLoader prefetches 2 a worker) and the next windows'. Refused up front,
+        as a setting (exit 2), rather than found out mid-epoch."""
+        in_flight = (2 * max(self.workers, 1) + 2) * batch_size
+        typical = max(1.0, len(self) / len(self.shards))  # samples a shard
+        needed = min(shards_read, math.ceil(in_flight / typical) + 2 * WINDOW + 1)
+        biggest = max(s["bytes"] for s in self.shards)
+        if needed * biggest > self.cache.limit:
+            raise SettingsError(f"JOB_SHARD_CACHE_BYTES={self.cache.limit} is too small: reading batches of {batch_size} "
+                                f"with {self.workers} worker(s) keeps up to {needed} shards in use (each up to {biggest} "
+                                f"bytes): raise it to at least {needed * biggest}, or make shards larger than batches")
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> float in [0, 1] (normalised for torchvision models), on the device: one
+        vectorised op per batch, on the GPU when there is one."""
+        x = x.to(self.device, non_blocking=True).float().div_(255)
+        if self.mean is not None:
+            x = x.sub_(self.mean).div_(self.std)
+        return x
+
+
+# --- writing: prepare ------------------------------------------------------------------------
+
+def _plan(settings, source_root: str, kind: str) -> tuple[dict[str, list], list[str], list]:
+    """{split: [(source file or IDX item, label)]}, class names, and IDX arrays if any."""
+    from job import datasets, data
+
+    if kind == "idx":
+        train = datasets._read_pair(source_root, datasets.MNIST_FILES["train_images"], datasets.MNIST_FILES["train_labels"],
+                                    True, settings.max_file_bytes)
+        test = datasets._read_pair(source_root, datasets.MNIST_FILES["test_images"], datasets.MNIST_FILES["test_labels"],
+                                   False, settings.max_file_bytes)
+        classes = [str(i) for i in range(int(train[1].max()) + 1)]
+        train_idx, val_idx = data.split_indices(len(train[1]), settings.val_fraction, settings.seed)
+        arrays = {"train": train, "test": test}
+        plan = {"train": [("train", int(i), int(train[1][i])) for i in sorted(train_idx.tolist())],
+                "val": [("train", int(i), int(train[1][i])) for i in sorted(val_idx.tolist())]}
+        if test:
+            plan["test"] = [("test", i, int(test[1][i])) for i in range(len(test[1]))]
+        return plan, classes, arrays
+    dirs = images._class_dirs(source_root, "train")
+    classes = list(dirs)
+    if len(classes) < 2:
+        raise DataError(f"{source_root}/train holds {len(classes)} class folder(s); a classifier needs at least 2")
+    plan = {"train": [(p, classes.index(c)) for c, files in dirs.items() for p in files]}
+    val_dir = next((d for d in images.VAL_DIRS if os.path.isdir(os.path.join(source_root, d))), None)
+    if val_dir:
+        plan["val"] = [(p, classes.index(c)) for c, files in images._class_dirs(source_root, val_dir).items() for p in files]
+    else:  # a seeded split of train/, as training makes one (JOB_VAL_FRACTION, JOB_SEED)
+        train_idx, val_idx = data.split_indices(len(plan["train"]), settings.val_fraction, settings.seed)
+        everything = plan["train"]
+        plan = {"train": [everything[i] for i in sorted(train_idx.tolist())],
+                "val": [everything[i] for i in sorted(val_idx.tolist())]}
+    if os.path.isdir(os.path.join(source_root, "test")):
+        found = images._class_dirs(source_root, "test")
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"{source_root}/test has classes that train/ lacks: {', '.join(map(repr, unknown[:10]))}")
+        plan["test"] = [(p, classes.index(c)) for c, files in found.items() for p in files]
+    return plan, classes, None
+
+
+def _encode(entry, arrays, settings, root: str) -> tuple[bytes | None, str | None, str]:
+    """(image bytes for the shard or None, why not, the source's name) for one sample."""
+    from PIL import Image
+
+    if arrays is not None:  # IDX: lossless PNG
+        role, i, _ = entry
+        buffer = io.BytesIO()
+        Image.fromarray(arrays[role][0][i], mode="L").save(buffer, format="PNG", optimize=False)
+        return buffer.getvalue(), None, f"{role}#{i}"
+    path = entry[0]
+    name = os.path.relpath(path, root)
+    reason, _ = images._check(path, settings.max_file_bytes, settings.max_image_pixels)
+    if reason:
+        return None, reason, name
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((settings.shard_max_side, settings.shard_max_side), Image.BICUBIC)
+        buffer = io.BytesIO()
+        img.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue(), None, name
+
+
+def _tar(samples: list[tuple[str, bytes, int]], ext: str) -> bytes:
+    """A tar of samples (key, image bytes, label) with fixed headers: the same input, the same bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, blob, label in samples:
+            for name, data in ((f"{key}.{ext}", blob), (f"{key}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def prepare(settings, runtime, source_uri: str, dest_uri: str) -> dict:
+    """Source dataset (an image folder or MNIST IDX files at any URI) -> shards + index at dest.
+    Resumable: each shard's manifest (<shard>.json) is written after the shard, and a restart
+    skips the samples of shards already written for the same plan."""
+    from job import datasets
+
+    started = time.monotonic()
+    with storage.errors(source_uri, DataError, "read the source dataset"):
+        root = storage.pull(source_uri, settings.cache_dir)
+    names = sorted(n for n in os.listdir(root) if not n.startswith("."))
+    kind = "idx" if datasets.detect_format(names, source_uri) == "mnist" else "image"
+    plan, classes, arrays = _plan(settings, root, kind)
+    total = sum(len(v) for v in plan.values())
+    plan_id = hashlib.sha256(json.dumps({
+        "files": {k: [str(e[:2]) if arrays is not None else os.path.relpath(e[0], root) for e in v] for k, v in plan.items()},
+        "classes": classes, "max_side": settings.shard_max_side, "target": settings.shard_bytes, "version": FORMAT_VERSION,
+    }).encode()).hexdigest()[:16]
+    log.info(f"preparing {total} samples of {storage.redact_uri(source_uri)} ({kind}, {len(classes)} classes) into "
+             f"shards of about {settings.shard_bytes / 1e6:.0f} MB at {storage.redact_uri(dest_uri)}")
+    ext = "png" if kind == "idx" else "jpg"
+    index = {"format": "trainjob-shards", "format_version": FORMAT_VERSION, "kind": kind, "class_names": classes,
+             "encoding": {"image": ext, "max_side": settings.shard_max_side if kind == "image" else None,
+                          "quality": JPEG_QUALITY if kind == "image" else None},
+             "splits": {}, "bad_files": [], "files": total, "source": storage.redact_uri(source_uri),
+             "plan": plan_id, "trainjob_version": __version__}
+    before, bad, last_log = 0, [], time.monotonic()  # samples of the splits done before this one
+    with storage.errors(dest_uri, OutputError, "write shards to"), ThreadPoolExecutor(runtime.scan_threads) as pool:
+        storage.check_writable(dest_uri)
+        for split, entries in plan.items():
+            shards, i, n, stream = [], 0, 0, None
+
+            def encoded(start):  # (position, entry, (bytes, why not, name)), encoded in parallel chunks
+                step = max(1, runtime.scan_threads * 8)
+                for lo in range(start, len(entries), step):
+                    chunk = entries[lo:lo + step]
+                    yield from zip(range(lo, lo + len(chunk)), chunk,
+                                   pool.map(lambda e: _encode(e, arrays, settings, root), chunk), strict=True)
+
+            while i < len(entries):
+                name = f"{split}-{n:06d}.tar"
+                manifest_uri = storage.join(dest_uri, name.replace(".tar", ".json"))
+                try:
+                    manifest = storage.read_json(manifest_uri)
+                except (FileNotFoundError, ValueError):
+                    manifest = None
+                if manifest and manifest.get("plan") == plan_id:  # written by an earlier, interrupted prepare
+                    log.debug(f"{name} kept from an earlier prepare of the same plan")
+                    shards.append(manifest["shard"])
+                    bad += [tuple(b) for b in manifest["bad"]]
+                    i, n, stream = manifest["end"], n + 1, None
+                    continue
+                stream = stream or encoded(i)
+                samples, shard_bad, size = [], [], 0
+                for position, entry, (blob, reason, source_name) in stream:
+                    i = position + 1
+                    if blob is None:
+                        shard_bad.append((source_name, reason))
+                        log.warning(f"skipping {source_name}: {reason}")
+                        continue
+                    samples.append((f"{len(samples):06d}-{n:06d}", blob, entry[-1]))
+                    size += len(blob) + 1536  # the two tar headers and padding
+                    if size >= settings.shard_bytes:
+                        break
+                if not samples:  # only bad files were left at the end of the split: no empty shard
+                    bad += shard_bad
+                    break
+                blob = _tar(samples, ext)
+                meta = {"name": name, "samples": len(samples), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+                if kind == "idx":
+                    meta["shape"] = [1, *arrays["train"][0].shape[1:]]
+                storage.write_bytes(storage.join(dest_uri, name), blob)
+                storage.write_json(manifest_uri, {"plan": plan_id, "shard": meta, "end": i, "bad": shard_bad})
+                shards.append(meta)
+                bad += shard_bad
+                n += 1
+                done = before + i
+                if time.monotonic() - last_log >= settings.log_every_seconds:
+                    last_log = time.monotonic()
+                    rate = done / (last_log - started)
+                    log.info(f"prepare {done}/{total} samples ({100 * done / total:.0f}%), {rate:,.1f} samples/s, "
+                             f"{n} {split} shard(s), ETA {(total - done) / max(rate, 1e-9):.0f} s")
+            index["splits"][split] = shards
+            before += len(entries)
+        bad_fraction = len(bad) / max(total, 1)
+        if bad_fraction > settings.max_bad_fraction:
+            raise DataError(f"{len(bad)} of {total} files in {storage.redact_uri(source_uri)} are not readable images "
+                            f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
+                            f"{bad[0][0]!r} ({bad[0][1]})")
+        index["bad_files"] = [list(b) for b in bad]
+        index["fingerprint"] = hashlib.sha256("".join(
+            f"{split} {s['name']} {s['sha256']}\n" for split, shards in index["splits"].items() for s in shards).encode()).hexdigest()
+        storage.write_json(storage.join(dest_uri, INDEX), index)  # last: its presence means the dataset is complete
+    counts = {split: sum(s["samples"] for s in shards) for split, shards in index["splits"].items()}
+    log.info(f"prepared {storage.redact_uri(dest_uri)}: {counts}, {sum(len(v) for v in index['splits'].values())} shards, "
+             f"{len(bad)} bad files skipped, in {time.monotonic() - started:.0f} s")
+    return index
+
+
+def cache_folder(settings, uri: str, local_rank: int) -> str:
+    return os.path.join(settings.cache_dir, "shards", hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16],
+                        f"process-{local_rank}")

@@ -1,0 +1,206 @@
+"""Sharded datasets (issue 16), with real parts: prepare from the S3 server, training that streams
+the shards through a cache smaller than the dataset, exact resume after kill -9, torchrun and a
+resume from 2 processes to 1, a corrupted shard, a killed prepare that resumes, and the decode
+and augment functions in process."""
+
+import json
+import random
+import signal
+import tarfile
+
+import pytest
+import torch
+
+from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, wait_for, wait_for_epochs
+from job import shards
+from test_distributed import torchrun
+from test_transfer import make_tree
+
+SHARD_BYTES = 16_000  # tiny shards (a few samples each) so that a small set spans many
+LIMIT = 600_000  # the cache holds a sixth of the dataset: the shards of batches of 8 in flight
+
+
+def prepare(source: str, dest: str, **settings):
+    return run_job("prepare", source, dest, shard_bytes=SHARD_BYTES, **settings)
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    """An image folder with bad files among the good, and its shards in the S3 server."""
+    root = tmp_path_factory.mktemp("flowers")
+    make_tree(str(root / "data"), per_class=150, bad=True)  # 450 train, 225 valid, 2 bad files
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(flowers):
+    """The flowers' shards, prepared once (locally) for the tests that train on them."""
+    result = prepare(str(flowers / "data"), str(flowers / "shards"), max_bad_fraction=0.05)
+    assert result.returncode == 0, result.stdout
+    return flowers / "shards"
+
+
+@pytest.fixture
+def shard_set(s3, prepared):
+    """The shards in the S3 server (reset for each test), and their index."""
+    s3.put(str(prepared), "data/flowers-shards", recursive=True)
+    return json.loads(s3.cat_file("data/flowers-shards/index.json"))
+
+
+def test_prepare_from_the_bucket_gives_the_same_shards(s3, flowers, prepared):
+    s3.put(str(flowers / "data"), "data/flowers", recursive=True)
+    result = prepare("s3://data/flowers", "s3://data/from-s3", max_bad_fraction=0.05, cache_dir=str(flowers / "prep-cache"))
+    assert result.returncode == 0, result.stdout
+    assert (json.loads(s3.cat_file("data/from-s3/index.json"))["fingerprint"]
+            == json.loads((prepared / "index.json").read_text())["fingerprint"])
+
+
+def test_prepare_writes_webdataset_shards_and_an_index(shard_set, s3, tmp_path):
+    index = shard_set
+    assert index["class_names"] == ["daisy", "rose", "tulip"]
+    assert sum(s["samples"] for s in index["splits"]["train"]) == 450
+    assert sum(s["samples"] for s in index["splits"]["val"]) == 225
+    assert sorted(b[0] for b in index["bad_files"]) == ["train/rose/truncated.jpg", "train/tulip/notes.jpg"]
+    assert len(index["splits"]["train"]) > 10 and index["fingerprint"]
+    first = index["splits"]["train"][0]
+    blob = s3.cat_file(f"data/flowers-shards/{first['name']}")
+    import hashlib
+
+    assert hashlib.sha256(blob).hexdigest() == first["sha256"] and len(blob) == first["bytes"]
+    (tmp_path / "s.tar").write_bytes(blob)
+    with tarfile.open(tmp_path / "s.tar") as tar:  # what webdataset reads: <key>.jpg + <key>.cls
+        names = tar.getnames()
+    keys = {n.rsplit(".", 1)[0] for n in names}
+    assert len(names) == 2 * len(keys) == 2 * first["samples"]
+    assert {n.rsplit(".", 1)[1] for n in names} == {"jpg", "cls"}
+
+
+def test_training_streams_through_a_cache_smaller_than_the_dataset(shard_set, s3, flowers, tmp_path):
+    total = sum(s["bytes"] for split in shard_set["splits"].values() for s in split)
+    assert total > 4 * LIMIT  # the dataset is several times the cache
+    common = dict(model="mlp", image_size=16, epochs=3, batch_size=8, num_workers=1, cache_dir=str(tmp_path / "cache"),
+                  **DIGITS)
+    streamed = run_job(data_uri="s3://data/flowers-shards", output_uri=str(tmp_path / "out"), run_name="shards",
+                       shard_cache_bytes=LIMIT, log_level="debug", **common)
+    assert streamed.returncode == 0, streamed.stdout
+    peaks = [int(m) for m in __import__("re").findall(r"shard cache: (\d+) bytes on disk", streamed.stdout)]
+    assert peaks and max(peaks) <= LIMIT
+    folder = run_job(data_uri=str(flowers / "data"), output_uri=str(tmp_path / "out"), run_name="files",
+                     max_bad_fraction=0.05, **common)
+    assert folder.returncode == 0, folder.stdout
+    a, b = read_history(tmp_path / "out" / "shards"), read_history(tmp_path / "out" / "files")
+    assert abs(a[-1]["val_accuracy"] - b[-1]["val_accuracy"]) <= 0.1  # the same task learnt alike
+    assert a[-1]["val_accuracy"] > 0.8  # 3 classes: chance is 0.33
+
+
+def test_kill_9_mid_epoch_then_rerun_equals_an_uninterrupted_run(shard_set, tmp_path):
+    common = dict(data_uri="s3://data/flowers-shards", model="mlp", image_size=16, epochs=4, batch_size=8,
+                  num_workers=0, checkpoint_every_steps=20, shard_cache_bytes=LIMIT, augment="true", **DIGITS)
+    reference = run_job(output_uri=str(tmp_path / "ref"), run_name="r", cache_dir=str(tmp_path / "c1"), **common)
+    assert reference.returncode == 0, reference.stdout
+    settings = dict(output_uri=str(tmp_path / "out"), run_name="r", cache_dir=str(tmp_path / "c2"), **common)
+    proc = start_job(**settings)
+    wait_for(lambda: (tmp_path / "out" / "r" / "checkpoints" / "latest.json").exists()
+             and json.loads((tmp_path / "out" / "r" / "checkpoints" / "latest.json").read_text())["seen"] > 0, proc,
+             what="a mid-epoch checkpoint")
+    proc.kill()
+    proc.wait()
+    rerun = run_job(**settings)
+    assert rerun.returncode == 0, rerun.stdout
+    assert "continuing epoch" in rerun.stdout  # it resumed mid-epoch
+    assert_same_history(read_history(tmp_path / "out" / "r"), read_history(tmp_path / "ref" / "r"))
+
+
+def test_torchrun_two_processes_then_one_resumes(shard_set, tmp_path):
+    common = dict(data_uri="s3://data/flowers-shards", output_uri=str(tmp_path), run_name="r", model="mlp",
+                  image_size=16, batch_size=8, num_workers=0, shard_cache_bytes=LIMIT, cache_dir=str(tmp_path / "c"),
+                  **DIGITS)
+    two = torchrun("--standalone", "--nproc-per-node=2", epochs=2, **common)
+    assert two.returncode == 0, two.stdout
+    one = run_job(epochs=3, **common)
+    assert one.returncode == 0 and "written by 2 process(es)" in one.stdout, one.stdout
+    assert [r["epoch"] for r in read_history(tmp_path / "r")] == [1, 2, 3]
+
+
+def test_a_corrupted_shard_is_fetched_again_then_refused(shard_set, s3, tmp_path):
+    victim = shard_set["splits"]["train"][3]["name"]
+    good = s3.cat_file(f"data/flowers-shards/{victim}")
+    s3.pipe(f"data/flowers-shards/{victim}", good[:1000] + bytes(b ^ 0xFF for b in good[1000:1100]) + good[1100:])
+    result = run_job(data_uri="s3://data/flowers-shards", output_uri=str(tmp_path), model="mlp", image_size=16,
+                     epochs=1, batch_size=8, num_workers=0, cache_dir=str(tmp_path / "c"), **DIGITS)
+    assert result.returncode == 3, result.stdout
+    assert f"{victim} does not match its sha256 in index.json, twice" in result.stdout
+    assert "fetching it again" in result.stdout and "Traceback" not in result.stdout
+
+
+def test_a_killed_prepare_continues_where_it_stopped(s3, flowers, prepared, tmp_path):
+    s3.put(str(flowers / "data"), "data/flowers", recursive=True)
+    common = dict(max_bad_fraction=0.05, cache_dir=str(tmp_path / "cache"), log_level="debug")
+    proc = start_job("prepare", "s3://data/flowers", "s3://data/killed", shard_bytes=SHARD_BYTES, **common)
+    wait_for(lambda: len([p for p in s3.ls("data/killed") if p.endswith(".json")]) >= 3 if s3.exists("data/killed") else False,
+             proc, what="three shards written")
+    proc.kill()
+    proc.wait()
+    assert not s3.exists("data/killed/index.json")  # no index: not a dataset yet
+    written = {p for p in s3.ls("data/killed") if p.endswith(".tar")}
+    again = prepare("s3://data/flowers", "s3://data/killed", **common)
+    assert again.returncode == 0, again.stdout
+    assert again.stdout.count("kept from an earlier prepare") >= len(written) - 1
+    assert (json.loads(s3.cat_file("data/killed/index.json"))["fingerprint"]
+            == json.loads((prepared / "index.json").read_text())["fingerprint"])  # the same bytes as a run in one go
+
+
+def test_mnist_format_data_prepares_losslessly_and_trains(s3, digits_dir, tmp_path):
+    assert prepare(str(digits_dir), "s3://data/digit-shards").returncode == 0
+    common = dict(output_uri=str(tmp_path), epochs=3, cache_dir=str(tmp_path / "c"), **DIGITS)
+    streamed = run_job(data_uri="s3://data/digit-shards", run_name="s", num_workers=0, **common)
+    tensors = run_job(data_uri=str(digits_dir), run_name="t", **common)
+    assert streamed.returncode == 0 and tensors.returncode == 0, streamed.stdout
+    # the same images (PNG is lossless), split and classes: accuracy alike (the order differs: shard-local)
+    assert abs(read_history(tmp_path / "s")[-1]["val_accuracy"] - read_history(tmp_path / "t")[-1]["val_accuracy"]) < 0.1
+
+
+def test_the_window_order_is_a_permutation_and_independent_of_processes():
+    shard_list = [{"name": f"s{i}", "samples": n, "bytes": 1, "sha256": ""} for i, n in enumerate([5, 7, 3, 9, 4, 6])]
+    source = shards.ShardSource.__new__(shards.ShardSource)
+    source.starts = torch.tensor([0, 5, 12, 15, 24, 28, 34])
+    indices = torch.arange(34)
+    order = source.order(indices, seed=1, epoch=2)
+    assert sorted(order.tolist()) == indices.tolist()
+    assert torch.equal(order, source.order(indices, seed=1, epoch=2))
+    assert not torch.equal(order, source.order(indices, seed=1, epoch=3))
+    shard_of, _ = source.locate(order)  # a window's samples come from at most WINDOW shards
+    first = set(shard_of[:int(sum(shard_list[i]["samples"] for i in set(shard_of[:1].tolist())))].tolist())
+    assert len(first) <= shards.WINDOW
+
+
+def test_rotation_matches_torchvisions_nearest_rotation_on_the_interior():
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    for degrees in (-17.5, 0.0, 12.0):
+        ours = shards.rotate_nearest(x, degrees)
+        theirs = TF.rotate(x, degrees)  # torchvision's default: nearest, about the centre, zero fill
+        inner = (slice(None), slice(16, 48), slice(16, 48))
+        assert (ours[inner] != theirs[inner]).float().mean() < 0.02, degrees  # rounding at pixel edges only
+
+
+def test_augmentation_is_a_function_of_the_seed():
+    x = torch.randint(0, 255, (3, 120, 160), dtype=torch.uint8)
+    a = shards.augment(x, 64, True, random.Random(7))
+    assert a.shape == (3, 64, 64) and a.dtype == torch.uint8
+    assert torch.equal(a, shards.augment(x, 64, True, random.Random(7)))
+    assert shards.augment(x, 64, False, random.Random(0)).shape == (3, 64, 64)
+
+
+def test_sigterm_during_a_streamed_epoch_saves_and_resumes(shard_set, tmp_path):
+    settings = dict(data_uri="s3://data/flowers-shards", output_uri=str(tmp_path), run_name="r", model="mlp",
+                    image_size=16, epochs=40, batch_size=8, num_workers=0, shard_cache_bytes=LIMIT,
+                    cache_dir=str(tmp_path / "c"), **DIGITS)
+    proc = start_job(**settings)
+    wait_for_epochs(tmp_path / "r", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143 and "after saving a checkpoint" in out, out
+    rerun = run_job(**{**settings, "epochs": 3})
+    assert rerun.returncode == 0 and "resumed from checkpoints/step-" in rerun.stdout, rerun.stdout
