@@ -211,7 +211,8 @@ def load_shards(settings, runtime, index: dict, normalize: bool, limit: int = 0)
 
     def source(parts):
         return shards.ShardSource(parts, cache, index["kind"], settings.image_size, normalize, runtime.workers,
-                                  runtime.device, settings.seed, settings.max_image_pixels, settings.augment)
+                                  runtime.device, settings.seed, settings.max_image_pixels, settings.augment,
+                                  settings.decode)
 
     n_train, n_val = (sum(s["samples"] for s in parts) for parts in (train, val))
     log.info(f"sharded dataset {storage.redact_uri(uri)}: {len(train) + len(val) + len(test)} shards, streamed through "

@@ -94,29 +94,41 @@ def _class_dirs(root: str, split: str) -> dict[str, list[str]]:
     return found
 
 
-def _check(path: str, max_bytes: int, max_pixels: int) -> tuple[str | None, bytes]:
-    """(None if the file is a regular file that decodes as an image within the limits, else why
-    not; the sha256 of its bytes), from one bounded read."""
+def read_regular(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None), or (None, why not): only a regular file of at most max_bytes is
+    read, in one bounded read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
     except OSError as exc:
-        return f"cannot open it ({exc.strerror})", b""
+        return None, f"cannot open it ({exc.strerror})"
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):  # a device (a link to /dev/zero), a FIFO, a socket
-            return "not a regular file", b""
+            return None, "not a regular file"
         if st.st_size > max_bytes:
-            return f"{st.st_size} bytes, over JOB_MAX_FILE_BYTES={max_bytes}", b""
-        blob = f.read(max_bytes + 1)
-    digest = hashlib.sha256(blob).digest()
+            return None, f"{st.st_size} bytes, over JOB_MAX_FILE_BYTES={max_bytes}"
+        return f.read(max_bytes + 1), None
+
+
+def _check(path: str, max_bytes: int, max_pixels: int) -> tuple[str | None, bytes]:
+    """(None if the file is a regular file that decodes as an image within the limits, else why
+    not; the sha256 of its bytes), from one bounded read."""
+    blob, reason = read_regular(path, max_bytes)
+    if blob is None:
+        return reason, b""
+    return check_blob(blob, max_pixels), hashlib.sha256(blob).digest()
+
+
+def check_blob(blob: bytes, max_pixels: int) -> str | None:
+    """None if the bytes decode as an image within the pixel limit, else why not."""
     try:
         with Image.open(io.BytesIO(blob)) as img:  # refuses more than Image.MAX_IMAGE_PIXELS from the header
             img.load()  # a full decode: verify() misses truncated JPEGs
-        return None, digest
+        return None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"more than JOB_MAX_IMAGE_PIXELS={max_pixels} pixels (a decompression bomb?)", digest
+        return f"more than JOB_MAX_IMAGE_PIXELS={max_pixels} pixels (a decompression bomb?)"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as exc:
-        return f"{exc.__class__.__name__}: {str(exc)[:120]}", digest
+        return f"{exc.__class__.__name__}: {str(exc)[:120]}"
 
 
 def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: float = 10.0) -> dict:

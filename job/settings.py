@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the training set held out for validation (random, seeded, saved with the run)")
     cache_dir: str = Field(os.path.join(tempfile.gettempdir(), "trainjob-cache"), description="local directory the dataset is pulled into (must be writable; works with a read-only root via TMPDIR)")
     shard_cache_bytes: int = Field(16 << 30, ge=1 << 16, le=1 << 50, description="sharded datasets: the most bytes of shards kept on local disk per training process (least recently used out first); a dataset larger than this streams")
+    decode: Literal["auto", "workers", "device"] = Field("auto", description="sharded datasets: where images are decoded and augmented: in DataLoader workers on the CPU, or on the training device in batches (nvjpeg on a GPU); auto: the device when it is a GPU")
     num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader worker processes per training process for data read from files (default: its share of the CPUs, minus one for the loop)")
     # --- model ------------------------------------------------------------------------------
     model: str = Field("mlp", description="architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear), cnn (small convnet for 28x28), or any torchvision classification model (resnet18 ... resnet152, efficientnet_b0, convnext_tiny, ...)")

@@ -223,7 +223,7 @@ def rotate_nearest(x: torch.Tensor, degrees: float) -> torch.Tensor:
     RandomRotation does by default, with one gather through a cached index map (~10x faster
     than torchvision's float grid_sample on CPU); corners are filled with 0."""
     c, h, w = x.shape
-    key = (h, w, round(degrees * 2))
+    key = (h, w, round(degrees * 2), str(x.device))
     index = _ROTATION_MAPS.get(key)
     if index is None:
         angle = math.radians(key[2] / 2)
@@ -231,7 +231,7 @@ def rotate_nearest(x: torch.Tensor, degrees: float) -> torch.Tensor:
         src_x = (math.cos(angle) * xs - math.sin(angle) * ys + (w - 1) / 2).round().long()
         src_y = (math.sin(angle) * xs + math.cos(angle) * ys + (h - 1) / 2).round().long()
         inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
-        index = torch.where(inside, src_y * w + src_x, h * w).flatten()  # h * w: the appended zero pixel
+        index = torch.where(inside, src_y * w + src_x, h * w).flatten().to(x.device)  # h * w: the appended zero pixel
         _ROTATION_MAPS[key] = index
     padded = torch.cat([x.reshape(c, -1), x.new_zeros(c, 1)], 1)
     return padded[:, index].view(c, h, w)
@@ -270,8 +270,9 @@ class ShardItems(Dataset):
     everything (path, offset, size, label, key, augmentation seed), so workers keep no state;
     the seed is a function of (seed, epoch, sample), so augmentations survive a resume."""
 
-    def __init__(self, size: int, kind: str, max_pixels: int):
+    def __init__(self, size: int, kind: str, max_pixels: int, decode_here: bool = True):
         self.size, self.kind, self.max_pixels = size, kind, max_pixels
+        self.decode_here = decode_here  # False: hand the bytes on, the device decodes the batch
 
     def __len__(self):
         return 0  # items come from the sampler
@@ -282,6 +283,8 @@ class ShardItems(Dataset):
             with open(path, "rb") as f:
                 f.seek(offset)
                 blob = torch.frombuffer(bytearray(f.read(nbytes)), dtype=torch.uint8)
+            if not self.decode_here:
+                return blob, label, key
             return decode(blob, self.kind, self.size, train, seed, self.max_pixels), label, key
         except Exception as exc:  # a corrupt sample: the batch takes another in its place (collate)
             return None, label, f"{key} ({exc.__class__.__name__})"
@@ -298,15 +301,58 @@ def decode(blob: torch.Tensor, kind: str, size: int, train: bool, seed: int, max
     return augment(x, size, train, random.Random(seed))
 
 
-def collate(batch):
-    """Stack a batch; a sample that failed to decode is replaced by another of the same batch
-    (the batch keeps its size, so every rank takes the same steps) and named."""
+def fill(batch: list) -> tuple[list, list[str]]:
+    """A sample that failed to decode is replaced by another of the same batch (the batch keeps
+    its size, so every rank takes the same steps); returns the batch and the failed names."""
     good = [b for b in batch if b[0] is not None]
     if not good:
         raise DataError(f"every sample of a batch failed to decode: {', '.join(b[2] for b in batch[:5])}")
     failed = [b[2] for b in batch if b[0] is None]
-    filled = [b if b[0] is not None else good[i % len(good)] for i, b in enumerate(batch)]
+    return [b if b[0] is not None else good[i % len(good)] for i, b in enumerate(batch)], failed
+
+
+def collate(batch):
+    """Stack a batch decoded by the workers."""
+    filled, failed = fill(batch)
     return torch.stack([b[0] for b in filled]), torch.tensor([b[1] for b in filled]), failed
+
+
+def collate_bytes(batch):
+    """A batch of undecoded images (the device decodes it): the bytes as a list."""
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+
+
+def decode_on_device(blobs: list, keys: list[str], kind: str, size: int, train: bool, seeds: list[int],
+                     device: torch.device, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
+    """Decode and augment a batch on the training device: JPEGs in one batched nvjpeg call on a
+    GPU (torchvision.io.decode_jpeg with device="cuda"), then the same seeded crop, flip and
+    rotation as the workers apply, per sample, on the device; the CPU path decodes one by one."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    images = [None] * len(blobs)
+    jpeg = [i for i, b in enumerate(blobs) if kind == "image" and b[:2].tolist() == [0xFF, 0xD8]]
+    if jpeg and device.type == "cuda":
+        try:
+            for i, x in zip(jpeg, decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=device), strict=True):
+                images[i] = x
+        except RuntimeError:  # one bad JPEG fails the batched call: decode them one by one
+            jpeg = []
+    batch = []
+    for i, blob in enumerate(blobs):
+        try:
+            x = images[i]
+            if x is None:
+                mode = ImageReadMode.GRAY if kind == "idx" else ImageReadMode.RGB
+                x = decode_image(blob, mode=mode).to(device)
+            if kind == "image":
+                if x.shape[1] * x.shape[2] > max_pixels:
+                    raise ValueError("over JOB_MAX_IMAGE_PIXELS")
+                x = augment(x, size, train, random.Random(seeds[i]))
+            batch.append((x, 0, keys[i]))
+        except Exception as exc:
+            batch.append((None, 0, f"{keys[i]} ({exc.__class__.__name__})"))
+    filled, failed = fill(batch)
+    return torch.stack([b[0] for b in filled]), failed
 
 
 class _Items(Sampler):
@@ -330,9 +376,11 @@ class ShardSource:
     eval_batch_size = None
 
     def __init__(self, shards: list[dict], cache: ShardCache, kind: str, image_size: int, normalize: bool,
-                 workers: int, device: torch.device, seed: int, max_pixels: int, augment: bool):
+                 workers: int, device: torch.device, seed: int, max_pixels: int, augment: bool, decode: str = "auto"):
         self.shards, self.cache, self.kind, self.workers, self.device = shards, cache, kind, workers, device
         self.augment = augment  # JOB_AUGMENT: training reads are augmented, else cropped as for evaluation
+        # JOB_DECODE: the workers decode and augment (CPU), or hand the bytes on to the device
+        self.on_device = decode == "device" or (decode == "auto" and device.type == "cuda")
         self.size = image_size if kind == "image" else None
         self.seed, self.max_pixels = seed, max_pixels
         counts = [s["samples"] for s in shards]
@@ -377,8 +425,9 @@ class ShardSource:
         key = (train, batch_size)
         if key not in self.loaders:
             sampler = _Items()
-            loader = DataLoader(ShardItems(self.size, self.kind, self.max_pixels), batch_size=batch_size,
-                                sampler=sampler, num_workers=self.workers, collate_fn=collate,
+            loader = DataLoader(ShardItems(self.size, self.kind, self.max_pixels, decode_here=not self.on_device),
+                                batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+                                collate_fn=collate_bytes if self.on_device else collate,
                                 pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
                                 multiprocessing_context="forkserver" if self.workers else None)
             self.loaders[key] = (loader, sampler)
@@ -398,6 +447,10 @@ class ShardSource:
         received = 0
         try:
             for x, y, failed in loader:
+                if self.on_device:
+                    seeds = [base_seed + int(i) for i in indices[received:received + len(y)]]
+                    x, failed = decode_on_device(x, failed, self.kind, self.size, train and self.augment, seeds,
+                                                 self.device, self.max_pixels)
                 for name in failed:
                     log.warning(f"skipping a corrupt sample {name}; another sample of its batch took its place")
                 self.skipped += len(failed)
@@ -436,9 +489,30 @@ class ShardSource:
 
 # --- writing: prepare ------------------------------------------------------------------------
 
-def _plan(settings, source_root: str, kind: str) -> tuple[dict[str, list], list[str], list]:
-    """{split: [(source file or IDX item, label)]}, class names, and IDX arrays if any."""
+def _remote_folders(uri: str) -> dict[str, dict[str, list[str]]]:
+    """{split: {class: [object URI]}} of an image folder in object storage, from one listing (the
+    objects are read one by one while shards are written: the source need not fit on local disk)."""
+    fs, root = storage.filesystem(uri)
+    protocol = uri.split("://", 1)[0] + "://"
+    tree: dict = {}
+    for path, info in sorted(storage._find(uri).items()):
+        parts = path[len(root.rstrip("/")) + 1:].split("/")
+        if info.get("type") == "directory" or path.endswith("/") or len(parts) < 3 or any(p.startswith(".") for p in parts):
+            continue
+        tree.setdefault(parts[0], {}).setdefault(parts[1], []).append(protocol + path)
+    return tree
+
+
+def _plan(settings, source_root: str, kind: str, remote: dict | None = None) -> tuple[dict[str, list], list[str], list]:
+    """{split: [(source file or IDX item, label)]}, class names, and IDX arrays if any. `remote`:
+    an image folder's {split: {class: [object URI]}}, read from object storage sample by sample."""
     from job import datasets, data
+
+    def class_dirs(split):
+        return remote.get(split, {}) if remote is not None else images._class_dirs(source_root, split)
+
+    def has(split):
+        return split in remote if remote is not None else os.path.isdir(os.path.join(source_root, split))
 
     if kind == "idx":
         train = datasets._read_pair(source_root, datasets.MNIST_FILES["train_images"], datasets.MNIST_FILES["train_labels"],
@@ -453,21 +527,24 @@ def _plan(settings, source_root: str, kind: str) -> tuple[dict[str, list], list[
         if test:
             plan["test"] = [("test", i, int(test[1][i])) for i in range(len(test[1]))]
         return plan, classes, arrays
-    dirs = images._class_dirs(source_root, "train")
+    dirs = class_dirs("train")
     classes = list(dirs)
     if len(classes) < 2:
         raise DataError(f"{source_root}/train holds {len(classes)} class folder(s); a classifier needs at least 2")
     plan = {"train": [(p, classes.index(c)) for c, files in dirs.items() for p in files]}
-    val_dir = next((d for d in images.VAL_DIRS if os.path.isdir(os.path.join(source_root, d))), None)
+    val_dir = next((d for d in images.VAL_DIRS if has(d)), None)
     if val_dir:
-        plan["val"] = [(p, classes.index(c)) for c, files in images._class_dirs(source_root, val_dir).items() for p in files]
+        unknown = sorted(set(class_dirs(val_dir)) - set(classes))
+        if unknown:
+            raise DataError(f"{source_root}/{val_dir} has classes that train/ lacks: {', '.join(map(repr, unknown[:10]))}")
+        plan["val"] = [(p, classes.index(c)) for c, files in class_dirs(val_dir).items() for p in files]
     else:  # a seeded split of train/, as training makes one (JOB_VAL_FRACTION, JOB_SEED)
         train_idx, val_idx = data.split_indices(len(plan["train"]), settings.val_fraction, settings.seed)
         everything = plan["train"]
         plan = {"train": [everything[i] for i in sorted(train_idx.tolist())],
                 "val": [everything[i] for i in sorted(val_idx.tolist())]}
-    if os.path.isdir(os.path.join(source_root, "test")):
-        found = images._class_dirs(source_root, "test")
+    if has("test"):
+        found = class_dirs("test")
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise DataError(f"{source_root}/test has classes that train/ lacks: {', '.join(map(repr, unknown[:10]))}")
@@ -485,11 +562,18 @@ def _encode(entry, arrays, settings, root: str) -> tuple[bytes | None, str | Non
         Image.fromarray(arrays[role][0][i], mode="L").save(buffer, format="PNG", optimize=False)
         return buffer.getvalue(), None, f"{role}#{i}"
     path = entry[0]
-    name = os.path.relpath(path, root)
-    reason, _ = images._check(path, settings.max_file_bytes, settings.max_image_pixels)
+    if "://" in path:  # an object: read now (bounded and retried as every storage operation)
+        name = path[len(root.rstrip("/")) + 1:]
+        with storage.errors(path, DataError, "read"):
+            blob = storage.read_bytes(path, max_bytes=settings.max_file_bytes)
+        reason = f"over JOB_MAX_FILE_BYTES={settings.max_file_bytes}" if len(blob) > settings.max_file_bytes else None
+    else:
+        name = os.path.relpath(path, root)
+        blob, reason = images.read_regular(path, settings.max_file_bytes)
+    reason = reason or images.check_blob(blob, settings.max_image_pixels)
     if reason:
         return None, reason, name
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(blob)) as img:
         img = img.convert("RGB")
         img.thumbnail((settings.shard_max_side, settings.shard_max_side), Image.BICUBIC)
         buffer = io.BytesIO()
@@ -516,14 +600,22 @@ def prepare(settings, runtime, source_uri: str, dest_uri: str) -> dict:
     from job import datasets
 
     started = time.monotonic()
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     with storage.errors(source_uri, DataError, "read the source dataset"):
-        root = storage.pull(source_uri, settings.cache_dir)
-    names = sorted(n for n in os.listdir(root) if not n.startswith("."))
-    kind = "idx" if datasets.detect_format(names, source_uri) == "mnist" else "image"
-    plan, classes, arrays = _plan(settings, root, kind)
+        names = sorted(n for n in storage.list_names(source_uri) if not n.startswith("."))
+        kind = "idx" if datasets.detect_format(names, source_uri) == "mnist" else "image"
+        if kind == "image" and not storage.is_local(source_uri):  # streamed: the source can exceed local disk
+            root, remote = storage.filesystem(source_uri)[1], _remote_folders(source_uri)
+        else:  # local files are read in place; IDX files are small enough to pull
+            root, remote = storage.pull(source_uri, settings.cache_dir), None
+    plan, classes, arrays = _plan(settings, root, kind, remote)
     total = sum(len(v) for v in plan.values())
+    relative = (lambda p: p.split("://", 1)[-1][len(root.rstrip("/")) + 1:]) if remote is not None else (
+        lambda p: os.path.relpath(p, root))
     plan_id = hashlib.sha256(json.dumps({
-        "files": {k: [str(e[:2]) if arrays is not None else os.path.relpath(e[0], root) for e in v] for k, v in plan.items()},
+        "files": {k: [str(e[:2]) if arrays is not None else relative(e[0]) for e in v] for k, v in plan.items()},
         "classes": classes, "max_side": settings.shard_max_side, "target": settings.shard_bytes, "version": FORMAT_VERSION,
     }).encode()).hexdigest()[:16]
     log.info(f"preparing {total} samples of {storage.redact_uri(source_uri)} ({kind}, {len(classes)} classes) into "

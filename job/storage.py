@@ -243,9 +243,11 @@ def _write_local(path: str, data: bytes) -> None:
 
 
 @_op("read")
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The object's bytes; with max_bytes, at most max_bytes + 1 of them (a ranged read: a huge
+    object from an untrusted bucket is never read whole)."""
     fs, path = filesystem(uri)
-    return fs.cat_file(path)
+    return fs.cat_file(path) if max_bytes is None else fs.cat_file(path, start=0, end=max_bytes + 1)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -204,3 +204,47 @@ def test_sigterm_during_a_streamed_epoch_saves_and_resumes(shard_set, tmp_path):
     assert proc.returncode == 143 and "after saving a checkpoint" in out, out
     rerun = run_job(**{**settings, "epochs": 3})
     assert rerun.returncode == 0 and "resumed from checkpoints/step-" in rerun.stdout, rerun.stdout
+
+
+def test_decoding_on_the_device_gives_what_the_workers_give(shard_set, tmp_path):
+    """JOB_DECODE=device is the GPU path (batched nvjpeg decode and augmentation on the device);
+    on the CPU it runs the same code in the main process: the run must not change."""
+    common = dict(data_uri="s3://data/flowers-shards", model="mlp", image_size=16, epochs=2, batch_size=8,
+                  num_workers=0, shard_cache_bytes=LIMIT, augment="true", **DIGITS)
+    runs = {d: run_job(output_uri=str(tmp_path / d), run_name="r", decode=d, cache_dir=str(tmp_path / f"c-{d}"), **common)
+            for d in ("workers", "device")}
+    for result in runs.values():
+        assert result.returncode == 0, result.stdout
+    assert_same_history(read_history(tmp_path / "device" / "r"), read_history(tmp_path / "workers" / "r"))
+
+
+def test_the_feature_cache_smoke_mode_and_check_work_on_shards(shard_set, tmp_path):
+    from test_transfer import weights_file
+
+    common = dict(data_uri="s3://data/flowers-shards", output_uri=str(tmp_path), model="resnet18", image_size=32,
+                  batch_size=8, num_workers=0, freeze="all", shard_cache_bytes=LIMIT, cache_dir=str(tmp_path / "c"),
+                  pretrained=weights_file(str(tmp_path / "w.pt")))
+    check = run_job("--check", **common)
+    assert check.returncode == 0 and "(sharded, 3 classes)" in check.stdout, check.stdout
+    smoke = run_job(smoke="true", **common)
+    assert smoke.returncode == 0 and "smoke: PASSED" in smoke.stdout, smoke.stdout
+    trained = run_job(epochs=2, **common)
+    assert trained.returncode == 0, trained.stdout
+    assert "feature cache: computing backbone features of 675 images" in trained.stdout
+
+
+def test_throttled_reads_while_streaming_change_nothing(shard_set, s3_server, tmp_path, monkeypatch):
+    from faultproxy import FaultProxy
+
+    common = dict(data_uri="s3://data/flowers-shards", model="mlp", image_size=16, epochs=1, batch_size=8,
+                  num_workers=0, shard_cache_bytes=LIMIT, **DIGITS)
+    clean = run_job(output_uri=str(tmp_path / "clean"), run_name="r", cache_dir=str(tmp_path / "c1"), **common)
+    proxy = FaultProxy(s3_server, 0.05, faults=("slowdown",))  # 503 SlowDown on one request in twenty
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        throttled = run_job(output_uri=str(tmp_path / "throttled"), run_name="r", cache_dir=str(tmp_path / "c2"), **common)
+    finally:
+        proxy.close()
+    assert clean.returncode == 0 and throttled.returncode == 0, throttled.stdout
+    assert proxy.counts["slowdown"] >= 3
+    assert_same_history(read_history(tmp_path / "throttled" / "r"), read_history(tmp_path / "clean" / "r"))
