@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
     stop_grace_seconds: float = Field(25.0, gt=0.0, le=3600.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
     shard_bytes: int = Field(128 << 20, ge=1024, le=1 << 34, description="python -m job prepare: about how many bytes each shard holds")
-    shard_max_side: int = Field(256, ge=32, le=8192, description="python -m job prepare: images are re-encoded as JPEG with their longer side at most this (keep it at or above JOB_IMAGE_SIZE x 256/224)")
+    shard_short_side: int = Field(256, ge=32, le=8192, description="python -m job prepare: images are re-encoded as JPEG with their shorter side at most this, as the evaluation transform's resize (keep it at or above JOB_IMAGE_SIZE x 256/224)")
     export: Literal["onnx", "safetensors", "off"] = Field("onnx", description="at the end of a completed run, write <run>/model/: the best weights as safetensors with a config.json, and (onnx) an ONNX model verified against them")
     tensorboard: bool = Field(False, description="also write TensorBoard scalar event files under <run>/tensorboard/ (needs the tensorboard extra); MLflow is used when MLFLOW_TRACKING_URI is set")
     smoke: bool = Field(False, description="smoke test: the real code path on a few batches and a sample of the data, every step checked, outputs under <run>/smoke/")

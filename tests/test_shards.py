@@ -142,10 +142,11 @@ def test_a_killed_prepare_continues_where_it_stopped(s3, flowers, prepared, tmp_
     proc.kill()
     proc.wait()
     assert not s3.exists("data/killed/index.json")  # no index: not a dataset yet
-    written = {p for p in s3.ls("data/killed") if p.endswith(".tar")}
+    # a shard counts as written once its manifest is (a tar without one, cut off mid-write, is redone)
+    written = {p for p in s3.ls("data/killed") if p.endswith(".json")}
     again = prepare("s3://data/flowers", "s3://data/killed", **common)
     assert again.returncode == 0, again.stdout
-    assert again.stdout.count("kept from an earlier prepare") >= len(written) - 1
+    assert again.stdout.count("kept from an earlier prepare") >= len(written)
     assert (json.loads(s3.cat_file("data/killed/index.json"))["fingerprint"]
             == json.loads((prepared / "index.json").read_text())["fingerprint"])  # the same bytes as a run in one go
 
