@@ -353,15 +353,16 @@ class Checkpointer:
         return blob, {"epoch": p.epoch, "seen": p.seen, "global_step": p.global_step}
 
     def save(self, best: bool = False, epoch_end: bool = False) -> bool:
-        """Checkpoint now (or, at an epoch end, when one is due). False when it could not even
-        start: the previous upload had not ended by a stop's deadline."""
+        """Checkpoint now (or, at an epoch end, when one is due). True when a checkpoint is on its
+        way; False when none was due, or it could not even start (the previous upload had not
+        ended by a stop's deadline). Other ranks: True (rank 0 decides)."""
         if not self.rt.is_main:
             return True
         s, p = self.settings, self.state.progress
         if epoch_end and p.epoch < s.epochs and time.monotonic() - self.last_save < s.checkpoint_min_seconds:
             if best:
                 self.pending_best = self._snapshot()
-            return True
+            return False
         if not self.uploader.wait():
             return False
         self.last_save = time.monotonic()

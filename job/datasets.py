@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import logging
 import os
+import stat
 import zlib
 from dataclasses import dataclass, field
 
@@ -81,8 +82,11 @@ def read_idx(path: str, ndim: int, max_bytes: int) -> np.ndarray:
     At most max_bytes are decompressed: a gzip bomb is refused, not unpacked into memory."""
     name = os.path.basename(path)
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # O_NONBLOCK: a FIFO must not hang
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise DataError(f"{name}: not a regular file")
+            with gzip.GzipFile(fileobj=f) if path.endswith(".gz") else f as g:
+                raw = g.read(max_bytes + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{name}: cannot read ({exc.__class__.__name__}: {exc}); the file is corrupt or truncated") from None
     if len(raw) > max_bytes:
@@ -134,9 +138,9 @@ def fingerprint(paths: list[str], digests: dict[str, bytes] | None = None, names
     return digest.hexdigest()
 
 
-def load_mnist(root: str, device: torch.device, max_bytes: int) -> Data:
-    train = _read_pair(root, MNIST_FILES["train_images"], MNIST_FILES["train_labels"], True, max_bytes)
-    test = _read_pair(root, MNIST_FILES["test_images"], MNIST_FILES["test_labels"], False, max_bytes)
+def mnist_classes(train, test) -> int:
+    """The number of classes of MNIST-format labels (0..max of the training labels), checked:
+    every class has a training example, and the test labels are among them."""
     num_classes = int(train[1].max()) + 1
     absent = sorted(set(range(num_classes)) - set(np.unique(train[1]).tolist()))
     if absent:  # classes are 0..max label; one with no training example cannot be learned
@@ -146,6 +150,13 @@ def load_mnist(root: str, device: torch.device, max_bytes: int) -> Data:
     if test is not None and int(test[1].max()) >= num_classes:
         raise DataError(f"{os.path.basename(test[2][1])} has label {int(test[1].max())}, "
                         f"outside the {num_classes} classes of the training labels")
+    return num_classes
+
+
+def load_mnist(root: str, device: torch.device, max_bytes: int) -> Data:
+    train = _read_pair(root, MNIST_FILES["train_images"], MNIST_FILES["train_labels"], True, max_bytes)
+    test = _read_pair(root, MNIST_FILES["test_images"], MNIST_FILES["test_labels"], False, max_bytes)
+    num_classes = mnist_classes(train, test)
 
     def source(images, labels):
         # One copy to the device, then float in [0, 1] as torchvision's ToTensor gives.
@@ -207,7 +218,7 @@ def load_shards(settings, runtime, index: dict, normalize: bool, limit: int = 0)
     if not train or not val:
         raise DataError(f"{storage.redact_uri(uri)}/{shards.INDEX} lists no train or no val shards")
     cache = shards.ShardCache(uri, shards.cache_folder(settings, uri, runtime.local_rank), settings.shard_cache_bytes,
-                              train + val + test)
+                              train + val + test, len(index["class_names"]))
 
     def source(parts):
         return shards.ShardSource(parts, cache, index["kind"], settings.image_size, normalize, runtime.workers,

@@ -59,6 +59,11 @@ class Stopped(JobError):
         self.exit_code = 128 + signum
 
 
+class StoppedWaitingForData(Stopped):
+    """A stop arrived while the loop waited for its next batch (a stalled download): the last
+    step edge is a consistent state to save."""
+
+
 # exit code -> (meaning, what a scheduler should do with it)
 EXIT_CODES: dict[int, tuple[str, str]] = {
     0: ("completed", "done"),

@@ -13,7 +13,10 @@ why). load() rebuilds a PyTorch model from model.safetensors + config.json for p
 """
 
 import io
+import json
 import logging
+import math
+import re
 import time
 import warnings
 
@@ -43,6 +46,54 @@ def preprocessing(model_name: str, sample_shape: tuple[int, ...], image_size: in
                 "std": list(images.IMAGENET_STD) if normalize else None}
     return {"kind": "idx", "channels": sample_shape[0], "height": sample_shape[1], "width": sample_shape[2],
             "scale": 1 / 255, "mean": None, "std": None}
+
+
+MAX_CLASSES = 100_000
+MAX_SIDE = 4096
+MAX_PARAMETERS = 2_000_000_000  # an mlp's, from its config, before it is built
+MAX_CONFIG_BYTES = 16 << 20
+MAX_WEIGHT_BYTES = 16 << 30
+
+
+def config_problem(config) -> str | None:
+    """What makes a config.json unusable (None: nothing). A model folder may come from anyone:
+    sizes are bounded before anything is allocated, and the weights must be a file beside it."""
+    def ints(values, low, high, count=None):
+        return (isinstance(values, list) and (count is None or len(values) == count) and
+                all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values))
+
+    if not isinstance(config, dict) or config.get("format") != "trainjob-model":
+        return "not a trainjob model config"
+    if config.get("format_version") != FORMAT_VERSION:
+        return f"format_version {config.get('format_version')!r}, this job reads {FORMAT_VERSION}"
+    if not isinstance(config.get("architecture"), str):
+        return "architecture is missing"
+    if not ints([config.get("num_classes")], 2, MAX_CLASSES):
+        return f"num_classes must be 2 to {MAX_CLASSES}"
+    names = config.get("class_names")
+    if not isinstance(names, list) or len(names) != config["num_classes"] or not all(isinstance(n, str) for n in names):
+        return "class_names must be num_classes names"
+    if not ints(config.get("input_shape"), 1, MAX_SIDE, 3):
+        return f"input_shape must be [channels, height, width], each 1 to {MAX_SIDE}"
+    if config.get("hidden_sizes") is not None and not (ints(config["hidden_sizes"], 1, 65536) and len(config["hidden_sizes"]) <= 64):
+        return "hidden_sizes must be up to 64 widths of 1 to 65536"
+    widths = [math.prod(config["input_shape"]), *(config.get("hidden_sizes") or []), config["num_classes"]]
+    if config["architecture"] == "mlp" and sum(a * b for a, b in zip(widths, widths[1:])) > MAX_PARAMETERS:
+        return f"an mlp of over {MAX_PARAMETERS} parameters"
+    if not isinstance(config.get("weights"), str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", config["weights"]):
+        return "weights must name a file beside config.json"
+    prep = config.get("preprocessing")
+    if not isinstance(prep, dict) or prep.get("kind") not in ("image", "idx"):
+        return "preprocessing is missing"
+    if prep["kind"] == "image":
+        if not ints([prep.get("center_crop"), prep.get("resize_shorter_side")], 1, MAX_SIDE):
+            return f"preprocessing sizes must be 1 to {MAX_SIDE}"
+        if prep.get("mean") is not None and not all(
+                isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (prep["mean"], prep.get("std"))):
+            return "preprocessing mean and std must be 3 numbers each"
+    elif not ints([prep.get("channels"), prep.get("height"), prep.get("width")], 1, MAX_SIDE):
+        return f"preprocessing channels, height and width must be 1 to {MAX_SIDE}"
+    return None
 
 
 def build(config: dict) -> torch.nn.Module:
@@ -151,12 +202,19 @@ def load(model_uri: str) -> tuple[torch.nn.Module, dict]:
         with storage.errors(config_uri, DataError, "read the model from"):
             if not storage.exists(config_uri):
                 continue
-            config = storage.read_json(config_uri)
-            blob = storage.read_bytes(storage.join(uri, config.get("weights", "model.safetensors")))
-        if config.get("format") != "trainjob-model":
-            raise DataError(f"{storage.redact_uri(config_uri)} is not a trainjob model config")
-        model = build(config)
+            text = storage.read_bytes(config_uri, max_bytes=MAX_CONFIG_BYTES)
+            try:
+                config = json.loads(text) if len(text) <= MAX_CONFIG_BYTES else None
+            except ValueError:
+                config = None
+            problem = config_problem(config)
+            if problem:
+                raise DataError(f"{storage.redact_uri(config_uri)} is not a usable trainjob model config: {problem}")
+            blob = storage.read_bytes(storage.join(uri, config["weights"]), max_bytes=MAX_WEIGHT_BYTES)
+            if len(blob) > MAX_WEIGHT_BYTES:
+                raise DataError(f"{storage.redact_uri(storage.join(uri, config['weights']))} is over {MAX_WEIGHT_BYTES} bytes")
         try:
+            model = build(config)
             model.load_state_dict(load_safetensors(blob))
         except Exception as exc:
             raise DataError(f"the weights in {storage.redact_uri(uri)} do not fit its config.json "

@@ -18,7 +18,7 @@ from job.data import shard
 from job import models
 from job.report import duration, format_row
 from job.datasets import Data
-from job.errors import DivergedError, Stopped
+from job.errors import DivergedError, Stopped, StoppedWaitingForData
 from job.optim import lr_factor, set_lr
 from job.runtime import Runtime, StopPoll
 from job.settings import CONTINUOUS_SCHEDULES
@@ -94,7 +94,8 @@ def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState,
     lr = set_lr(state.optimizer, s, p.epoch + p.seen / epoch_size)
     model.train_mode()
     start = last_log = time.monotonic()
-    for step, (x, y) in enumerate(data.samples.batches(mine, s.batch_size, train=True, epoch=p.epoch), start=1):
+    batches = enumerate(data.samples.batches(mine, s.batch_size, train=True, epoch=p.epoch), start=1)
+    for step, (x, y) in stop_if_stalled(batches, rt, p, sums, ckpt):
         if lr_per_step:
             lr = set_lr(state.optimizer, s, p.epoch + p.seen / epoch_size)
         with autocast:
@@ -134,6 +135,22 @@ def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState,
     add_sums(rt, p, sums)
     seconds = time.monotonic() - start
     return p.loss_sum / max(p.count, 1), p.correct / max(p.count, 1), (p.seen - start_seen) / max(seconds, 1e-9)
+
+
+def stop_if_stalled(batches, rt: Runtime, p: Progress, sums: "StepSums", ckpt):
+    """The batches; a stop signal that arrives while the next batch is stuck (a stalled shard
+    download) is answered with a checkpoint of the last step edge, as at a poll. Under torchrun
+    the other ranks may be a step further on, so that rank ends without one (the newest
+    checkpoint stays the valid one)."""
+    try:
+        yield from batches
+    except StoppedWaitingForData as stopped:
+        if rt.world_size > 1:
+            raise
+        log.warning(f"{stopped}: saving the last step")
+        add_sums(rt, p, sums)
+        check_finite(p.loss_sum, p)
+        ckpt.stop(stopped.exit_code - 128, ckpt.save())
 
 
 class StepSums:
@@ -257,8 +274,8 @@ def fit(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> li
         if best:
             state.best_epoch, state.best_val_accuracy = row["epoch"], val_accuracy
         state.progress = p = Progress(epoch=p.epoch + 1, global_step=p.global_step)
-        saving = ckpt.save(best=best, epoch_end=True)
-        signum = rt.stop_signal()
+        signum = rt.stop_signal()  # read first: a pending stop always saves, whatever the cadence
+        saving = ckpt.save(best=best, epoch_end=not signum)
         if signum:
             ckpt.stop(signum, saving)
     return state.history

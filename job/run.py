@@ -45,6 +45,8 @@ def run(settings, runtime: Runtime, step=plain_step, sanity=None, include=None) 
         if state.progress.epoch >= settings.epochs:
             done = on_main(runtime, lambda: report.completed(run_uri))
             if done is not None:
+                if on_main(runtime, lambda: export_missing(settings, run_uri)):  # killed while exporting
+                    step("model exported", lambda: export_model(settings, runtime, run_uri, dataset, state))
                 log.info(f"run {storage.redact_uri(run_uri)} is already complete: {len(state.history)} epochs, "
                          f"best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); nothing to do. "
                          "Raise JOB_EPOCHS to train it further, or set a new JOB_RUN_NAME for another run")
@@ -232,11 +234,23 @@ def finish(settings, runtime: Runtime, model: loop.Model, data: datasets.Data, s
     return summary
 
 
+def export_missing(settings, run_uri: str) -> bool:
+    """A completed run whose model/ is missing or unfinished (config.json is written last)."""
+    with storage.errors(run_uri, OutputError, "read"):
+        missing = settings.export != "off" and not storage.exists(storage.join(run_uri, "model", "config.json"))
+    if missing:
+        log.info("the run completed but its model/ is missing or unfinished (stopped while exporting?): exporting it")
+    return missing
+
+
 def export_model(settings, runtime: Runtime, run_uri: str, dataset: datasets.Data, state: loop.TrainState) -> str:
     """<run>/model/ from the best checkpoint (read back and checked against its manifest), its
-    ONNX form verified on validation samples of the dataset as read (images, not features)."""
+    ONNX form verified on validation samples of the dataset as read (images, not features).
+    An earlier config.json goes first: until the new one is written, model/ reads as unfinished."""
     if settings.export == "off" or not runtime.is_main:
         return "not asked for" if settings.export == "off" else ""
+    with storage.errors(run_uri, OutputError, "write to"):
+        storage.remove(storage.join(run_uri, "model", "config.json"))
     with storage.errors(run_uri, DataError, "read the best checkpoint from"):
         best = checkpoint.read(run_uri, "best")
     source = {"run": storage.redact_uri(run_uri), "checkpoint": "checkpoints/best.pt", "epoch": best["best_epoch"],
@@ -279,17 +293,20 @@ class Ending:
         return self
 
     def __exit__(self, kind, exc, traceback):
+        lost = None
+        if isinstance(exc, Exception) and not isinstance(exc, JobError) and is_peer_failure(self.rt, exc):
+            lost = peer_lost(self.rt, exc)
         try:
-            if isinstance(exc, JobError) and self.tracker is not None:
-                self.tracker.end("KILLED" if isinstance(exc, Stopped) else "FAILED")
-            if isinstance(exc, JobError):
-                self.record(exc)
-            elif isinstance(exc, Exception) and is_peer_failure(self.rt, exc):
-                error = peer_lost(self.rt, exc)
-                self.record(error)
-                raise error from None
+            if isinstance(exc, JobError) or lost is not None:
+                self.record(lost or exc)
         finally:
             self.release()
+        if isinstance(exc, JobError) and self.tracker is not None:  # last: a hanging tracker costs no record
+            signum, deadline = storage.stop_pending()
+            seconds = min(tracking.DRAIN_SECONDS, deadline - time.monotonic() - 1) if signum else tracking.DRAIN_SECONDS
+            self.tracker.end("KILLED" if isinstance(exc, Stopped) else "FAILED", max(0.0, seconds))
+        if lost is not None:
+            raise lost from None
         return False
 
     def record(self, exc: JobError) -> None:
@@ -307,7 +324,9 @@ class Ending:
             if ckpt is not None and status == "failed":
                 ckpt.uploader.wait(deadline=end)
             with storage.time_limit(max(0.0, end - time.monotonic())):
-                if ckpt is not None or status == "stopped":
+                # a stop before training (ckpt None) writes a short summary, unless the run had
+                # completed earlier: a rerun stopped early must not erase its record
+                if ckpt is not None or (status == "stopped" and report.completed(self.run_uri) is None):
                     summary = ({"status": status, **outcome} if ckpt is None else
                                report.summary(self.settings, self.rt, ckpt.data, ckpt.state, status, ckpt.started, **outcome))
                     storage.write_json(storage.join(self.run_uri, "summary.json"), summary)

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import re
 import tarfile
 import threading
 import time
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from job import __version__, images, storage
-from job.errors import DataError, OutputError, SettingsError
+from job.errors import DataError, OutputError, SettingsError, Stopped, StoppedWaitingForData
 
 log = logging.getLogger("job")
 INDEX = "index.json"
@@ -55,7 +56,55 @@ def find_index(uri: str) -> dict | None:
                         "foreign write; run python -m job prepare again") from None
     if not isinstance(index, dict) or index.get("format") != "trainjob-shards":
         raise DataError(f"{storage.redact_uri(storage.join(uri, INDEX))} is not a trainjob shard index")
+    problem = index_problem(index)
+    if problem:
+        raise DataError(f"{storage.redact_uri(storage.join(uri, INDEX))} is malformed: {problem}; "
+                        "run python -m job prepare again")
     return index
+
+
+SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}\.tar")  # a plain file name: joined to the cache folder
+MAX_SIDE = 4096  # an IDX sample's height or width
+
+
+def index_problem(index: dict) -> str | None:
+    """What is wrong with an index (None: nothing). The index comes from a bucket we may not own:
+    every field training uses is checked before it is used, so a bad one is a one-line exit 3,
+    never a traceback, and a shard name can never reach outside the cache folder."""
+    def is_int(v, low=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if index.get("format_version") != FORMAT_VERSION:
+        return f"format_version {index.get('format_version')!r}, this job reads {FORMAT_VERSION}"
+    if index.get("kind") not in ("image", "idx"):
+        return f"kind {index.get('kind')!r} is neither 'image' nor 'idx'"
+    classes = index.get("class_names")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        return "class_names is not a list of at least 2 names"
+    if not isinstance(index.get("fingerprint"), str) or not is_int(index.get("files", 0)):
+        return "fingerprint or files is missing"
+    if not isinstance(index.get("bad_files", []), list):
+        return "bad_files is not a list"
+    splits, seen = index.get("splits"), set()
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        return "splits is not a mapping of split to a list of shards"
+    for split, shards in splits.items():
+        for s in shards:
+            if not isinstance(s, dict):
+                return f"a shard of {split!r} is not an object"
+            name = s.get("name")
+            if not isinstance(name, str) or not SHARD_NAME.fullmatch(name) or name in seen:
+                return f"shard name {name!r} is not a unique plain file name ending in .tar"
+            seen.add(name)
+            if not is_int(s.get("samples"), 1) or not is_int(s.get("bytes"), 1):
+                return f"shard {name} has no positive samples and bytes"
+            if not isinstance(s.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", s["sha256"]):
+                return f"shard {name} has no sha256"
+            shape = s.get("shape", [1, 28, 28])
+            if index["kind"] == "idx" and not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 1
+                                                and all(is_int(d, 1) and d <= MAX_SIDE for d in shape)):
+                return f"shard {name} has shape {shape!r}, not [1, height, width]"
+    return None
 
 
 def split_shards(index: dict, split: str, limit: int = 0) -> list[dict]:
@@ -71,8 +120,8 @@ class ShardCache:
     shard is checked against its sha256 from the index: a mismatch is fetched once more, then
     refused (exit 3). A shard in use (pinned) is never evicted."""
 
-    def __init__(self, uri: str, folder: str, limit: int, shards: list[dict]):
-        self.uri, self.folder, self.limit = uri, folder, limit
+    def __init__(self, uri: str, folder: str, limit: int, shards: list[dict], classes: int):
+        self.uri, self.folder, self.limit, self.classes = uri, folder, limit, classes
         self.meta = {s["name"]: s for s in shards}
         self.local: dict[str, dict] = {}  # name -> {"path", "samples": [(offset, size, label, key)], "used"}
         self.pins: dict[str, int] = {}
@@ -90,7 +139,13 @@ class ShardCache:
         threading.Thread(target=self._prefetch, name="shard-prefetch", daemon=True).start()
 
     def bytes_on_disk(self) -> int:
-        return sum(os.path.getsize(os.path.join(self.folder, n)) for n in os.listdir(self.folder))
+        total = 0
+        for entry in os.scandir(self.folder):  # a file renamed or evicted meanwhile is simply not counted
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
 
     def want(self, sequence: list[str]) -> None:
         """The order the shards will be needed in: the prefetcher works down it."""
@@ -113,6 +168,11 @@ class ShardCache:
                 if name not in self.fetching:
                     break
                 self.lock.wait(0.5)
+                # a stop while the prefetcher's download stalls: give up waiting at half the
+                # grace period, so the loop still has the other half to save its last step
+                signum, deadline = storage.stop_pending(share=0.5)
+                if signum and time.monotonic() >= deadline:
+                    raise StoppedWaitingForData(signum, f"while waiting for shard {name} to download")
         self._fetch(name, for_now=True)
         return self.get(name)
 
@@ -150,7 +210,7 @@ class ShardCache:
             self.fetching.add(name)
         try:
             path = self._download(name)
-            samples = _members(path)
+            samples = _members(path, self.meta[name]["samples"], self.classes)
         except Exception as exc:
             with self.lock:
                 self.reserved -= size
@@ -199,20 +259,34 @@ class ShardCache:
                     self.lock.wait(0.2)  # no room yet: after the next release
 
 
-def _members(path: str) -> list[tuple[int, int, int, str]]:
-    """[(offset, size, label, key)] of a shard's samples, in order, from its tar headers."""
+def _members(path: str, expected: int, classes: int) -> list[tuple[int, int, int, str]]:
+    """[(offset, size, label, key)] of a shard's samples, in order, from its tar headers. A shard
+    whose sha256 matched can still have been written by someone else: labels outside the
+    classes, text that is not a number, or another count of samples than the index says are a
+    DataError (exit 3), named."""
     samples, pending = [], {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = member.name.rpartition(".")
-            entry = pending.setdefault(key, {})
-            if ext == "cls":
-                entry["cls"] = int(tar.extractfile(member).read().decode().strip())
-            elif ext in ("jpg", "jpeg", "png"):
-                entry["image"] = (member.offset_data, member.size)
-            if "cls" in entry and "image" in entry:
-                samples.append((*entry["image"], entry["cls"], key))
-                del pending[key]
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition(".")
+                entry = pending.setdefault(key, {})
+                if ext == "cls":
+                    entry["cls"] = int(tar.extractfile(member).read(32).decode("ascii").strip())
+                    if not 0 <= entry["cls"] < classes:
+                        raise ValueError(f"label {entry['cls']} outside the {classes} classes")
+                elif ext in ("jpg", "jpeg", "png"):
+                    entry["image"] = (member.offset_data, member.size)
+                if "cls" in entry and "image" in entry:
+                    samples.append((*entry["image"], entry["cls"], key))
+                    del pending[key]
+    except (tarfile.TarError, ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"shard {os.path.basename(path)} is not a readable trainjob shard: "
+                        f"{str(exc)[:200]}; prepare the dataset again") from None
+    if len(samples) != expected:
+        raise DataError(f"shard {os.path.basename(path)} holds {len(samples)} samples, its index says {expected}; "
+                        "prepare the dataset again")
     return samples
 
 
@@ -295,12 +369,18 @@ class ShardItems(Dataset):
 def decode(blob: torch.Tensor, kind: str, size: int, train: bool, seed: int, max_pixels: int) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    if kind == "idx":
-        return decode_image(blob, mode=ImageReadMode.GRAY)
+    if kind == "idx":  # `size` is (height, width): every sample of a batch must have the index's shape
+        return _same_shape(decode_image(blob, mode=ImageReadMode.GRAY), size)
     x = decode_jpeg(blob, mode=ImageReadMode.RGB) if blob[:2].tolist() == [0xFF, 0xD8] else decode_image(blob, mode=ImageReadMode.RGB)
     if x.shape[1] * x.shape[2] > max_pixels:
         raise ValueError("over JOB_MAX_IMAGE_PIXELS")
     return augment(x, size, train, random.Random(seed))
+
+
+def _same_shape(x: torch.Tensor, size: tuple) -> torch.Tensor:
+    if tuple(x.shape[1:]) != tuple(size):
+        raise ValueError(f"shape {tuple(x.shape)} is not the index's")
+    return x
 
 
 def fill(batch: list) -> tuple[list, list[str]]:
@@ -332,7 +412,7 @@ def decode_on_device(blobs: list, keys: list[str], kind: str, size: int, train: 
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     images = [None] * len(blobs)
-    jpeg = [i for i, b in enumerate(blobs) if kind == "image" and b[:2].tolist() == [0xFF, 0xD8]]
+    jpeg = [i for i, b in enumerate(blobs) if kind == "image" and b is not None and b[:2].tolist() == [0xFF, 0xD8]]
     if jpeg and device.type == "cuda":
         try:
             for i, x in zip(jpeg, decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=device), strict=True):
@@ -346,7 +426,9 @@ def decode_on_device(blobs: list, keys: list[str], kind: str, size: int, train: 
             if x is None:
                 mode = ImageReadMode.GRAY if kind == "idx" else ImageReadMode.RGB
                 x = decode_image(blob, mode=mode).to(device)
-            if kind == "image":
+            if kind == "idx":
+                x = _same_shape(x, size)
+            else:
                 if x.shape[1] * x.shape[2] > max_pixels:
                     raise ValueError("over JOB_MAX_IMAGE_PIXELS")
                 x = augment(x, size, train, random.Random(seeds[i]))
@@ -383,11 +465,13 @@ class ShardSource:
         self.augment = augment  # JOB_AUGMENT: training reads are augmented, else cropped as for evaluation
         # JOB_DECODE: the workers decode and augment (CPU), or hand the bytes on to the device
         self.on_device = decode == "device" or (decode == "auto" and device.type == "cuda")
-        self.size = image_size if kind == "image" else None
         self.seed, self.max_pixels = seed, max_pixels
         counts = [s["samples"] for s in shards]
         self.starts = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
         self.sample_shape = (3, image_size, image_size) if kind == "image" else tuple(shards[0].get("shape", (1, 28, 28)))
+        if kind == "idx" and any(tuple(s.get("shape", (1, 28, 28))) != self.sample_shape for s in shards):
+            raise DataError("the index's IDX shards differ in shape; prepare the dataset again")
+        self.size = image_size if kind == "image" else self.sample_shape[1:]  # idx: (height, width), checked per sample
         # normalisation folded into one multiply-add on the uint8 values: (x / 255 - mean) / std
         mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (images.IMAGENET_MEAN, images.IMAGENET_STD))
         self.scale, self.bias = (1 / (255 * std), -mean / std) if normalize else (None, None)
@@ -520,7 +604,7 @@ def _plan(settings, source_root: str, kind: str, remote: dict | None = None) -> 
                                     True, settings.max_file_bytes)
         test = datasets._read_pair(source_root, datasets.MNIST_FILES["test_images"], datasets.MNIST_FILES["test_labels"],
                                    False, settings.max_file_bytes)
-        classes = [str(i) for i in range(int(train[1].max()) + 1)]
+        classes = [str(i) for i in range(datasets.mnist_classes(train, test))]
         train_idx, val_idx = data.split_indices(len(train[1]), settings.val_fraction, settings.seed)
         arrays = {"train": train, "test": test}
         plan = {"train": [("train", int(i), int(train[1][i])) for i in sorted(train_idx.tolist())],
@@ -633,72 +717,80 @@ def prepare(settings, runtime, source_uri: str, dest_uri: str) -> dict:
              "splits": {}, "bad_files": [], "files": total, "source": storage.redact_uri(source_uri),
              "plan": plan_id, "trainjob_version": __version__}
     before, bad, last_log = 0, [], time.monotonic()  # samples of the splits done before this one
-    with storage.errors(dest_uri, OutputError, "write shards to"), ThreadPoolExecutor(runtime.scan_threads) as pool:
-        storage.check_writable(dest_uri)
-        for split, entries in plan.items():
-            shards, i, n, stream = [], 0, 0, None
+    pool, written = ThreadPoolExecutor(runtime.scan_threads), 0
+    try:
+        with storage.errors(dest_uri, OutputError, "write shards to"):
+            storage.check_writable(dest_uri)
+            for split, entries in plan.items():
+                shards, i, n, stream = [], 0, 0, None
 
-            def encoded(start):  # (position, entry, (bytes, why not, name)), encoded in parallel chunks
-                step = max(1, runtime.scan_threads * 8)
-                for lo in range(start, len(entries), step):
-                    chunk = entries[lo:lo + step]
-                    yield from zip(range(lo, lo + len(chunk)), chunk,
-                                   pool.map(lambda e: _encode(e, arrays, settings, root), chunk), strict=True)
+                def encoded(start):  # (position, entry, (bytes, why not, name)), encoded in parallel chunks
+                    step = max(1, runtime.scan_threads * 8)
+                    for lo in range(start, len(entries), step):
+                        chunk = entries[lo:lo + step]
+                        yield from zip(range(lo, lo + len(chunk)), chunk,
+                                       pool.map(lambda e: _encode(e, arrays, settings, root), chunk), strict=True)
 
-            while i < len(entries):
-                name = f"{split}-{n:06d}.tar"
-                manifest_uri = storage.join(dest_uri, name.replace(".tar", ".json"))
-                try:
-                    manifest = storage.read_json(manifest_uri)
-                except (FileNotFoundError, ValueError):
-                    manifest = None
-                if manifest and manifest.get("plan") == plan_id:  # written by an earlier, interrupted prepare
-                    log.debug(f"{name} kept from an earlier prepare of the same plan")
-                    shards.append(manifest["shard"])
-                    bad += [tuple(b) for b in manifest["bad"]]
-                    i, n, stream = manifest["end"], n + 1, None
-                    continue
-                stream = stream or encoded(i)
-                samples, shard_bad, size = [], [], 0
-                for position, entry, (blob, reason, source_name) in stream:
-                    i = position + 1
-                    if blob is None:
-                        shard_bad.append((source_name, reason))
-                        log.warning(f"skipping {source_name}: {reason}")
+                while i < len(entries):
+                    name = f"{split}-{n:06d}.tar"
+                    manifest_uri = storage.join(dest_uri, name.replace(".tar", ".json"))
+                    try:
+                        manifest = storage.read_json(manifest_uri)
+                    except (FileNotFoundError, ValueError):
+                        manifest = None
+                    if manifest and manifest.get("plan") == plan_id:  # written by an earlier, interrupted prepare
+                        log.debug(f"{name} kept from an earlier prepare of the same plan")
+                        shards.append(manifest["shard"])
+                        bad += [tuple(b) for b in manifest["bad"]]
+                        i, n, stream = manifest["end"], n + 1, None
                         continue
-                    samples.append((f"{len(samples):06d}-{n:06d}", blob, entry[-1]))
-                    size += len(blob) + 1536  # the two tar headers and padding
-                    if size >= settings.shard_bytes:
+                    stream = stream or encoded(i)
+                    samples, shard_bad, size = [], [], 0
+                    for position, entry, (blob, reason, source_name) in stream:
+                        i = position + 1
+                        if blob is None:
+                            shard_bad.append((source_name, reason))
+                            log.warning(f"skipping {source_name}: {reason}")
+                            continue
+                        samples.append((f"{len(samples):06d}-{n:06d}", blob, entry[-1]))
+                        size += len(blob) + 1536  # the two tar headers and padding
+                        if size >= settings.shard_bytes:
+                            break
+                    if not samples:  # only bad files were left at the end of the split: no empty shard
+                        bad += shard_bad
                         break
-                if not samples:  # only bad files were left at the end of the split: no empty shard
+                    blob = _tar(samples, ext)
+                    meta = {"name": name, "samples": len(samples), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+                    if kind == "idx":
+                        meta["shape"] = [1, *arrays["train"][0].shape[1:]]
+                    storage.write_bytes(storage.join(dest_uri, name), blob)
+                    storage.write_json(manifest_uri, {"plan": plan_id, "shard": meta, "end": i, "bad": shard_bad})
+                    shards.append(meta)
                     bad += shard_bad
-                    break
-                blob = _tar(samples, ext)
-                meta = {"name": name, "samples": len(samples), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-                if kind == "idx":
-                    meta["shape"] = [1, *arrays["train"][0].shape[1:]]
-                storage.write_bytes(storage.join(dest_uri, name), blob)
-                storage.write_json(manifest_uri, {"plan": plan_id, "shard": meta, "end": i, "bad": shard_bad})
-                shards.append(meta)
-                bad += shard_bad
-                n += 1
-                done = before + i
-                if time.monotonic() - last_log >= settings.log_every_seconds:
-                    last_log = time.monotonic()
-                    rate = done / (last_log - started)
-                    log.info(f"prepare {done}/{total} samples ({100 * done / total:.0f}%), {rate:,.1f} samples/s, "
-                             f"{n} {split} shard(s), ETA {(total - done) / max(rate, 1e-9):.0f} s")
-            index["splits"][split] = shards
-            before += len(entries)
-        bad_fraction = len(bad) / max(total, 1)
-        if bad_fraction > settings.max_bad_fraction:
-            raise DataError(f"{len(bad)} of {total} files in {storage.redact_uri(source_uri)} are not readable images "
-                            f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
-                            f"{bad[0][0]!r} ({bad[0][1]})")
-        index["bad_files"] = [list(b) for b in bad]
-        index["fingerprint"] = hashlib.sha256("".join(
-            f"{split} {s['name']} {s['sha256']}\n" for split, shards in index["splits"].items() for s in shards).encode()).hexdigest()
-        storage.write_json(storage.join(dest_uri, INDEX), index)  # last: its presence means the dataset is complete
+                    n += 1
+                    written += 1
+                    done = before + i
+                    if time.monotonic() - last_log >= settings.log_every_seconds:
+                        last_log = time.monotonic()
+                        rate = done / (last_log - started)
+                        log.info(f"prepare {done}/{total} samples ({100 * done / total:.0f}%), {rate:,.1f} samples/s, "
+                                 f"{n} {split} shard(s), ETA {(total - done) / max(rate, 1e-9):.0f} s")
+                index["splits"][split] = shards
+                before += len(entries)
+            bad_fraction = len(bad) / max(total, 1)
+            if bad_fraction > settings.max_bad_fraction:
+                raise DataError(f"{len(bad)} of {total} files in {storage.redact_uri(source_uri)} are not readable images "
+                                f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
+                                f"{bad[0][0]!r} ({bad[0][1]})")
+            index["bad_files"] = [list(b) for b in bad]
+            index["fingerprint"] = hashlib.sha256("".join(
+                f"{split} {s['name']} {s['sha256']}\n" for split, shards in index["splits"].items() for s in shards).encode()).hexdigest()
+            storage.write_json(storage.join(dest_uri, INDEX), index)  # last: its presence means the dataset is complete
+    except Stopped as stopped:  # the shards written are kept: a rerun continues after them
+        raise Stopped(stopped.exit_code - 128, f"while preparing shards: the {written} shard(s) written are kept; "
+                      "run python -m job prepare again to continue") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a stop must not wait for the queued reads
     counts = {split: sum(s["samples"] for s in shards) for split, shards in index["splits"].items()}
     log.info(f"prepared {storage.redact_uri(dest_uri)}: {counts}, {sum(len(v) for v in index['splits'].values())} shards, "
              f"{len(bad)} bad files skipped, in {time.monotonic() - started:.0f} s")

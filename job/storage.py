@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -142,6 +143,15 @@ def time_limit(seconds: float):
         yield
     finally:
         _local.deadline = previous
+
+
+def stop_pending(share: float = 1.0) -> tuple[int, float]:
+    """(signal, when `share` of its grace period has passed) of a stop signal received, or
+    (0, inf): for waits that are not storage operations (a shard still downloading)."""
+    stop = _config.stop
+    if stop is None or not stop.signum:
+        return 0, math.inf
+    return stop.signum, stop.deadline(_config.grace * share)
 
 
 def bounded(action: str, uri: str, fn, nbytes: int = 0):

@@ -58,16 +58,17 @@ class Tracker:
         """{path in the run: bytes}, e.g. summary.json, plots/loss.png, model/config.json."""
         self._call(self._artifacts, dict(files))
 
-    def end(self, status: str) -> None:
-        """FINISHED, FAILED or KILLED; then wait for the tracker at most DRAIN_SECONDS."""
+    def end(self, status: str, seconds: float = DRAIN_SECONDS) -> None:
+        """FINISHED, FAILED or KILLED; then wait for the tracker at most `seconds`. Called once
+        the run's own records are written: a tracker never holds them up."""
         if not self.active:
             return
         self._call(self._end, status)
         done = threading.Event()
         self.calls.put((lambda: done.set(), ()))
-        if not done.wait(DRAIN_SECONDS):
-            log.warning(f"experiment tracking did not finish within {DRAIN_SECONDS:.0f} s; leaving it (the run's own "
-                        "outputs are complete)")
+        if not done.wait(seconds):
+            log.warning(f"experiment tracking did not finish within {seconds:.0f} s; leaving it (the run's own "
+                        "records in its output location are written)")
 
     # --- the background thread ----------------------------------------------------------------
     def _call(self, fn, *args) -> None:

@@ -251,3 +251,37 @@ def test_an_idx_trained_model_classifies_a_folder_of_images(digits_run, digits_a
         expected = checkpoint_model(run, config)(x).argmax(1).tolist()
     for i, (label, cls) in enumerate(zip(digits_arrays["test_labels"], expected, strict=True)):
         assert rows[f"{label}/{i:04d}.png"]["class"] == str(cls)
+
+
+CONFIG_ATTACKS = {  # a model folder from someone else: config.json -> what the one-line error says
+    "weights outside the folder": (lambda c: c.update(weights="../../../../etc/passwd"), "weights must name a file"),
+    "a billion classes": (lambda c: c.update(num_classes=10**9), "num_classes must be 2 to"),
+    "class names that do not match": (lambda c: c.update(class_names=["a"] * 3), "class_names must be num_classes"),
+    "a huge input": (lambda c: c.update(input_shape=[1, 10**6, 10**6]), "input_shape must be"),
+    "a huge mlp": (lambda c: c.update(hidden_sizes=[65536] * 40), "an mlp of over"),
+    "no preprocessing": (lambda c: c.pop("preprocessing"), "preprocessing is missing"),
+    "a list, not an object": (lambda c: c.clear(), "not a trainjob model config"),
+}
+
+
+@pytest.mark.parametrize("attack", CONFIG_ATTACKS)
+def test_predict_refuses_a_hostile_model_config_in_one_line(digits_run, tmp_path, attack):
+    import shutil
+
+    root, run, _ = digits_run
+    shutil.copytree(run / "model", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    mutate, expected = CONFIG_ATTACKS[attack]
+    mutate(config)
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config if config else []))
+    result = command("predict", str(tmp_path / "model"), str(root / "digits"), timeout=120)
+    assert result.returncode == 3, result.stdout
+    assert expected in result.stdout.strip().splitlines()[-1] and "Traceback" not in result.stdout, result.stdout
+
+
+def test_predict_on_a_fifo_named_like_idx_images_does_not_hang(digits_run, tmp_path):
+    root, run, _ = digits_run
+    (tmp_path / "inputs").mkdir()
+    os.mkfifo(tmp_path / "inputs" / "t10k-images-idx3-ubyte")  # opened plainly, a read would wait forever
+    result = command("predict", str(run), str(tmp_path / "inputs"), timeout=120)
+    assert result.returncode == 3 and "not a regular file" in result.stdout, result.stdout

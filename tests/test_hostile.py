@@ -251,7 +251,8 @@ def test_a_job_that_lost_its_lease_stops_without_turning_the_run_back(tmp_path, 
     try:
         time.sleep(3)  # the old lease expires
         new = start_job(**settings, epochs=12)
-        wait_for(lambda: len(os.listdir(tmp_path / "r" / "lease")) >= 2, new, what="the new job's lease")
+        lease = tmp_path / "r" / "lease"  # gone: the new job took the lease, finished and gave it back
+        wait_for(lambda: not lease.exists() or len(os.listdir(lease)) >= 2, new, what="the new job's lease")
     finally:
         old.send_signal(signal.SIGCONT)
     old_out = old.communicate(timeout=60)[0]
@@ -293,3 +294,189 @@ def test_a_completed_run_leaves_no_failure_record_or_temporary_files(tmp_path, d
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "completed"
     assert not (tmp_path / "r" / "failure.json").exists()
     assert not any(p.exists() for p in stale)
+
+
+# --- a sharded dataset from a bucket we do not own (issue 16's attacks) ---------------------------
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory, digits_arrays):
+    """The digits, prepared as shards in a local folder: the original every attack copies."""
+    root = tmp_path_factory.mktemp("digit-shards")
+    stage_dataset.stage(digits_arrays, str(root / "digits"))
+    result = run_job("prepare", str(root / "digits"), str(root / "shards"), shard_bytes=200_000)
+    assert result.returncode == 0, result.stdout
+    return root / "shards"
+
+
+def relabel(blob: bytes, label: bytes) -> bytes:
+    """A shard with its first sample's class text replaced."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(blob)) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        done = False
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name.endswith(".cls") and not done:
+                data, done, member.size = label, True, len(label)
+            dst.addfile(member, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _rewrite_first_shard(folder, index, blob):
+    import hashlib
+
+    shard = index["splits"]["train"][0]
+    (folder / shard["name"]).write_bytes(blob)
+    shard.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+
+
+INDEX_ATTACKS = {  # what is done to the index (and its shards) -> what the one-line error says
+    "a shard name that climbs out of the cache": (
+        lambda f, i: i["splits"]["train"][0].update(name="../../../../escape.tar"), "is not a unique plain file name"),
+    "an absolute shard name": (lambda f, i: i["splits"]["train"][0].update(name="/tmp/escape.tar"), "is not a unique plain"),
+    "the same shard twice": (lambda f, i: i["splits"]["val"].append(i["splits"]["train"][0]), "is not a unique plain"),
+    "no kind": (lambda f, i: i.pop("kind"), "kind None is neither"),
+    "splits as a list": (lambda f, i: i.update(splits=[]), "splits is not a mapping"),
+    "zero samples": (lambda f, i: i["splits"]["train"][0].update(samples=0), "has no positive samples"),
+    "one class": (lambda f, i: i.update(class_names=["0"]), "class_names is not a list of at least 2"),
+    "an IDX shape of a billion pixels": (
+        lambda f, i: [s.update(shape=[1, 40000, 40000]) for s in i["splits"]["train"]], "has shape [1, 40000, 40000]"),
+    "more samples in the index than in the shard": (
+        lambda f, i: i["splits"]["train"][0].update(samples=i["splits"]["train"][0]["samples"] + 1), "its index says"),
+    "a label outside the classes": (
+        lambda f, i: _rewrite_first_shard(f, i, relabel((f / i["splits"]["train"][0]["name"]).read_bytes(), b"77")),
+        "label 77 outside the 10 classes"),
+    "a label that is not a number": (
+        lambda f, i: _rewrite_first_shard(f, i, relabel((f / i["splits"]["train"][0]["name"]).read_bytes(), b"\xff\xfe")),
+        "is not a readable trainjob shard"),
+}
+
+
+@pytest.mark.parametrize("attack", INDEX_ATTACKS)
+def test_a_hostile_shard_index_or_shard_is_refused_in_one_line(digit_shards, tmp_path, attack):
+    import shutil
+
+    mutate, expected = INDEX_ATTACKS[attack]
+    folder = tmp_path / "shards"
+    shutil.copytree(digit_shards, folder)
+    index = json.loads((folder / "index.json").read_text())
+    mutate(folder, index)
+    (folder / "index.json").write_text(json.dumps(index))
+    result = run_job(data_uri=str(folder), output_uri=str(tmp_path / "out"), run_name="r", epochs=1, num_workers=0,
+                     cache_dir=str(tmp_path / "cache"), **DIGITS)
+    assert result.returncode == 3, result.stdout
+    assert expected in result.stdout.strip().splitlines()[-1] and "Traceback" not in result.stdout, result.stdout
+    assert not list(tmp_path.parent.rglob("escape*")) and not os.path.exists("/tmp/escape.tar")
+
+
+def test_prepare_refuses_idx_labels_outside_the_training_classes(digits_arrays, tmp_path):
+    arrays = dict(digits_arrays)
+    arrays["test_labels"] = arrays["test_labels"].copy()
+    arrays["test_labels"][5] = 12
+    stage_dataset.stage(arrays, str(tmp_path / "digits"))
+    result = run_job("prepare", str(tmp_path / "digits"), str(tmp_path / "shards"))
+    assert result.returncode == 3 and "has label 12, outside the 10 classes" in result.stdout, result.stdout
+    assert not (tmp_path / "shards" / "index.json").exists()
+
+
+def test_sigterm_while_a_shard_download_hangs_saves_the_last_step(s3, s3_server, digit_shards, tmp_path, monkeypatch):
+    """The store freezes mid-epoch: training waits for a shard the prefetcher cannot get. A
+    SIGTERM must still end the run within the grace period with a checkpoint of the last step."""
+    s3.put(str(digit_shards), "data/digit-shards", recursive=True)
+    proxy = FaultProxy(s3_server, 0.0)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        settings = dict(data_uri="s3://data/digit-shards", output_uri=str(tmp_path), run_name="r", num_workers=0,
+                        batch_size=16, shard_cache_bytes=2_400_000, cache_dir=str(tmp_path / "c"), **DIGITS)
+        proc = start_job(epochs=1000, stop_grace_seconds=8, storage_timeout_seconds=120, **settings)
+        wait_for_epochs(tmp_path / "r", 1, proc)
+        proxy.freeze()
+        wait_for(lambda: proxy.counts["frozen"] > 0, proc, what="a shard request to the frozen store")
+        time.sleep(2)  # the shards in the cache are used up in milliseconds: the loop now waits
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        took = time.monotonic() - signalled
+    finally:
+        proxy.close()
+    assert proc.returncode == 143, out
+    last = out.strip().splitlines()[-1]
+    assert "while waiting for shard" in out and "after saving a checkpoint: checkpoints/step-" in last, out
+    assert took < 8 + 5, took  # the grace period, and the interpreter's exit
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    rerun = run_job(epochs=len(read_history(tmp_path / "r")) + 1, **settings)
+    assert rerun.returncode == 0 and "resumed from checkpoints/step-" in rerun.stdout, rerun.stdout
+
+
+# --- the end of a run: trackers, reruns, exports ----------------------------------------------------
+
+def test_a_hanging_tracker_cannot_cost_the_stop_record(tmp_path, digits_dir, monkeypatch):
+    proxy = FaultProxy("http://127.0.0.1:9", 0.0)
+    proxy.freeze()  # an MLflow server that accepts connections and never answers
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+        proc = start_job(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", epochs=100000,
+                         stop_grace_seconds=5, **DIGITS)
+        wait_for_epochs(tmp_path / "r", 1, proc)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        took = time.monotonic() - signalled
+    finally:
+        proxy.close()
+    assert proc.returncode == 143, out
+    assert took < 5 + 4, took  # within the grace period (a pod is killed after it)
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "stopped"
+    assert not (tmp_path / "r" / "lease").exists()  # given back: a rerun need not wait for it to expire
+    assert "experiment tracking did not finish" in out
+
+
+def test_a_stopped_rerun_of_a_completed_run_keeps_its_record_and_a_lost_export_is_redone(
+        s3, s3_server, digits_dir, tmp_path, monkeypatch):
+    settings = dict(output_uri=str(tmp_path), run_name="r", epochs=2, **DIGITS)
+    assert run_job(data_uri=str(digits_dir), **settings).returncode == 0
+    summary = (tmp_path / "r" / "summary.json").read_text()
+    # a rerun stopped before training (its dataset read hangs on a frozen store) changes nothing
+    s3.put(str(digits_dir), "data/digits", recursive=True)
+    proxy = FaultProxy(s3_server, 0.0)
+    proxy.freeze()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proc = start_job(data_uri="s3://data/digits", **settings)
+        wait_for(lambda: proxy.counts["frozen"] > 0, proc, what="the rerun reading its dataset")
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proxy.close()
+    assert proc.returncode == 143, out
+    assert (tmp_path / "r" / "summary.json").read_text() == summary
+    # killed while exporting: model.safetensors written, config.json (written last) not
+    (tmp_path / "r" / "model" / "config.json").unlink()
+    rerun = run_job(data_uri=str(digits_dir), **settings)
+    assert rerun.returncode == 0 and "exporting it" in rerun.stdout and "already complete" in rerun.stdout, rerun.stdout
+    assert json.loads((tmp_path / "r" / "model" / "config.json").read_text())["num_classes"] == 10
+
+
+def test_sigterm_while_prepare_reads_a_frozen_store_ends_at_once(s3, s3_server, digits_arrays, tmp_path, monkeypatch):
+    stage_dataset.png_folder(digits_arrays["train_images"][:600], digits_arrays["train_labels"][:600], "s3://data/pngs/train")
+    proxy = FaultProxy(s3_server, 0.0)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proc = start_job("prepare", "s3://data/pngs", str(tmp_path / "shards"), shard_bytes=20_000,
+                         storage_timeout_seconds=120, cache_dir=str(tmp_path / "c"))
+        wait_for(lambda: len(list((tmp_path / "shards").glob("*.json"))) >= 1, proc, what="a shard written")
+        proxy.freeze()  # the reads queued in the pool now wait for answers that never come
+        wait_for(lambda: proxy.counts["frozen"] > 0, proc, what="a read from the frozen store")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        took = time.monotonic() - signalled
+    finally:
+        proxy.close()
+    assert proc.returncode == 143 and took < 10, (took, out)
+    last = out.strip().splitlines()[-1]
+    assert "while preparing shards" in last and "run python -m job prepare again" in last, out

@@ -137,13 +137,19 @@ def test_a_killed_prepare_continues_where_it_stopped(s3, flowers, prepared, tmp_
     s3.put(str(flowers / "data"), "data/flowers", recursive=True)
     common = dict(max_bad_fraction=0.05, cache_dir=str(tmp_path / "cache"), log_level="debug")
     proc = start_job("prepare", "s3://data/flowers", "s3://data/killed", shard_bytes=SHARD_BYTES, **common)
-    wait_for(lambda: len([p for p in s3.ls("data/killed") if p.endswith(".json")]) >= 3 if s3.exists("data/killed") else False,
-             proc, what="three shards written")
+
+    def manifests():  # the listing fresh each time; the folder comes and goes while prepare probes it
+        try:
+            return [p for p in s3.ls("data/killed", refresh=True) if p.endswith(".json")]
+        except FileNotFoundError:
+            return []
+
+    wait_for(lambda: len(manifests()) >= 3, proc, what="three shards written")
     proc.kill()
     proc.wait()
     assert not s3.exists("data/killed/index.json")  # no index: not a dataset yet
     # a shard counts as written once its manifest is (a tar without one, cut off mid-write, is redone)
-    written = {p for p in s3.ls("data/killed") if p.endswith(".json")}
+    written = set(manifests())
     again = prepare("s3://data/flowers", "s3://data/killed", **common)
     assert again.returncode == 0, again.stdout
     assert again.stdout.count("kept from an earlier prepare") >= len(written)
