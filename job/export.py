@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import time
 import warnings
@@ -26,6 +27,7 @@ from safetensors.torch import save as save_safetensors
 
 from job import __version__, images, models, storage
 from job.errors import DataError, OutputError
+from job.settings import MAX_IMAGE_SIDE
 
 log = logging.getLogger("job")
 FORMAT_VERSION = 1
@@ -49,7 +51,6 @@ def preprocessing(model_name: str, sample_shape: tuple[int, ...], image_size: in
 
 
 MAX_CLASSES = 100_000
-MAX_SIDE = 4096
 MAX_PARAMETERS = 2_000_000_000  # an mlp's, from its config, before it is built
 MAX_CONFIG_BYTES = 16 << 20
 MAX_WEIGHT_BYTES = 16 << 30
@@ -73,8 +74,8 @@ def config_problem(config) -> str | None:
     names = config.get("class_names")
     if not isinstance(names, list) or len(names) != config["num_classes"] or not all(isinstance(n, str) for n in names):
         return "class_names must be num_classes names"
-    if not ints(config.get("input_shape"), 1, MAX_SIDE, 3):
-        return f"input_shape must be [channels, height, width], each 1 to {MAX_SIDE}"
+    if not ints(config.get("input_shape"), 1, MAX_IMAGE_SIDE, 3):
+        return f"input_shape must be [channels, height, width], each 1 to {MAX_IMAGE_SIDE}"
     if config.get("hidden_sizes") is not None and not (ints(config["hidden_sizes"], 1, 65536) and len(config["hidden_sizes"]) <= 64):
         return "hidden_sizes must be up to 64 widths of 1 to 65536"
     widths = [math.prod(config["input_shape"]), *(config.get("hidden_sizes") or []), config["num_classes"]]
@@ -85,14 +86,14 @@ def config_problem(config) -> str | None:
     prep = config.get("preprocessing")
     if not isinstance(prep, dict) or prep.get("kind") not in ("image", "idx"):
         return "preprocessing is missing"
-    if prep["kind"] == "image":
-        if not ints([prep.get("center_crop"), prep.get("resize_shorter_side")], 1, MAX_SIDE):
-            return f"preprocessing sizes must be 1 to {MAX_SIDE}"
-        if prep.get("mean") is not None and not all(
-                isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (prep["mean"], prep.get("std"))):
-            return "preprocessing mean and std must be 3 numbers each"
-    elif not ints([prep.get("channels"), prep.get("height"), prep.get("width")], 1, MAX_SIDE):
-        return f"preprocessing channels, height and width must be 1 to {MAX_SIDE}"
+    if prep["kind"] == "image":  # what predict's transforms use must be what the model takes
+        if not ints([prep.get("center_crop")], 1, MAX_IMAGE_SIDE) or config["input_shape"] != [3, prep["center_crop"], prep["center_crop"]]:
+            return "preprocessing center_crop must match input_shape [3, crop, crop]"
+        if "mean" not in prep or "std" not in prep:
+            return "preprocessing mean and std are missing (null: not normalised)"
+    elif not ints([prep.get("channels")], 1, 3) or prep["channels"] == 2 or \
+            config["input_shape"] != [prep["channels"], prep.get("height"), prep.get("width")]:
+        return "preprocessing channels (1 or 3), height and width must match input_shape"
     return None
 
 
@@ -194,6 +195,12 @@ def config_for(settings, class_names: list[str], sample_shape: tuple[int, ...], 
             "source": source}
 
 
+def _regular(uri: str) -> None:
+    """A local file must be a regular one: a FIFO would hang the read, a link to a device fill memory."""
+    if storage.is_local(uri) and os.path.lexists(uri) and not os.path.isfile(uri):
+        raise DataError(f"{storage.redact_uri(uri)} is not a regular file")
+
+
 def load(model_uri: str) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode on the CPU, config) from an exported model: `<run>/model/` or the run
     directory itself."""
@@ -202,6 +209,7 @@ def load(model_uri: str) -> tuple[torch.nn.Module, dict]:
         with storage.errors(config_uri, DataError, "read the model from"):
             if not storage.exists(config_uri):
                 continue
+            _regular(config_uri)
             text = storage.read_bytes(config_uri, max_bytes=MAX_CONFIG_BYTES)
             try:
                 config = json.loads(text) if len(text) <= MAX_CONFIG_BYTES else None
@@ -210,6 +218,7 @@ def load(model_uri: str) -> tuple[torch.nn.Module, dict]:
             problem = config_problem(config)
             if problem:
                 raise DataError(f"{storage.redact_uri(config_uri)} is not a usable trainjob model config: {problem}")
+            _regular(storage.join(uri, config["weights"]))
             blob = storage.read_bytes(storage.join(uri, config["weights"]), max_bytes=MAX_WEIGHT_BYTES)
             if len(blob) > MAX_WEIGHT_BYTES:
                 raise DataError(f"{storage.redact_uri(storage.join(uri, config['weights']))} is over {MAX_WEIGHT_BYTES} bytes")

@@ -140,17 +140,22 @@ def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState,
 def stop_if_stalled(batches, rt: Runtime, p: Progress, sums: "StepSums", ckpt):
     """The batches; a stop signal that arrives while the next batch is stuck (a stalled shard
     download) is answered with a checkpoint of the last step edge, as at a poll. Under torchrun
-    the other ranks may be a step further on, so that rank ends without one (the newest
-    checkpoint stays the valid one)."""
+    the other ranks wait in a collective this rank cannot join (saving takes collectives too),
+    so that rank ends at once and the newest checkpoint stays the valid one."""
     try:
         yield from batches
     except StoppedWaitingForData as stopped:
-        if rt.world_size > 1:
+        if alone_in_stall(rt, stopped):
             raise
         log.warning(f"{stopped}: saving the last step")
         add_sums(rt, p, sums)
         check_finite(p.loss_sum, p)
         ckpt.stop(stopped.exit_code - 128, ckpt.save())
+
+
+def alone_in_stall(rt: Runtime, stopped: Stopped) -> bool:
+    """A stop met while this rank alone waited for data, under torchrun: no collective can follow."""
+    return isinstance(stopped, StoppedWaitingForData) and rt.world_size > 1
 
 
 class StepSums:
@@ -260,6 +265,8 @@ def fit(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> li
         try:
             val_loss, val_accuracy, state.val_confusion = evaluate(s, rt, model, data.samples, state.val_idx, data.num_classes)
         except Stopped as stopped:
+            if alone_in_stall(rt, stopped):
+                raise
             ckpt.stop(stopped.exit_code - 128, ckpt.save())  # position: this epoch trained, not yet evaluated
         now = time.monotonic()
         row = {"epoch": p.epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,

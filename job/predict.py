@@ -41,6 +41,9 @@ def _source(settings, runtime, root: str, config: dict) -> tuple[object, list[st
         if config["preprocessing"]["kind"] != "idx":
             raise DataError(f"this model takes image files, not IDX images ({idx[0]})")
         array = datasets.read_idx(os.path.join(root, idx[0]), 3, settings.max_file_bytes)
+        if list(array.shape[1:]) != config["input_shape"][1:]:
+            raise DataError(f"{idx[0]} holds {array.shape[1]}x{array.shape[2]} images; this model takes "
+                            f"{config['input_shape'][1]}x{config['input_shape'][2]}")
         return TensorSource(_idx_tensor(array, runtime.device), torch.zeros(len(array), dtype=torch.int64)), \
             [f"{idx[0]}#{i}" for i in range(len(array))], []
     paths = []
@@ -156,6 +159,9 @@ def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str |
     module.to(runtime.device)
     root = _pull(settings, data_uri, "the labelled data")
     source, data_classes, bad = _labelled(settings, runtime, root, data_uri, config)
+    if list(source.sample_shape) != config["input_shape"]:
+        raise DataError(f"{storage.redact_uri(data_uri)} holds samples of shape {list(source.sample_shape)}; this model "
+                        f"takes {config['input_shape']}")
     if config["preprocessing"]["kind"] == "idx" and len(data_classes) > config["num_classes"]:
         raise DataError(f"{storage.redact_uri(data_uri)} has labels up to {len(data_classes) - 1}; the model knows "
                         f"{config['num_classes']} classes")

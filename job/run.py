@@ -216,6 +216,8 @@ def finish(settings, runtime: Runtime, model: loop.Model, data: datasets.Data, s
             test_loss, test_accuracy, confusions["test"] = loop.evaluate(
                 settings, runtime, model, data.test, torch.arange(len(data.test)), data.num_classes, "test")
         except Stopped as stopped:  # every epoch is saved (or on its way): wait for it, then stop
+            if loop.alone_in_stall(runtime, stopped):
+                raise
             ckpt.stop(stopped.exit_code - 128, saving=True)
         extra = {"test_loss": test_loss, "test_accuracy": test_accuracy,
                  "per_class_test_accuracy": report.per_class(confusions["test"], data.class_names)}
@@ -296,15 +298,16 @@ class Ending:
         lost = None
         if isinstance(exc, Exception) and not isinstance(exc, JobError) and is_peer_failure(self.rt, exc):
             lost = peer_lost(self.rt, exc)
+        error = lost or exc
         try:
-            if isinstance(exc, JobError) or lost is not None:
-                self.record(lost or exc)
+            if isinstance(error, JobError):
+                self.record(error)
         finally:
             self.release()
-        if isinstance(exc, JobError) and self.tracker is not None:  # last: a hanging tracker costs no record
+        if isinstance(error, JobError) and self.tracker is not None:  # last: a hanging tracker costs no record
             signum, deadline = storage.stop_pending()
             seconds = min(tracking.DRAIN_SECONDS, deadline - time.monotonic() - 1) if signum else tracking.DRAIN_SECONDS
-            self.tracker.end("KILLED" if isinstance(exc, Stopped) else "FAILED", max(0.0, seconds))
+            self.tracker.end("KILLED" if isinstance(error, Stopped) else "FAILED", max(0.0, seconds))
         if lost is not None:
             raise lost from None
         return False
@@ -324,9 +327,11 @@ class Ending:
             if ckpt is not None and status == "failed":
                 ckpt.uploader.wait(deadline=end)
             with storage.time_limit(max(0.0, end - time.monotonic())):
-                # a stop before training (ckpt None) writes a short summary, unless the run had
-                # completed earlier: a rerun stopped early must not erase its record
-                if ckpt is not None or (status == "stopped" and report.completed(self.run_uri) is None):
+                # a completed run keeps its summary: a rerun stopped before training, or a stop
+                # while exporting (the next run redoes the export), must not erase its record
+                trained = ckpt is not None and ckpt.state.progress.epoch >= self.settings.epochs
+                kept = (ckpt is None or trained) and report.completed(self.run_uri) is not None
+                if not kept and (ckpt is not None or status == "stopped"):
                     summary = ({"status": status, **outcome} if ckpt is None else
                                report.summary(self.settings, self.rt, ckpt.data, ckpt.state, status, ckpt.started, **outcome))
                     storage.write_json(storage.join(self.run_uri, "summary.json"), summary)

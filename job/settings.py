@@ -36,6 +36,7 @@ EXPERIMENT_FIELDS = (
 CONTINUOUS_SCHEDULES = ("cosine", "onecycle")
 # Bound of a hidden layer width or an lr milestone: 784 x 65536 floats is already 200 MB.
 MAX_LIST_INT = 65536
+MAX_IMAGE_SIDE = 4096  # the largest model input side (JOB_IMAGE_SIZE, IDX shapes, exported configs)
 # Transfer learning from a torchvision backbone starts from these unless set: the flowers recipe
 # this job exists for (Adam at 1e-3, batch 32, constant lr). The MNIST MLP's SGD at lr 0.5 with
 # batch 100 leaves a pretrained head at chance on a small dataset.
@@ -86,7 +87,7 @@ class Settings(BaseSettings):
     pretrained: str = Field("none", description="initial weights for torchvision models: none, imagenet (torchvision's weights, from TORCH_HOME or downloaded) or a state-dict URI")
     freeze: str = Field("none", description="all: train only the new classifier head; none: train everything; N: also train the last N stages of the backbone")
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="lr multiplier for the unfrozen backbone layers (the head gets JOB_LR)")
-    image_size: int = Field(224, ge=16, le=4096, description="image-folder data: side of the square crop fed to the model")
+    image_size: int = Field(224, ge=16, le=MAX_IMAGE_SIDE, description="image-folder data: side of the square crop fed to the model")
     augment: bool = Field(False, description="image-folder data: random rotation (20 degrees), resized crop and flip for training (never for evaluation)")
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="image-folder data: fail (exit 3) if more than this fraction of the files are not readable images")
     max_image_pixels: int = Field(50_000_000, ge=1024, le=1_000_000_000, description="image-folder data: images with more pixels are bad files (decompression bombs); decoding holds at most about 4 bytes x this x JOB_NUM_WORKERS in memory")

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from job import __version__, images, storage
 from job.errors import DataError, OutputError, SettingsError, Stopped, StoppedWaitingForData
+from job.settings import MAX_IMAGE_SIDE
 
 log = logging.getLogger("job")
 INDEX = "index.json"
@@ -48,7 +49,10 @@ _ROTATION_MAPS: dict = {}  # (size, angle in half degrees) -> gather indices: th
 def find_index(uri: str) -> dict | None:
     """The dataset's index.json if `uri` is a sharded dataset (one small read), else None."""
     try:
-        index = storage.read_json(storage.join(uri, INDEX))
+        text = storage.read_bytes(storage.join(uri, INDEX), max_bytes=MAX_INDEX_BYTES)
+        if len(text) > MAX_INDEX_BYTES:
+            raise DataError(f"{storage.redact_uri(storage.join(uri, INDEX))} is over {MAX_INDEX_BYTES} bytes")
+        index = json.loads(text)
     except FileNotFoundError:
         return None
     except ValueError:
@@ -64,7 +68,8 @@ def find_index(uri: str) -> dict | None:
 
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}\.tar")  # a plain file name: joined to the cache folder
-MAX_SIDE = 4096  # an IDX sample's height or width
+MAX_SHARD_BYTES = 1 << 36
+MAX_INDEX_BYTES = 64 << 20  # ~100k shards; read whole, so bounded
 
 
 def index_problem(index: dict) -> str | None:
@@ -81,11 +86,13 @@ def index_problem(index: dict) -> str | None:
     classes = index.get("class_names")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         return "class_names is not a list of at least 2 names"
-    if not isinstance(index.get("fingerprint"), str) or not is_int(index.get("files", 0)):
+    if not isinstance(index.get("fingerprint"), str) or not is_int(index.get("files")):
         return "fingerprint or files is missing"
-    if not isinstance(index.get("bad_files", []), list):
-        return "bad_files is not a list"
-    splits, seen = index.get("splits"), set()
+    bad = index.get("bad_files")
+    if not isinstance(bad, list) or not all(isinstance(b, list) and len(b) == 2 and all(isinstance(x, str) for x in b)
+                                            for b in bad):
+        return "bad_files is not a list of [name, reason]"
+    splits, seen, shapes = index.get("splits"), set(), set()
     if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
         return "splits is not a mapping of split to a list of shards"
     for split, shards in splits.items():
@@ -96,14 +103,18 @@ def index_problem(index: dict) -> str | None:
             if not isinstance(name, str) or not SHARD_NAME.fullmatch(name) or name in seen:
                 return f"shard name {name!r} is not a unique plain file name ending in .tar"
             seen.add(name)
-            if not is_int(s.get("samples"), 1) or not is_int(s.get("bytes"), 1):
-                return f"shard {name} has no positive samples and bytes"
+            # a sample takes two 512-byte tar headers at least: counts cannot outgrow the bytes
+            if not is_int(s.get("samples"), 1) or not is_int(s.get("bytes"), 1024 * s["samples"]) or s["bytes"] > MAX_SHARD_BYTES:
+                return f"shard {name} has no plausible samples and bytes"
             if not isinstance(s.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", s["sha256"]):
                 return f"shard {name} has no sha256"
             shape = s.get("shape", [1, 28, 28])
             if index["kind"] == "idx" and not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 1
-                                                and all(is_int(d, 1) and d <= MAX_SIDE for d in shape)):
+                                                and all(is_int(d, 1) and d <= MAX_IMAGE_SIDE for d in shape)):
                 return f"shard {name} has shape {shape!r}, not [1, height, width]"
+            shapes.add(str(shape))
+    if index["kind"] == "idx" and len(shapes) > 1:
+        return "its IDX shards differ in shape"
     return None
 
 
@@ -129,6 +140,7 @@ class ShardCache:
         self.error: Exception | None = None
         self.fetching: set[str] = set()
         self.plan: list[str] = []
+        self.urgent: str | None = None  # the shard the training thread waits for: fetched first
         self.cursor = 0  # the plan's position of the last shard asked for: prefetch goes on from there
         self.peak = 0  # most bytes reserved at once (the limit is never passed)
         self.disk_peak = 0  # most bytes measured on disk, after each download
@@ -154,7 +166,10 @@ class ShardCache:
             self.lock.notify_all()
 
     def get(self, name: str) -> dict:
-        """The local shard (fetched now if the prefetcher has not), pinned until release()."""
+        """The local shard, pinned until release(). Every download runs in the prefetch thread
+        (this one asks for the shard first and waits), so the training thread stays free to
+        answer a stop: a stalled download is given up at half the grace period, leaving the
+        loop the other half to save its last step."""
         with self.lock:
             if name in self.plan[self.cursor:]:
                 self.cursor += self.plan[self.cursor:].index(name)
@@ -165,16 +180,12 @@ class ShardCache:
                     self.pins[name] = self.pins.get(name, 0) + 1
                     self.local[name]["used"] = time.monotonic()
                     return self.local[name]
-                if name not in self.fetching:
-                    break
+                self.urgent = name
+                self.lock.notify_all()
                 self.lock.wait(0.5)
-                # a stop while the prefetcher's download stalls: give up waiting at half the
-                # grace period, so the loop still has the other half to save its last step
                 signum, deadline = storage.stop_pending(share=0.5)
                 if signum and time.monotonic() >= deadline:
                     raise StoppedWaitingForData(signum, f"while waiting for shard {name} to download")
-        self._fetch(name, for_now=True)
-        return self.get(name)
 
     def release(self, name: str) -> None:
         with self.lock:
@@ -215,9 +226,10 @@ class ShardCache:
             with self.lock:
                 self.reserved -= size
                 self.fetching.discard(name)
-                if for_now:
-                    raise
-                self.error = exc if isinstance(exc, (DataError, SettingsError)) else self.error
+                # a shard needed now: any failure is the run's (get raises it); ahead of need,
+                # only a verdict on the data is, the rest is tried again when it is needed
+                if for_now or isinstance(exc, (DataError, SettingsError)):
+                    self.error = self.error or exc
                 self.lock.notify_all()
             return False
         with self.lock:
@@ -249,12 +261,23 @@ class ShardCache:
     def _prefetch(self) -> None:
         while True:
             with self.lock:
-                ahead = self.plan[self.cursor:self.cursor + 2 * WINDOW]
-                todo = [n for n in ahead if n not in self.local and n not in self.fetching]
+                urgent, self.urgent = self.urgent, None
+                if urgent and urgent not in self.local and not self.error:
+                    todo, for_now = [urgent], True  # the loop waits for it
+                else:
+                    ahead = self.plan[self.cursor:self.cursor + 2 * WINDOW]
+                    todo, for_now = [n for n in ahead if n not in self.local and n not in self.fetching], False
                 if not todo or self.error:
                     self.lock.wait(0.5)
                     continue
-            if not self._fetch(todo[0], for_now=False):
+            try:
+                fetched = self._fetch(todo[0], for_now=for_now)
+            except SettingsError as exc:  # no room for the shard needed now: the cache is too small
+                with self.lock:
+                    self.error = self.error or exc
+                    self.lock.notify_all()
+                continue
+            if not fetched:
                 with self.lock:
                     self.lock.wait(0.2)  # no room yet: after the next release
 
@@ -266,7 +289,7 @@ def _members(path: str, expected: int, classes: int) -> list[tuple[int, int, int
     DataError (exit 3), named."""
     samples, pending = [], {}
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, "r:") as tar:  # uncompressed only: offsets index the file itself
             for member in tar:
                 if not member.isfile():
                     continue
@@ -281,7 +304,7 @@ def _members(path: str, expected: int, classes: int) -> list[tuple[int, int, int
                 if "cls" in entry and "image" in entry:
                     samples.append((*entry["image"], entry["cls"], key))
                     del pending[key]
-    except (tarfile.TarError, ValueError, UnicodeDecodeError) as exc:
+    except (tarfile.TarError, ValueError, UnicodeDecodeError, EOFError, OSError) as exc:
         raise DataError(f"shard {os.path.basename(path)} is not a readable trainjob shard: "
                         f"{str(exc)[:200]}; prepare the dataset again") from None
     if len(samples) != expected:
@@ -305,11 +328,12 @@ def rotate_nearest(x: torch.Tensor, degrees: float) -> torch.Tensor:
         src_x = (math.cos(angle) * xs - math.sin(angle) * ys + (w - 1) / 2).round().long()
         src_y = (math.sin(angle) * xs + math.cos(angle) * ys + (h - 1) / 2).round().long()
         inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
-        index = torch.where(inside, src_y * w + src_x, h * w).flatten().to(x.device)  # h * w: the appended zero pixel
-        _ROTATION_MAPS[key], _ROTATION_MAPS[key + ("numpy",)] = index, index.cpu().numpy()
+        index = torch.where(inside, src_y * w + src_x, h * w).flatten()  # h * w: the appended zero pixel
+        # on the CPU, numpy's take on uint8 is ~4x faster than torch's gathers: keep numpy's form
+        index = _ROTATION_MAPS[key] = index.numpy() if x.device.type == "cpu" else index.to(x.device)
     padded = torch.cat([x.reshape(c, -1), x.new_zeros(c, 1)], 1)
-    if x.device.type == "cpu":  # numpy's take on uint8 is ~4x faster than torch's gathers on CPU
-        return torch.from_numpy(np.take(padded.numpy(), _ROTATION_MAPS[key + ("numpy",)], axis=1).reshape(c, h, w))
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.take(padded.numpy(), index, axis=1).reshape(c, h, w))
     return padded.index_select(1, index).view(c, h, w)
 
 
@@ -358,27 +382,41 @@ class ShardItems(Dataset):
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
-                blob = torch.frombuffer(bytearray(f.read(nbytes)), dtype=torch.uint8)
+                raw = bytearray(f.read(nbytes))
+            check_header(raw, self.max_pixels)
+            blob = torch.frombuffer(raw, dtype=torch.uint8)
             if not self.decode_here:
                 return blob, label, key
-            return decode(blob, self.kind, self.size, train, seed, self.max_pixels), label, key
+            return decode(blob, self.kind, self.size, train, seed), label, key
         except Exception as exc:  # a corrupt sample: the batch takes another in its place (collate)
             return None, label, f"{key} ({exc.__class__.__name__})"
 
 
-def decode(blob: torch.Tensor, kind: str, size: int, train: bool, seed: int, max_pixels: int) -> torch.Tensor:
+def check_header(raw: bytes, max_pixels: int) -> None:
+    """Refuse an image whose header says it is over JOB_MAX_IMAGE_PIXELS before it is decoded (a
+    shard written by someone else may hold a decompression bomb); PIL reads the header alone."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as img:
+        if img.width * img.height > max_pixels:
+            raise ValueError("over JOB_MAX_IMAGE_PIXELS")
+
+
+def decode(blob: torch.Tensor, kind: str, size: int, train: bool, seed: int) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     if kind == "idx":  # `size` is (height, width): every sample of a batch must have the index's shape
-        return _same_shape(decode_image(blob, mode=ImageReadMode.GRAY), size)
+        return _checked(decode_image(blob, mode=ImageReadMode.GRAY), size)
     x = decode_jpeg(blob, mode=ImageReadMode.RGB) if blob[:2].tolist() == [0xFF, 0xD8] else decode_image(blob, mode=ImageReadMode.RGB)
-    if x.shape[1] * x.shape[2] > max_pixels:
-        raise ValueError("over JOB_MAX_IMAGE_PIXELS")
-    return augment(x, size, train, random.Random(seed))
+    return augment(_checked(x), size, train, random.Random(seed))
 
 
-def _same_shape(x: torch.Tensor, size: tuple) -> torch.Tensor:
-    if tuple(x.shape[1:]) != tuple(size):
+def _checked(x: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
+    """A decoded sample as a batch can take it: 8 bits (a 16-bit PNG decodes to uint16), and for
+    IDX the index's (height, width)."""
+    if x.dtype != torch.uint8:
+        raise ValueError(f"{x.dtype} pixels, not 8-bit")
+    if size is not None and tuple(x.shape[1:]) != tuple(size):
         raise ValueError(f"shape {tuple(x.shape)} is not the index's")
     return x
 
@@ -405,7 +443,7 @@ def collate_bytes(batch):
 
 
 def decode_on_device(blobs: list, keys: list[str], kind: str, size: int, train: bool, seeds: list[int],
-                     device: torch.device, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
+                     device: torch.device) -> tuple[torch.Tensor, list[str]]:
     """Decode and augment a batch on the training device: JPEGs in one batched nvjpeg call on a
     GPU (torchvision.io.decode_jpeg with device="cuda"), then the same seeded crop, flip and
     rotation as the workers apply, per sample, on the device; the CPU path decodes one by one."""
@@ -427,11 +465,9 @@ def decode_on_device(blobs: list, keys: list[str], kind: str, size: int, train: 
                 mode = ImageReadMode.GRAY if kind == "idx" else ImageReadMode.RGB
                 x = decode_image(blob, mode=mode).to(device)
             if kind == "idx":
-                x = _same_shape(x, size)
+                x = _checked(x, size)
             else:
-                if x.shape[1] * x.shape[2] > max_pixels:
-                    raise ValueError("over JOB_MAX_IMAGE_PIXELS")
-                x = augment(x, size, train, random.Random(seeds[i]))
+                x = augment(_checked(x), size, train, random.Random(seeds[i]))
             batch.append((x, 0, keys[i]))
         except Exception as exc:
             batch.append((None, 0, f"{keys[i]} ({exc.__class__.__name__})"))
@@ -469,8 +505,6 @@ class ShardSource:
         counts = [s["samples"] for s in shards]
         self.starts = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
         self.sample_shape = (3, image_size, image_size) if kind == "image" else tuple(shards[0].get("shape", (1, 28, 28)))
-        if kind == "idx" and any(tuple(s.get("shape", (1, 28, 28))) != self.sample_shape for s in shards):
-            raise DataError("the index's IDX shards differ in shape; prepare the dataset again")
         self.size = image_size if kind == "image" else self.sample_shape[1:]  # idx: (height, width), checked per sample
         # normalisation folded into one multiply-add on the uint8 values: (x / 255 - mean) / std
         mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (images.IMAGENET_MEAN, images.IMAGENET_STD))
@@ -537,7 +571,7 @@ class ShardSource:
                 if self.on_device:
                     seeds = [base_seed + int(i) for i in indices[received:received + len(y)]]
                     x, failed = decode_on_device(x, failed, self.kind, self.size, train and self.augment, seeds,
-                                                 self.device, self.max_pixels)
+                                                 self.device)
                 for name in failed:
                     log.warning(f"skipping a corrupt sample {name}; another sample of its batch took its place")
                 self.skipped += len(failed)
@@ -787,8 +821,8 @@ def prepare(settings, runtime, source_uri: str, dest_uri: str) -> dict:
                 f"{split} {s['name']} {s['sha256']}\n" for split, shards in index["splits"].items() for s in shards).encode()).hexdigest()
             storage.write_json(storage.join(dest_uri, INDEX), index)  # last: its presence means the dataset is complete
     except Stopped as stopped:  # the shards written are kept: a rerun continues after them
-        raise Stopped(stopped.exit_code - 128, f"while preparing shards: the {written} shard(s) written are kept; "
-                      "run python -m job prepare again to continue") from None
+        raise Stopped(stopped.exit_code - 128, f"while preparing shards: every finished shard is kept ({written} written by "
+                      "this run); run python -m job prepare again to continue") from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a stop must not wait for the queued reads
     counts = {split: sum(s["samples"] for s in shards) for split, shards in index["splits"].items()}

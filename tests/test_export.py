@@ -18,7 +18,7 @@ import stage_dataset
 from conftest import DIGITS, ROOT, _free_port, read_history, run_job
 from faultproxy import FaultProxy
 from job import export, images
-from job.datasets import read_idx
+from job.datasets import idx_bytes, read_idx
 from test_transfer import CLASSES, RECIPE, make_tree, weights_file
 
 
@@ -169,6 +169,11 @@ def test_mlflow_sees_the_run_its_metrics_params_and_artifacts_and_a_resume_conti
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "digits")
+    from mlflow.tracking import MlflowClient
+
+    # the experiment made first, with its artifacts under tmp_path (a SQLite store's default,
+    # ./mlruns, would land in the checkout: the job runs from the repository root)
+    MlflowClient(tracking_uri=uri).create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
     common = dict(data_uri=str(digits_dir), output_uri=str(tmp_path / "runs"), run_name="r", **DIGITS)
     assert run_job(epochs=2, **common).returncode == 0
     again = run_job(epochs=4, **common)  # a later pod continues the run: the same MLflow run
@@ -260,6 +265,7 @@ CONFIG_ATTACKS = {  # a model folder from someone else: config.json -> what the 
     "a huge input": (lambda c: c.update(input_shape=[1, 10**6, 10**6]), "input_shape must be"),
     "a huge mlp": (lambda c: c.update(hidden_sizes=[65536] * 40), "an mlp of over"),
     "no preprocessing": (lambda c: c.pop("preprocessing"), "preprocessing is missing"),
+    "preprocessing for another input": (lambda c: c["preprocessing"].update(height=20), "must match input_shape"),
     "a list, not an object": (lambda c: c.clear(), "not a trainjob model config"),
 }
 
@@ -279,9 +285,21 @@ def test_predict_refuses_a_hostile_model_config_in_one_line(digits_run, tmp_path
     assert expected in result.stdout.strip().splitlines()[-1] and "Traceback" not in result.stdout, result.stdout
 
 
-def test_predict_on_a_fifo_named_like_idx_images_does_not_hang(digits_run, tmp_path):
+def test_predict_on_a_fifo_named_like_idx_images_or_a_fifo_config_does_not_hang(digits_run, tmp_path):
     root, run, _ = digits_run
     (tmp_path / "inputs").mkdir()
     os.mkfifo(tmp_path / "inputs" / "t10k-images-idx3-ubyte")  # opened plainly, a read would wait forever
     result = command("predict", str(run), str(tmp_path / "inputs"), timeout=120)
     assert result.returncode == 3 and "not a regular file" in result.stdout, result.stdout
+    (tmp_path / "model").mkdir()
+    os.mkfifo(tmp_path / "model" / "config.json")
+    result = command("predict", str(tmp_path / "model"), str(root / "digits"), timeout=120)
+    assert result.returncode == 3 and "config.json is not a regular file" in result.stdout, result.stdout
+
+
+def test_predict_refuses_idx_images_of_another_size(digits_run, tmp_path):
+    root, run, _ = digits_run
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((4, 20, 20), dtype=np.uint8)))
+    result = command("predict", str(run), str(tmp_path / "inputs"), timeout=120)
+    assert result.returncode == 3 and "holds 20x20 images; this model takes 28x28" in result.stdout, result.stdout

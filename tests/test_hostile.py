@@ -308,20 +308,24 @@ def digit_shards(tmp_path_factory, digits_arrays):
     return root / "shards"
 
 
-def relabel(blob: bytes, label: bytes) -> bytes:
-    """A shard with its first sample's class text replaced."""
+def rewrite(blob: bytes, ext: str, *replacements: bytes) -> bytes:
+    """A shard with the first samples' `ext` members (cls, png) replaced, in order."""
     import io
     import tarfile
 
-    out = io.BytesIO()
+    out, todo = io.BytesIO(), list(replacements)
     with tarfile.open(fileobj=io.BytesIO(blob)) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
-        done = False
         for member in src:
             data = src.extractfile(member).read()
-            if member.name.endswith(".cls") and not done:
-                data, done, member.size = label, True, len(label)
+            if member.name.endswith("." + ext) and todo:
+                data = todo.pop(0)
+                member.size = len(data)
             dst.addfile(member, io.BytesIO(data))
     return out.getvalue()
+
+
+def relabel(blob: bytes, label: bytes) -> bytes:
+    return rewrite(blob, "cls", label)
 
 
 def _rewrite_first_shard(folder, index, blob):
@@ -332,6 +336,14 @@ def _rewrite_first_shard(folder, index, blob):
     shard.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
 
 
+def _gzip_first_shard(folder, index):
+    """Compressed: tarfile's auto-detection would read it, at offsets that are not the file's."""
+    import gzip
+
+    _rewrite_first_shard(folder, index, gzip.compress((folder / index["splits"]["train"][0]["name"]).read_bytes()))
+    index["splits"]["train"][0]["samples"] = index["splits"]["train"][0]["bytes"] // 1024  # plausible for its size
+
+
 INDEX_ATTACKS = {  # what is done to the index (and its shards) -> what the one-line error says
     "a shard name that climbs out of the cache": (
         lambda f, i: i["splits"]["train"][0].update(name="../../../../escape.tar"), "is not a unique plain file name"),
@@ -339,7 +351,7 @@ INDEX_ATTACKS = {  # what is done to the index (and its shards) -> what the one-
     "the same shard twice": (lambda f, i: i["splits"]["val"].append(i["splits"]["train"][0]), "is not a unique plain"),
     "no kind": (lambda f, i: i.pop("kind"), "kind None is neither"),
     "splits as a list": (lambda f, i: i.update(splits=[]), "splits is not a mapping"),
-    "zero samples": (lambda f, i: i["splits"]["train"][0].update(samples=0), "has no positive samples"),
+    "zero samples": (lambda f, i: i["splits"]["train"][0].update(samples=0), "no plausible samples"),
     "one class": (lambda f, i: i.update(class_names=["0"]), "class_names is not a list of at least 2"),
     "an IDX shape of a billion pixels": (
         lambda f, i: [s.update(shape=[1, 40000, 40000]) for s in i["splits"]["train"]], "has shape [1, 40000, 40000]"),
@@ -348,6 +360,11 @@ INDEX_ATTACKS = {  # what is done to the index (and its shards) -> what the one-
     "a label outside the classes": (
         lambda f, i: _rewrite_first_shard(f, i, relabel((f / i["splits"]["train"][0]["name"]).read_bytes(), b"77")),
         "label 77 outside the 10 classes"),
+    "bad files that are not pairs": (lambda f, i: i.update(bad_files=[1]), "bad_files is not a list of"),
+    "a trillion samples": (lambda f, i: i["splits"]["train"][0].update(samples=10**12), "no plausible samples"),
+    "a test split of another shape": (
+        lambda f, i: [s.update(shape=[1, 20, 20]) for s in i["splits"]["test"]], "IDX shards differ in shape"),
+    "a gzipped shard": (lambda f, i: _gzip_first_shard(f, i), "is not a readable trainjob shard"),
     "a label that is not a number": (
         lambda f, i: _rewrite_first_shard(f, i, relabel((f / i["splits"]["train"][0]["name"]).read_bytes(), b"\xff\xfe")),
         "is not a readable trainjob shard"),
@@ -369,6 +386,24 @@ def test_a_hostile_shard_index_or_shard_is_refused_in_one_line(digit_shards, tmp
     assert result.returncode == 3, result.stdout
     assert expected in result.stdout.strip().splitlines()[-1] and "Traceback" not in result.stdout, result.stdout
     assert not list(tmp_path.parent.rglob("escape*")) and not os.path.exists("/tmp/escape.tar")
+
+
+def test_a_16_bit_image_or_a_bomb_in_a_shard_is_a_skipped_sample(digit_shards, tmp_path):
+    import io
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(digit_shards, folder)
+    index = json.loads((folder / "index.json").read_text())
+    deep = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(deep, format="PNG")  # 16-bit grayscale
+    first = index["splits"]["train"][0]["name"]
+    _rewrite_first_shard(folder, index, rewrite((folder / first).read_bytes(), "png", deep.getvalue(), png_bomb(20000)))
+    (folder / "index.json").write_text(json.dumps(index))
+    result = run_job(data_uri=str(folder), output_uri=str(tmp_path / "out"), run_name="r", epochs=1, num_workers=0,
+                     cache_dir=str(tmp_path / "cache"), max_image_pixels=10**6, **DIGITS)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("skipping a corrupt sample") == 2 and "Traceback" not in result.stdout, result.stdout
 
 
 def test_prepare_refuses_idx_labels_outside_the_training_classes(digits_arrays, tmp_path):
