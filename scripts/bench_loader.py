@@ -16,7 +16,6 @@ noisy: only ratios measured side by side mean anything). Prints JSON.
 """
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ from PIL import Image
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from job import datasets, images, shards  # noqa: E402
+from job import datasets, shards  # noqa: E402
 from job.runtime import Runtime  # noqa: E402
 from job.settings import Settings  # noqa: E402
 

@@ -4,6 +4,7 @@ datasets, and a helper that runs the job as a real subprocess with real environm
 import atexit
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -161,6 +162,14 @@ def wait_for(condition, proc=None, timeout: float = 60, what: str = "the conditi
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout} s")
         time.sleep(0.02)
+
+
+def sigterm(proc, timeout: float = 60) -> tuple[str, float]:
+    """SIGTERM the job; (its output, seconds from the signal to its exit)."""
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=timeout)[0]
+    return out, time.monotonic() - signalled
 
 
 def wait_for_epochs(run, n: int, proc=None, timeout: float = 60) -> None:

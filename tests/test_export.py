@@ -3,11 +3,9 @@ evaluate against the checkpoint's own answers, export from any checkpoint, and e
 tracking with an MLflow store that really runs (SQLite), one that refuses connections, one that
 never answers, and TensorBoard event files."""
 
-import io
 import json
 import os
 import struct
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 from PIL import Image
 
 import stage_dataset
-from conftest import DIGITS, ROOT, _free_port, read_history, run_job
+from conftest import DIGITS, _free_port, read_history, run_job
 from faultproxy import FaultProxy
 from job import export, images
 from job.datasets import idx_bytes, read_idx

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import stage_dataset
-from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, wait_for, wait_for_epochs
+from conftest import DIGITS, assert_same_history, read_history, run_job, sigterm, start_job, wait_for, wait_for_epochs
 from faultproxy import FaultProxy
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR) ")
@@ -430,10 +430,7 @@ def test_sigterm_while_a_shard_download_hangs_saves_the_last_step(s3, s3_server,
         proxy.freeze()
         wait_for(lambda: proxy.counts["frozen"] > 0, proc, what="a shard request to the frozen store")
         time.sleep(2)  # the shards in the cache are used up in milliseconds: the loop now waits
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-        took = time.monotonic() - signalled
+        out, took = sigterm(proc)
     finally:
         proxy.close()
     assert proc.returncode == 143, out
@@ -457,10 +454,7 @@ def test_a_hanging_tracker_cannot_cost_the_stop_record(tmp_path, digits_dir, mon
         proc = start_job(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", epochs=100000,
                          stop_grace_seconds=5, **DIGITS)
         wait_for_epochs(tmp_path / "r", 1, proc)
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-        took = time.monotonic() - signalled
+        out, took = sigterm(proc)
     finally:
         proxy.close()
     assert proc.returncode == 143, out
@@ -506,10 +500,7 @@ def test_sigterm_while_prepare_reads_a_frozen_store_ends_at_once(s3, s3_server, 
         wait_for(lambda: len(list((tmp_path / "shards").glob("*.json"))) >= 1, proc, what="a shard written")
         proxy.freeze()  # the reads queued in the pool now wait for answers that never come
         wait_for(lambda: proxy.counts["frozen"] > 0, proc, what="a read from the frozen store")
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-        took = time.monotonic() - signalled
+        out, took = sigterm(proc)
     finally:
         proxy.close()
     assert proc.returncode == 143 and took < 10, (took, out)
