@@ -54,10 +54,9 @@ def s3_server():
     proc.wait(timeout=10)
 
 
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-    """A clean S3 server for one test, with this process's s3fs pointed at it. Yields an
-    s3fs filesystem for reading results back and a dict of the AWS variables the job gets."""
+def fresh_bucket(s3_server: str, monkeypatch):
+    """Reset the S3 server, point this process's s3fs at it (the AWS variables set through
+    `monkeypatch`) and make the buckets data and out. Returns (s3fs filesystem, AWS variables)."""
     import s3fs
 
     urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"))
@@ -69,7 +68,16 @@ def s3(s3_server, monkeypatch):
     fs = s3fs.S3FileSystem(use_listings_cache=False)
     fs.mkdir("data")
     fs.mkdir("out")
-    fs.aws_env = aws
+    return fs, aws
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A clean S3 server for one test, with this process's s3fs pointed at it. Yields an
+    s3fs filesystem for reading results back and a dict of the AWS variables the job gets."""
+    import s3fs
+
+    fs, fs.aws_env = fresh_bucket(s3_server, monkeypatch)
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
 

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import DIGITS, ROOT, SECRET
+from conftest import DIGITS, ROOT, SECRET, fresh_bucket
 from readme_docker import readme_run_flags
 
 BUILD_TIMEOUT = 1800  # a cold build on 2 cores took ~3 minutes; a slow disk or PyPI gets more room
@@ -123,21 +123,11 @@ def build_args():
 def bucket(s3_server):
     """The suite's moto server, reset once for this module, with s3://data/digits staged and an
     empty s3://out. `env` holds the AWS variables the containers get."""
-    import urllib.request
-
     import s3fs
     import stage_dataset
 
-    urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"))
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing-key-id",
-           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem(use_listings_cache=False)
-        fs.mkdir("data")
-        fs.mkdir("out")
+        fs, env = fresh_bucket(s3_server, mp)
         stage_dataset.stage(stage_dataset.digits(), "s3://data/digits")
         yield SimpleNamespace(fs=fs, env=env)
         s3fs.S3FileSystem.clear_instance_cache()
