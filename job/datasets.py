@@ -6,9 +6,9 @@ image folders are checked file by file and read through DataLoader workers (job.
 
 import gzip
 import hashlib
+import io
 import logging
 import os
-import stat
 import zlib
 from dataclasses import dataclass, field
 
@@ -82,10 +82,11 @@ def read_idx(path: str, ndim: int, max_bytes: int) -> np.ndarray:
     At most max_bytes are decompressed: a gzip bomb is refused, not unpacked into memory."""
     name = os.path.basename(path)
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # O_NONBLOCK: a FIFO must not hang
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise DataError(f"{name}: not a regular file")
-            with gzip.GzipFile(fileobj=f) if path.endswith(".gz") else f as g:
+        raw, reason = images.read_regular(path, max_bytes)  # a FIFO or a link to a device is refused
+        if raw is None:
+            raise DataError(f"{name}: {reason}")
+        if path.endswith(".gz"):
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as g:
                 raw = g.read(max_bytes + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{name}: cannot read ({exc.__class__.__name__}: {exc}); the file is corrupt or truncated") from None
