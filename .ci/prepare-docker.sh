@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare this machine for the image test (tests/test_image.py): a Docker engine, a stand-in for
+# Prepare this machine for the image test (tests/deploy/test_image.py): a Docker engine, a stand-in for
 # the python base image and a wheelhouse of the torch wheels, all without a container registry.
 # Idempotent: a second run finds dockerd up and reuses the cached tarball and wheelhouse.
 # Prints the variables the image test reads, as `export` lines for eval (and keeps them in
@@ -108,6 +108,6 @@ PY
   mv "$wheelhouse.tmp" "$wheelhouse"
 fi
 
-# For eval by the caller, and kept where tests/test_image.py looks when the variables are not set
+# For eval by the caller, and kept where tests/deploy/test_image.py looks when the variables are not set
 # (a later `scripts/test.sh` on this machine builds from the same inputs).
 printf 'export TRAINJOB_IMAGE_BASE=%s\nexport TRAINJOB_IMAGE_WHEELHOUSE=%s\n' "$standin" "$wheelhouse" | tee "$cache/image-test.env"

@@ -1,7 +1,7 @@
 """Extract a CustomResourceDefinition's schema for one of its versions, verbatim, as the JSON
-Schema file tests/test_deploy.py validates rendered objects against (README.md names the sources).
+Schema file tests/deploy/test_deploy.py validates rendered objects against (README.md names the sources).
 
-    python tests/data/crds/extract.py CRD.yaml VERSION   # writes <group>_<plural>_<version>.json beside this file
+    python tests/deploy/data/crds/extract.py CRD.yaml VERSION   # writes <group>_<plural>_<version>.json beside this file
 """
 
 import json

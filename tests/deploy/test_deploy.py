@@ -1,8 +1,8 @@
 """Images and manifests, validated offline: kustomize renders every overlay, the rendered objects
 pass the Kubernetes schemas (built-in kinds) and the pinned CRD schemas of JobSet, Kubeflow
-Trainer and Kueue (tests/data/crds), hadolint, actionlint and shellcheck pass, and the policies
+Trainer and Kueue (tests/deploy/data/crds), hadolint, actionlint and shellcheck pass, and the policies
 that matter hold: the failure policies act on the job's exit codes as the exit-code table says.
-(tests/test_image.py builds and runs the images for real.)"""
+(tests/deploy/test_image.py builds and runs the images for real.)"""
 
 import glob
 import json
@@ -28,7 +28,7 @@ BIN = os.path.dirname(sys.executable)
 LAUNCHER = ["/usr/bin/tini", "--", "python", "-m", "job.launch"]
 KUEUE_EXAMPLE = os.path.join(ROOT, "k8s", "components", "kueue", "localqueue.yaml")
 
-# apiVersion and kind -> the CRD schema they are validated against (tests/data/crds/README.md: sources)
+# apiVersion and kind -> the CRD schema they are validated against (tests/deploy/data/crds/README.md: sources)
 CRD_SCHEMAS = {
     ("jobset.x-k8s.io/v1alpha2", "JobSet"): "jobset.x-k8s.io_jobsets_v1alpha2.json",
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs_v1alpha1.json",
@@ -132,7 +132,7 @@ def check_jsonschema(docs: list[dict], tmp_path, key: tuple[str, str] | None = N
     """check-jsonschema against the strict CRD schema for `key` (apiVersion, kind): the objects' own."""
     if key is None:
         (key,) = {(d["apiVersion"], d["kind"]) for d in docs}
-    schema = json.load(open(os.path.join(ROOT, "tests", "data", "crds", CRD_SCHEMAS[key])))
+    schema = json.load(open(os.path.join(ROOT, "tests", "deploy", "data", "crds", CRD_SCHEMAS[key])))
     schema_path = tmp_path / "schema.json"
     schema_path.write_text(json.dumps(strict(schema, *key)))
     paths = []
