@@ -79,12 +79,16 @@ def _advance_pointer(ckpt_dir: str, manifest: dict) -> None:
     pointer = storage.join(ckpt_dir, "latest.json")
     try:
         current = storage.read_json(pointer)
-        newer = current["global_step"] > manifest["global_step"] and storage.exists(storage.join(ckpt_dir, current["file"]))
+        newer = current["global_step"] > manifest["global_step"] and storage.exists(
+            storage.join(ckpt_dir, current["file"])
+        )
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         newer = False
     if newer:
-        raise LeaseLost(f"checkpoints/latest.json names {current['file']}, newer than {manifest['file']}: another "
-                        "job is writing this run; not moving it back")
+        raise LeaseLost(
+            f"checkpoints/latest.json names {current['file']}, newer than {manifest['file']}: another "
+            "job is writing this run; not moving it back"
+        )
     storage.write_json(pointer, manifest)
 
 
@@ -114,8 +118,10 @@ def read(run_uri: str, name: str) -> dict:
     try:
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:  # the bytes are what was written: not corruption, a format this version cannot read
-        raise DataError(f"checkpoint {file} in {storage.redact_uri(run_uri)} matches its sha256 but cannot be loaded "
-                        f"({exc.__class__.__name__}: {str(exc)[:200]}); was it written by another version of trainjob?") from None
+        raise DataError(
+            f"checkpoint {file} in {storage.redact_uri(run_uri)} matches its sha256 but cannot be loaded "
+            f"({exc.__class__.__name__}: {str(exc)[:200]}); was it written by another version of trainjob?"
+        ) from None
 
 
 def _quarantine(run_uri: str, name: str) -> None:
@@ -150,8 +156,10 @@ def load_latest(run_uri: str) -> tuple[dict | None, str | None]:
         except FileNotFoundError:
             continue
         except Corrupt as exc:
-            log.warning(f"checkpoint {name}.pt failed verification ({exc}); moving it to checkpoints/corrupt/ "
-                        "and trying an older one")
+            log.warning(
+                f"checkpoint {name}.pt failed verification ({exc}); moving it to checkpoints/corrupt/ "
+                "and trying an older one"
+            )
             _quarantine(run_uri, name)
             tried.append(name)
             continue
@@ -159,8 +167,10 @@ def load_latest(run_uri: str) -> tuple[dict | None, str | None]:
             log.warning(f"resuming from {name}.pt instead of {tried[0]}.pt, which was corrupt")
         return state, name
     if tried:
-        raise DataError(f"no readable checkpoint in {storage.join(ckpt_dir, '')}: {', '.join(tried)} failed verification "
-                        "and were moved to checkpoints/corrupt/; restore one, or set a new JOB_RUN_NAME to start over")
+        raise DataError(
+            f"no readable checkpoint in {storage.join(ckpt_dir, '')}: {', '.join(tried)} failed verification "
+            "and were moved to checkpoints/corrupt/; restore one, or set a new JOB_RUN_NAME to start over"
+        )
     return None, None
 
 
@@ -199,8 +209,10 @@ class Uploader:
         while True:
             if time.monotonic() - next_log >= self.log_every:
                 next_log = time.monotonic()
-                log.info(f"waiting for the upload to {storage.redact_uri(self.run_uri)} to finish "
-                         f"({next_log - start:.0f} s so far)")
+                log.info(
+                    f"waiting for the upload to {storage.redact_uri(self.run_uri)} to finish "
+                    f"({next_log - start:.0f} s so far)"
+                )
             end = deadline
             if self.stop is not None and self.stop.signum:
                 grace_end = self.stop.deadline(self.grace_seconds)
@@ -220,6 +232,7 @@ class Uploader:
 
 # --- what a checkpoint holds, and resuming from one -------------------------------------------
 
+
 def contents(settings, runtime, module: torch.nn.Module, state, data) -> dict:
     """The checkpoint of a run now: a plain dict of tensors and Python values."""
     p = state.progress
@@ -228,8 +241,10 @@ def contents(settings, runtime, module: torch.nn.Module, state, data) -> dict:
         "model": module.state_dict(),  # unwrapped: loads with any number of processes
         "optimizer": state.optimizer.state_dict(),
         # the lr schedule is a pure function of progress; recorded here for readers
-        "scheduler": {"schedule": settings.lr_schedule,
-                      "lr": settings.lr * lr_factor(settings, p.epoch + p.seen / len(state.train_idx))},
+        "scheduler": {
+            "schedule": settings.lr_schedule,
+            "lr": settings.lr * lr_factor(settings, p.epoch + p.seen / len(state.train_idx)),
+        },
         "progress": asdict(p),
         "history": list(state.history),
         "best_epoch": state.best_epoch,
@@ -271,8 +286,10 @@ def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, da
     if len(split["train"]) + len(split["val"]) != len(data.samples):
         problems.append("the saved split does not fit the dataset")
     if problems:
-        raise DataError(f"the checkpoint in {storage.redact_uri(run_uri)} does not fit these settings: "
-                        f"{'; '.join(problems)}; use a new JOB_RUN_NAME to start a separate run")
+        raise DataError(
+            f"the checkpoint in {storage.redact_uri(run_uri)} does not fit these settings: "
+            f"{'; '.join(problems)}; use a new JOB_RUN_NAME to start a separate run"
+        )
     module.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.progress = Progress(**saved["progress"])
@@ -281,9 +298,11 @@ def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, da
     state.train_idx, state.val_idx = split["train"], split["val"]
     state.val_confusion = saved.get("val_confusion")  # absent from checkpoints of trainjob <= 0.1
     torch.set_rng_state(saved["rng"])
-    log.info(f"resumed from checkpoints/{name}.pt ({position(state.progress, len(state.train_idx))}; "
-             f"global step {state.progress.global_step}, written by {saved['world_size']} process(es)); "
-             f"{len(state.history)} epochs in the history")
+    log.info(
+        f"resumed from checkpoints/{name}.pt ({position(state.progress, len(state.train_idx))}; "
+        f"global step {state.progress.global_step}, written by {saved['world_size']} process(es)); "
+        f"{len(state.history)} epochs in the history"
+    )
 
 
 def run_state(run_uri: str, epochs: int) -> str:
@@ -293,7 +312,9 @@ def run_state(run_uri: str, epochs: int) -> str:
         latest = storage.read_json(storage.join(_dir(run_uri), "latest.json"))
         epoch, seen = int(latest["epoch"]), int(latest["seen"])
     except FileNotFoundError:
-        return "new" if not storage.exists(storage.join(run_uri, "history.jsonl")) else "has a history but no checkpoint"
+        return (
+            "new" if not storage.exists(storage.join(run_uri, "history.jsonl")) else "has a history but no checkpoint"
+        )
     except (ValueError, KeyError, TypeError):
         return "resumable from its newest good checkpoint (latest.json is unreadable)"
     try:
@@ -313,13 +334,17 @@ def load_resume_state(settings, run_uri: str) -> tuple[dict | None, str | None]:
         saved, name = load_latest(run_uri)
         has_history = storage.exists(storage.join(run_uri, "history.jsonl"))
     if saved is not None and settings.resume == "never":
-        raise DataError(f"{shown} already holds a checkpoint and JOB_RESUME=never; "
-                        "set a new JOB_RUN_NAME, delete the run, or use JOB_RESUME=auto")
+        raise DataError(
+            f"{shown} already holds a checkpoint and JOB_RESUME=never; "
+            "set a new JOB_RUN_NAME, delete the run, or use JOB_RESUME=auto"
+        )
     if saved is None and settings.resume == "require":
         raise DataError(f"JOB_RESUME=require but {shown} holds no checkpoint")
     if saved is None and has_history and settings.resume == "auto":
-        raise DataError(f"{shown} has a history but no readable checkpoint; refusing to restart it from scratch. "
-                        "Set JOB_RESUME=never with a new JOB_RUN_NAME to start over")
+        raise DataError(
+            f"{shown} has a history but no readable checkpoint; refusing to restart it from scratch. "
+            "Set JOB_RESUME=never with a new JOB_RUN_NAME to start over"
+        )
     return saved, name
 
 
@@ -334,9 +359,17 @@ class Checkpointer:
     epoch was published). The last epoch, a stop and JOB_CHECKPOINT_EVERY_STEPS always save; a
     new best epoch between two checkpoints is snapshotted and written as best.pt with the next."""
 
-    def __init__(self, settings, runtime, run_uri: str, module: torch.nn.Module, state, data, lease, started: float,
-                 tracker=None):
-        self.settings, self.rt, self.run_uri, self.module, self.state, self.data = settings, runtime, run_uri, module, state, data
+    def __init__(
+        self, settings, runtime, run_uri: str, module: torch.nn.Module, state, data, lease, started: float, tracker=None
+    ):
+        self.settings, self.rt, self.run_uri, self.module, self.state, self.data = (
+            settings,
+            runtime,
+            run_uri,
+            module,
+            state,
+            data,
+        )
         self.lease, self.started, self.tracker = lease, started, tracker
         self.uploader = Uploader(run_uri, runtime.stop, settings.stop_grace_seconds, settings.log_every_seconds)
         self.valid = "no checkpoint saved"  # the newest committed checkpoint, for the last log line
@@ -389,8 +422,10 @@ class Checkpointer:
         rank 0's upload: a rank that left early would make torchrun kill rank 0 in the middle of it."""
         saved = saving and self.rt.is_main and self.uploader.wait()
         if self.rt.is_main and not saved:
-            log.warning(f"the stop checkpoint was not saved within JOB_STOP_GRACE_SECONDS="
-                        f"{self.settings.stop_grace_seconds:g}; the valid checkpoint is {self.valid}")
+            log.warning(
+                f"the stop checkpoint was not saved within JOB_STOP_GRACE_SECONDS="
+                f"{self.settings.stop_grace_seconds:g}; the valid checkpoint is {self.valid}"
+            )
         saved, valid = self.rt.broadcast((saved, self.valid))  # rank 0 knows what was committed
         self.rt.barrier()
         if saved:

@@ -32,26 +32,43 @@ def check(settings) -> None:
         state = checkpoint.run_state(run_uri, settings.epochs)
     found = f"{fmt}, {len(classes)} classes" if classes else fmt
     cache = f"cache {settings.cache_dir} writable" + (f" with room for {size / 1e6:,.1f} MB" if size else "")
-    log.info(f"check passed: dataset {storage.redact_uri(settings.data_uri)} ({found}) readable; {weights}; {cache}; "
-             f"{storage.redact_uri(settings.output_uri)} writable; device {device}; run {storage.redact_uri(run_uri)}: {state}")
+    log.info(
+        f"check passed: dataset {storage.redact_uri(settings.data_uri)} ({found}) readable; {weights}; {cache}; "
+        f"{storage.redact_uri(settings.output_uri)} writable; device {device}; run {storage.redact_uri(run_uri)}: "
+        f"{state}"
+    )
 
 
 COMMANDS = {
-    "predict": ("classify images (or IDX images) with an exported model -> predictions.jsonl",
-                [("model", "the model: a run's URI or its model/ folder"),
-                 ("inputs", "a folder or prefix of images (subfolders included), or of IDX image files")],
-                "where to write predictions.jsonl (default: <run>/predictions/<inputs>.jsonl)"),
-    "evaluate": ("score an exported model on labelled data -> evaluation.json and confusion.png",
-                 [("model", "the model: a run's URI or its model/ folder"),
-                  ("data", "class folders, an image-folder dataset (its test/ or valid/ split), or MNIST-format IDX files")],
-                 "the folder to write to (default: <run>/evaluations/<data>/)"),
-    "export": ("write a model/ folder (safetensors, config.json, verified ONNX) from any checkpoint",
-               [("checkpoint", "a checkpoint's URI, e.g. <run>/checkpoints/best.pt or a step-*.pt")],
-               "the folder to write to (default: <run>/model/)"),
-    "prepare": ("write a sharded dataset (WebDataset tar shards and index.json) that training streams",
-                [("source", "an image folder (train/ and optional valid/, test/) or MNIST IDX files, at any URI"),
-                 ("dest", "where the shards and index.json go (JOB_DATA_URI for training)")],
-                None),
+    "predict": (
+        "classify images (or IDX images) with an exported model -> predictions.jsonl",
+        [
+            ("model", "the model: a run's URI or its model/ folder"),
+            ("inputs", "a folder or prefix of images (subfolders included), or of IDX image files"),
+        ],
+        "where to write predictions.jsonl (default: <run>/predictions/<inputs>.jsonl)",
+    ),
+    "evaluate": (
+        "score an exported model on labelled data -> evaluation.json and confusion.png",
+        [
+            ("model", "the model: a run's URI or its model/ folder"),
+            ("data", "class folders, an image-folder dataset (its test/ or valid/ split), or MNIST-format IDX files"),
+        ],
+        "the folder to write to (default: <run>/evaluations/<data>/)",
+    ),
+    "export": (
+        "write a model/ folder (safetensors, config.json, verified ONNX) from any checkpoint",
+        [("checkpoint", "a checkpoint's URI, e.g. <run>/checkpoints/best.pt or a step-*.pt")],
+        "the folder to write to (default: <run>/model/)",
+    ),
+    "prepare": (
+        "write a sharded dataset (WebDataset tar shards and index.json) that training streams",
+        [
+            ("source", "an image folder (train/ and optional valid/, test/) or MNIST IDX files, at any URI"),
+            ("dest", "where the shards and index.json go (JOB_DATA_URI for training)"),
+        ],
+        None,
+    ),
 }
 
 
@@ -104,8 +121,11 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         return 0
     unknown = [a for a in argv if a != "--check"]
     if unknown:
-        print(f"error: unknown argument(s) {' '.join(unknown)}; the job is configured by JOB_* variables "
-              "(see python -m job --help)", file=sys.stderr)
+        print(
+            f"error: unknown argument(s) {' '.join(unknown)}; the job is configured by JOB_* variables "
+            "(see python -m job --help)",
+            file=sys.stderr,
+        )
         return 2
     setup_logging()
     try:
@@ -116,8 +136,10 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
             check(settings)
             return 0
         # the first line names the run, before the seconds PyTorch takes to load
-        log.info(f"run {storage.redact_uri(storage.join(settings.output_uri, settings.run_name))}: starting trainjob "
-                 f"{__version__}{' in smoke mode' if settings.smoke else ''}, loading PyTorch")
+        log.info(
+            f"run {storage.redact_uri(storage.join(settings.output_uri, settings.run_name or ''))}: starting trainjob "
+            f"{__version__}{' in smoke mode' if settings.smoke else ''}, loading PyTorch"
+        )
         from job.run import resolve_run_name
         from job.run import run as train  # imports torch: keep --help and settings errors fast
         from job.runtime import setup, teardown
@@ -149,7 +171,8 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
 def report_failure(exc: BaseException) -> int:
     """Log how the job failed (one line for a JobError, the traceback for a bug); the exit code.
     Call it while handling `exc`."""
-    run = f"; run {exc.run_uri}" if getattr(exc, "run_uri", None) else ""
+    run_uri = getattr(exc, "run_uri", "")
+    run = f"; run {run_uri}" if run_uri else ""
     if isinstance(exc, Stopped):  # a graceful stop is not an error
         log.warning(f"{exc} (exit {exc.exit_code}{run})")
         return exc.exit_code

@@ -39,11 +39,11 @@ class TensorSource:
     are gathered by index: no per-item Dataset, no host-to-device copy per step."""
 
     in_memory = True
-    eval_batch_size = 1000  # evaluation keeps no activations for backward, so bigger batches are free
+    eval_batch_size: int | None = 1000  # evaluation keeps no activations for backward, so bigger batches are free
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         self.x, self.labels = x, y
-        self.sample_shape = tuple(x.shape[1:])
+        self.sample_shape: tuple[int, ...] = tuple(x.shape[1:])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,12 +60,12 @@ class FileSource:
     loader per kind of read), copied to the device from pinned memory on CUDA."""
 
     in_memory = False
-    eval_batch_size = None  # decoded images cost memory per item: keep the training batch size
+    eval_batch_size: int | None = None  # decoded images cost memory per item: keep the training batch size
 
     def __init__(self, items, image_size: int, workers: int, device: torch.device):
         self.items, self.workers, self.device = items, workers, device
         self.labels = torch.tensor([y for _, y in items.items], dtype=torch.int64)
-        self.sample_shape = (3, image_size, image_size)
+        self.sample_shape: tuple[int, ...] = (3, image_size, image_size)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -96,7 +96,7 @@ def index_batches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch_s
         idx = order[lo:lo + chunk]
         xc = torch.index_select(rows, 0, idx, out=buffer[:len(idx)]).view(len(idx), *x.shape[1:])
         yc = y.index_select(0, idx)  # fresh: callers may keep targets past the next chunk
-        yield from zip(xc.split(batch_size), yc.split(batch_size))
+        yield from zip(xc.split(batch_size), yc.split(batch_size), strict=True)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,9 +72,15 @@ def detect_format(names: list[str], uri: str) -> str:
     if last in SPLIT_DIRS:
         hint = (f"; it looks like one split of an image folder: did you mean JOB_DATA_URI="
                 f"{storage.redact_uri(uri.rstrip('/').rsplit('/', 1)[0])} (the folder holding train/)?")
-    found = f" (found {', '.join(repr(n) for n in names[:5])}{' ...' if len(names) > 5 else ''})" if names else " (it is empty)"
-    raise DataError(f"no dataset found at {shown}{found}: expected {MNIST_FILES['train_images']}[.gz] "
-                    f"(MNIST format) or a train/ folder of class folders{hint}")
+    found = (
+        f" (found {', '.join(repr(n) for n in names[:5])}{' ...' if len(names) > 5 else ''})"
+        if names
+        else " (it is empty)"
+    )
+    raise DataError(
+        f"no dataset found at {shown}{found}: expected {MNIST_FILES['train_images']}[.gz] "
+        f"(MNIST format) or a train/ folder of class folders{hint}"
+    )
 
 
 def read_idx(path: str, ndim: int, max_bytes: int) -> np.ndarray:
@@ -89,21 +95,29 @@ def read_idx(path: str, ndim: int, max_bytes: int) -> np.ndarray:
             with gzip.GzipFile(fileobj=io.BytesIO(raw)) as g:
                 raw = g.read(max_bytes + 1)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{name}: cannot read ({exc.__class__.__name__}: {exc}); the file is corrupt or truncated") from None
+        raise DataError(
+            f"{name}: cannot read ({exc.__class__.__name__}: {exc}); the file is corrupt or truncated"
+        ) from None
     if len(raw) > max_bytes:
-        raise DataError(f"{name}: larger than JOB_MAX_FILE_BYTES={max_bytes} once decompressed; raise the limit if "
-                        "the dataset really is this large")
+        raise DataError(
+            f"{name}: larger than JOB_MAX_FILE_BYTES={max_bytes} once decompressed; raise the limit if "
+            "the dataset really is this large"
+        )
     if len(raw) < 4 + 4 * ndim or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{name}: not an IDX file (bad magic number)")
     if raw[2] != IDX_UBYTE or raw[3] != ndim:
-        raise DataError(f"{name}: bad magic number 0x{raw[:4].hex()}; expected 0x0000{IDX_UBYTE:02x}{ndim:02x} "
-                        f"(unsigned bytes, {ndim} dimensions)")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        raise DataError(
+            f"{name}: bad magic number 0x{raw[:4].hex()}; expected 0x0000{IDX_UBYTE:02x}{ndim:02x} "
+            f"(unsigned bytes, {ndim} dimensions)"
+        )
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(raw) - offset != expected:
-        raise DataError(f"{name}: header says {dims} ({expected} bytes) but the file holds {len(raw) - offset}; "
-                        "the file is truncated or corrupt")
+        raise DataError(
+            f"{name}: header says {dims} ({expected} bytes) but the file holds {len(raw) - offset}; "
+            "the file is truncated or corrupt"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -114,10 +128,13 @@ def _read_pair(root: str, images_stem: str, labels_stem: str, required: bool, ma
     for stem, path in ((images_stem, images_path), (labels_stem, labels_path)):
         if not path:
             raise DataError(f"{stem}[.gz] is missing from the dataset at {root}")
+    assert images_path and labels_path  # for the type checker: the loop above raised otherwise
     images, labels = read_idx(images_path, 3, max_bytes), read_idx(labels_path, 1, max_bytes)
     if len(images) != len(labels):
-        raise DataError(f"{os.path.basename(images_path)} holds {len(images)} images but "
-                        f"{os.path.basename(labels_path)} holds {len(labels)} labels")
+        raise DataError(
+            f"{os.path.basename(images_path)} holds {len(images)} images but "
+            f"{os.path.basename(labels_path)} holds {len(labels)} labels"
+        )
     if len(images) == 0:
         raise DataError(f"{os.path.basename(images_path)} holds no images")
     return images, labels, [images_path, labels_path]
@@ -146,11 +163,15 @@ def mnist_classes(train, test) -> int:
     absent = sorted(set(range(num_classes)) - set(np.unique(train[1]).tolist()))
     if absent:  # classes are 0..max label; one with no training example cannot be learned
         shown = ", ".join(map(str, absent[:10])) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
-        raise DataError(f"{os.path.basename(train[2][1])}: labels run from 0 to {num_classes - 1} but {len(absent)} of them "
-                        f"have no training example ({shown}); labels must be 0..N-1 with every class present")
+        raise DataError(
+            f"{os.path.basename(train[2][1])}: labels run from 0 to {num_classes - 1} but {len(absent)} of them "
+            f"have no training example ({shown}); labels must be 0..N-1 with every class present"
+        )
     if test is not None and int(test[1].max()) >= num_classes:
-        raise DataError(f"{os.path.basename(test[2][1])} has label {int(test[1].max())}, "
-                        f"outside the {num_classes} classes of the training labels")
+        raise DataError(
+            f"{os.path.basename(test[2][1])} has label {int(test[1].max())}, "
+            f"outside the {num_classes} classes of the training labels"
+        )
     return num_classes
 
 
@@ -165,19 +186,30 @@ def load_mnist(root: str, device: torch.device, max_bytes: int) -> Data:
         return TensorSource(x, torch.from_numpy(labels.astype(np.int64)).to(device))
 
     files = train[2] + (test[2] if test else [])
-    return Data(source(train[0], train[1]), source(test[0], test[1]) if test else None,
-                [str(i) for i in range(num_classes)], fingerprint(files))
+    return Data(
+        source(train[0], train[1]),
+        source(test[0], test[1]) if test else None,
+        [str(i) for i in range(num_classes)],
+        fingerprint(files),
+    )
 
 
 def load_images(root: str, settings, runtime, normalize: bool) -> Data:
     """An image-folder dataset, checked file by file (bad files are skipped and named)."""
-    found = images.scan(root, threads=runtime.scan_threads, max_bytes=settings.max_file_bytes,
-                        max_pixels=settings.max_image_pixels, log_every=settings.log_every_seconds)
+    found = images.scan(
+        root,
+        threads=runtime.scan_threads,
+        max_bytes=settings.max_file_bytes,
+        max_pixels=settings.max_image_pixels,
+        log_every=settings.log_every_seconds,
+    )
     bad_fraction = len(found["bad"]) / max(found["files"], 1)
     if bad_fraction > settings.max_bad_fraction:
-        raise DataError(f"{len(found['bad'])} of {found['files']} files in {root} are not readable images "
-                        f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
-                        f"{found['bad'][0][0]!r} ({found['bad'][0][1]})")
+        raise DataError(
+            f"{len(found['bad'])} of {found['files']} files in {root} are not readable images "
+            f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
+            f"{found['bad'][0][0]!r} ({found['bad'][0][1]})"
+        )
     if not found["train"]:
         raise DataError(f"no readable image in {root}/train")
     train_t, eval_t = images.transforms(settings.image_size, settings.augment, normalize)
@@ -187,11 +219,20 @@ def load_images(root: str, settings, runtime, normalize: bool) -> Data:
         n = len(found["train"])
         split = (torch.arange(n), torch.arange(n, len(items)))
     test = found["test"]
-    source = lambda pairs: FileSource(images.ImageItems(pairs, train_t, eval_t, max_pixels=settings.max_image_pixels),
-                                      settings.image_size, runtime.workers, runtime.device)
-    return Data(source(items), source(test) if test else None, found["classes"],
-                fingerprint([p for p, _ in items + (test or [])], found["digests"], found["names"]),
-                split, found["bad"], found["files"])
+
+    def source(pairs) -> FileSource:
+        decoded = images.ImageItems(pairs, train_t, eval_t, max_pixels=settings.max_image_pixels)
+        return FileSource(decoded, settings.image_size, runtime.workers, runtime.device)
+
+    return Data(
+        source(items),
+        source(test) if test else None,
+        found["classes"],
+        fingerprint([p for p, _ in items + (test or [])], found["digests"], found["names"]),
+        split,
+        found["bad"],
+        found["files"],
+    )
 
 
 def load(settings, runtime, normalize: bool = False, include=None) -> Data:
@@ -218,20 +259,43 @@ def load_shards(settings, runtime, index: dict, normalize: bool, limit: int = 0)
     train, val, test = (shards.split_shards(index, split, limit) for split in ("train", "val", "test"))
     if not train or not val:
         raise DataError(f"{storage.redact_uri(uri)}/{shards.INDEX} lists no train or no val shards")
-    cache = shards.ShardCache(uri, shards.cache_folder(settings, uri, runtime.local_rank), settings.shard_cache_bytes,
-                              train + val + test, len(index["class_names"]))
+    cache = shards.ShardCache(
+        uri,
+        shards.cache_folder(settings, uri, runtime.local_rank),
+        settings.shard_cache_bytes,
+        train + val + test,
+        len(index["class_names"]),
+    )
 
     def source(parts):
-        return shards.ShardSource(parts, cache, index["kind"], settings.image_size, normalize, runtime.workers,
-                                  runtime.device, settings.seed, settings.max_image_pixels, settings.augment,
-                                  settings.decode)
+        return shards.ShardSource(
+            parts,
+            cache,
+            index["kind"],
+            settings.image_size,
+            normalize,
+            runtime.workers,
+            runtime.device,
+            settings.seed,
+            settings.max_image_pixels,
+            settings.augment,
+            settings.decode,
+        )
 
     n_train, n_val = (sum(s["samples"] for s in parts) for parts in (train, val))
-    log.info(f"sharded dataset {storage.redact_uri(uri)}: {len(train) + len(val) + len(test)} shards, streamed through "
-             f"at most {settings.shard_cache_bytes / 1e6:,.1f} MB of local cache")
-    return Data(source(train + val), source(test) if test else None, index["class_names"], index["fingerprint"],
-                (torch.arange(n_train), torch.arange(n_train, n_train + n_val)), [tuple(b) for b in index["bad_files"]],
-                index["files"])
+    log.info(
+        f"sharded dataset {storage.redact_uri(uri)}: {len(train) + len(val) + len(test)} shards, streamed through "
+        f"at most {settings.shard_cache_bytes / 1e6:,.1f} MB of local cache"
+    )
+    return Data(
+        source(train + val),
+        source(test) if test else None,
+        index["class_names"],
+        index["fingerprint"],
+        (torch.arange(n_train), torch.arange(n_train, n_train + n_val)),
+        [tuple(b) for b in index["bad_files"]],
+        index["files"],
+    )
 
 
 def check(uri: str, data_format: str) -> tuple[str, list[str]]:
@@ -250,8 +314,10 @@ def check(uri: str, data_format: str) -> tuple[str, list[str]]:
         return found, []
     classes = storage.list_names(storage.join(uri, "train"))
     if len(classes) < 2:
-        raise DataError(f"{storage.redact_uri(storage.join(uri, 'train'))} holds {len(classes)} class folder(s); "
-                        "a classifier needs at least 2")
+        raise DataError(
+            f"{storage.redact_uri(storage.join(uri, 'train'))} holds {len(classes)} class folder(s); "
+            "a classifier needs at least 2"
+        )
     return found, classes
 
 

@@ -12,6 +12,7 @@ class JobError(Exception):
     exit_code = 1
     meaning = "unexpected error (a bug: please report it with the log)"
     action = "retry"  # what a scheduler should do with the exit code
+    run_uri = ""  # the run it ended, once known: the last log line names it
 
 
 class SettingsError(JobError):
@@ -42,7 +43,8 @@ class DivergedError(JobError):
 
 class TransientStorageError(JobError):
     exit_code, action = 75, "retry"
-    meaning = "transient failure: storage after retries or its time bound, a lost peer process, or another job writing the run"
+    meaning = ("transient failure: storage after retries or its time bound, a lost peer process, or another job "
+               "writing the run")
 
 
 class PeerLostError(TransientStorageError):
@@ -67,8 +69,10 @@ class StoppedWaitingForData(Stopped):
 # exit code -> (meaning, what a scheduler should do with it)
 EXIT_CODES: dict[int, tuple[str, str]] = {
     0: ("completed", "done"),
-    **{cls.exit_code: (cls.meaning, cls.action)
-       for cls in (JobError, SettingsError, DataError, OutputError, DivergedError, TransientStorageError)},
+    **{
+        cls.exit_code: (cls.meaning, cls.action)
+        for cls in (JobError, SettingsError, DataError, OutputError, DivergedError, TransientStorageError)
+    },
     130: ("stopped by SIGINT, after saving a checkpoint if storage took it within the grace period", Stopped.action),
     143: ("stopped by SIGTERM, after saving a checkpoint if storage took it within the grace period", Stopped.action),
 }

@@ -85,8 +85,9 @@ def cached(data: Data, model: nn.Module, head: str, *, model_name: str, image_si
         features = dict(zip(("x", "y"), compute(model, head, data.samples, batch_size, autocast, "images", log_every),
                             strict=True))
         if data.test is not None:
-            features["test_x"], features["test_y"] = compute(model, head, data.test, batch_size, autocast, "test images",
-                                                             log_every)
+            features["test_x"], features["test_y"] = compute(
+                model, head, data.test, batch_size, autocast, "test images", log_every
+            )
         blob = checkpoint.serialize(features)
         if publish:
             with storage.errors(remote, OutputError, "write feature cache to"):
@@ -97,6 +98,12 @@ def cached(data: Data, model: nn.Module, head: str, *, model_name: str, image_si
     def source(x, labels):
         return TensorSource(x.to(device), labels.to(device))
 
-    return Data(source(features["x"], features["y"]),
-                source(features["test_x"], features["test_y"]) if data.test is not None else None,
-                data.class_names, data.fingerprint, data.split, data.bad_files, data.files)
+    return Data(
+        source(features["x"], features["y"]),
+        source(features["test_x"], features["test_y"]) if data.test is not None else None,
+        data.class_names,
+        data.fingerprint,
+        data.split,
+        data.bad_files,
+        data.files,
+    )

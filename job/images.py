@@ -35,10 +35,11 @@ class ImageItems(Dataset):
     RGBA images are converted, not rejected."""
 
     def __init__(self, items: list[tuple[str, int]], train_transform, eval_transform, train: bool = False,
-                 max_pixels: int = Image.MAX_IMAGE_PIXELS):
-        self.items, self.train_transform, self.eval_transform, self.train = items, train_transform, eval_transform, train
+                 *, max_pixels: int):
+        self.items, self.train = items, train
+        self.train_transform, self.eval_transform = train_transform, eval_transform
         self.max_pixels = max_pixels
-        self._loaders = {}
+        self._loaders: dict = {}
 
     def __len__(self):
         return len(self.items)
@@ -54,7 +55,7 @@ class ImageItems(Dataset):
         """The (DataLoader, sampler) for training or evaluation reads, made once and kept."""
         key = (train, batch_size)
         if key not in self._loaders:
-            view = ImageItems(self.items, self.train_transform, self.eval_transform, train, self.max_pixels)
+            view = ImageItems(self.items, self.train_transform, self.eval_transform, train, max_pixels=self.max_pixels)
             self._loaders[key] = loader(view, batch_size, workers, pin_memory)
         return self._loaders[key]
 
@@ -84,8 +85,10 @@ def _class_dirs(root: str, split: str) -> dict[str, list[str]]:
         try:
             c.encode("utf-8")
         except UnicodeEncodeError:
-            raise DataError(f"class folder {c!r} in {split}/ is not valid UTF-8; class names become labels in every "
-                            "output: rename it") from None
+            raise DataError(
+                f"class folder {c!r} in {split}/ is not valid UTF-8; class names become labels in every "
+                "output: rename it"
+            ) from None
         files = []
         for here, dirs, names in os.walk(os.path.join(folder, c)):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -144,7 +147,9 @@ def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: fl
         raise DataError(f"{root}/train holds {len(classes)} class folder(s); a classifier needs at least 2")
     empty = [c for c, files in train_dirs.items() if not files]
     if empty:
-        raise DataError(f"empty class folder(s) in {root}/train: {', '.join(map(repr, empty))}; add images or remove the folder")
+        raise DataError(
+            f"empty class folder(s) in {root}/train: {', '.join(map(repr, empty))}; add images or remove the folder"
+        )
     splits, folders = {"train": train_dirs}, {"train": "train"}
     for name, key in [(d, "val") for d in VAL_DIRS] + [("test", "test")]:
         if key not in splits and os.path.isdir(os.path.join(root, name)):
@@ -164,18 +169,26 @@ def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: fl
             if time.monotonic() - last >= log_every:
                 last = time.monotonic()
                 done, rate = len(checked), len(checked) / (last - start)
-                log.info(f"checking images: {done}/{len(every)} ({100 * done / len(every):.0f}%), {rate:,.1f} files/s, "
-                         f"elapsed {last - start:.0f} s, ETA {(len(every) - done) / rate:.0f} s")
+                log.info(
+                    f"checking images: {done}/{len(every)} ({100 * done / len(every):.0f}%), {rate:,.1f} files/s, "
+                    f"elapsed {last - start:.0f} s, ETA {(len(every) - done) / rate:.0f} s"
+                )
     reasons = {p: reason for p, (reason, _) in checked.items()}
     bad = [(p, r) for p, r in reasons.items() if r]
     for path, reason in bad:
         log.warning(f"skipping {os.path.relpath(path, root)}: {reason}")
     good = {k: [(p, y) for p, y in v if not reasons[p]] for k, v in items.items()}
-    return {"classes": classes, "train": good["train"], "val": good.get("val"), "test": good.get("test"),
-            "bad": [(os.path.relpath(p, root), r) for p, r in bad], "files": len(every),
-            "digests": {p: digest for p, (_, digest) in checked.items()},
-            # a file's name in the fingerprint: class/[subfolders/]file
-            "names": {p: os.path.relpath(p, os.path.join(root, folders[k])) for k, v in items.items() for p, _ in v}}
+    return {
+        "classes": classes,
+        "train": good["train"],
+        "val": good.get("val"),
+        "test": good.get("test"),
+        "bad": [(os.path.relpath(p, root), r) for p, r in bad],
+        "files": len(every),
+        "digests": {p: digest for p, (_, digest) in checked.items()},
+        # a file's name in the fingerprint: class/[subfolders/]file
+        "names": {p: os.path.relpath(p, os.path.join(root, folders[k])) for k, v in items.items() for p, _ in v},
+    }
 
 
 class IndexSampler(torch.utils.data.Sampler):
@@ -197,6 +210,12 @@ def loader(dataset: ImageItems, batch_size: int, workers: int, pin_memory: bool)
     and shards). Workers persist across epochs and start with forkserver: fsspec's event loop is
     not fork-safe (fsspec/s3fs#914)."""
     sampler = IndexSampler()
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0,
-                      multiprocessing_context="forkserver" if workers else None), sampler
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        multiprocessing_context="forkserver" if workers else None,
+    ), sampler

@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 from job.errors import EXIT_CODES, JobError, PeerLostError, SettingsError
 from job.report import setup_logging
@@ -47,7 +48,7 @@ def _stop_before_start(signum, frame):
     raise _Stopped(signum)
 
 
-def shutdown_timeout(env: dict) -> int:
+def shutdown_timeout(env: Mapping[str, str]) -> int:
     """Seconds torchrun waits for the workers after forwarding a stop signal: the job's stop grace
     plus a margin. torchrun's default (30 s) would kill workers still saving under a longer
     JOB_STOP_GRACE_SECONDS; a value the job refuses leaves the default (the workers report it)."""
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return launch(args)
     except _Stopped as stop:
         code = 128 + stop.signum
-        log.warning(f"launcher stopped by signal {stop.signum} before the workers started: nothing to save (exit {code})")
+        log.warning(
+            f"launcher stopped by signal {stop.signum} before the workers started: nothing to save (exit {code})"
+        )
         return code
     except JobError as exc:
         log.error(f"{exc} (exit {exc.exit_code})")
@@ -114,28 +117,39 @@ def launch(args) -> int:
         print(exc.format_msg(), file=sys.stderr, flush=True)  # torchrun's table of the failed workers
         rank, failure = exc.get_first_failure()
         code = worker_exit_code(failure.exitcode)
-        how = (f"was killed by signal {-failure.exitcode} ({failure.signal_name()}): a lost process"
-               if failure.exitcode < 0 else f"exited {failure.exitcode}")
+        how = (
+            f"was killed by signal {-failure.exitcode} ({failure.signal_name()}): a lost process"
+            if failure.exitcode < 0
+            else f"exited {failure.exitcode}"
+        )
         meaning = EXIT_CODES.get(code, ("", ""))[0]
-        log.error(f"launcher: worker rank {rank} (local rank {failure.local_rank}) {how}, the first to fail; "
-                  f"exit {code}{': ' + meaning if meaning else ''}")
+        log.error(
+            f"launcher: worker rank {rank} (local rank {failure.local_rank}) {how}, the first to fail; "
+            f"exit {code}{': ' + meaning if meaning else ''}"
+        )
         return code
     except SignalException as exc:
         # torchrun forwarded the signal to the workers and waited for them (--shutdown-timeout)
         code = 128 + exc.sigval
-        log.warning(f"launcher stopped by signal {int(exc.sigval)} ({exc.sigval.name}): the workers were told to "
-                    f"save and stop (exit {code})")
+        log.warning(
+            f"launcher stopped by signal {int(exc.sigval)} ({exc.sigval.name}): the workers were told to "
+            f"save and stop (exit {code})"
+        )
         return code
     except RendezvousError as exc:
         detail = str(exc).splitlines()[0][:300] if str(exc) else ""
-        log.error(f"launcher: the rendezvous failed ({type(exc).__name__}{': ' + detail if detail else ''}): a peer did "
-                  f"not come or went away; retrying can help (exit {PeerLostError.exit_code})")
+        log.error(
+            f"launcher: the rendezvous failed ({type(exc).__name__}{': ' + detail if detail else ''}): a peer did "
+            f"not come or went away; retrying can help (exit {PeerLostError.exit_code})"
+        )
         return PeerLostError.exit_code
     except (ValueError, AssertionError) as exc:
         # torchrun checks its options as it starts: an unsupported --nproc-per-node, --nnodes MIN > MAX,
         # a static rendezvous endpoint without a port, ...
-        log.error(f"launcher: torchrun refused its options ({exc}); check the torchrun options or PET_* variables "
-                  f"(exit {SettingsError.exit_code})")
+        log.error(
+            f"launcher: torchrun refused its options ({exc}); check the torchrun options or PET_* variables "
+            f"(exit {SettingsError.exit_code})"
+        )
         return SettingsError.exit_code
 
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.data import shard
 from job import models
-from job.report import duration, format_row
+from job.data import shard
 from job.datasets import Data
 from job.errors import DivergedError, Stopped, StoppedWaitingForData
 from job.optim import lr_factor, set_lr
+from job.report import duration, format_row
 from job.runtime import Runtime, StopPoll
 from job.settings import CONTINUOUS_SCHEDULES
 
@@ -170,7 +170,8 @@ class StepSums:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.count = 0
-        self.steps, self.kept = [], 0
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.kept = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.steps.append((loss.detach(), logits.detach(), y))
@@ -182,7 +183,7 @@ class StepSums:
     def fold(self) -> None:
         if not self.steps:
             return
-        losses, logits, ys = zip(*self.steps)
+        losses, logits, ys = zip(*self.steps, strict=True)
         device = self.loss_sum.device
         # pinned on CUDA, so the copy is asynchronous and the GPU is never waited for
         sizes = torch.tensor([len(y) for y in ys], dtype=torch.float64, pin_memory=device.type == "cuda")
@@ -217,7 +218,9 @@ def evaluate(s, rt: Runtime, model: Model, source, idx: torch.Tensor, num_classe
     mine = idx[rt.rank::rt.world_size]
     model.trainable.eval()
     batch_size = source.eval_batch_size or s.batch_size
-    batches = math.ceil(len(mine) / batch_size) if not s.limit_val_batches else min(s.limit_val_batches, math.ceil(len(mine) / batch_size))
+    batches = math.ceil(len(mine) / batch_size)
+    if s.limit_val_batches:
+        batches = min(s.limit_val_batches, batches)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=rt.device)
     start = last_log = time.monotonic()
@@ -231,8 +234,10 @@ def evaluate(s, rt: Runtime, model: Model, source, idx: torch.Tensor, num_classe
         if time.monotonic() - last_log >= s.log_every_seconds:
             last_log = time.monotonic()
             elapsed = last_log - start
-            log.info(f"evaluating {what}: batch {i + 1}/{batches} ({100 * (i + 1) / batches:.0f}%), "
-                     f"elapsed {duration(elapsed)}, ETA {duration(elapsed / (i + 1) * (batches - i - 1))}")
+            log.info(
+                f"evaluating {what}: batch {i + 1}/{batches} ({100 * (i + 1) / batches:.0f}%), "
+                f"elapsed {duration(elapsed)}, ETA {duration(elapsed / (i + 1) * (batches - i - 1))}"
+            )
     signum = rt.stop_signal()
     if signum:
         raise Stopped(signum, f"during {what} evaluation")
@@ -244,8 +249,10 @@ def evaluate(s, rt: Runtime, model: Model, source, idx: torch.Tensor, num_classe
 def check_finite(loss_sum: float, p: Progress) -> None:
     """A NaN/inf loss must stop the run before the poisoned weights reach a checkpoint."""
     if not math.isfinite(loss_sum):
-        raise DivergedError(f"training diverged: non-finite loss in epoch {p.epoch + 1} by sample {p.seen}; "
-                            "the last good checkpoint is kept. Lower JOB_LR or check the data")
+        raise DivergedError(
+            f"training diverged: non-finite loss in epoch {p.epoch + 1} by sample {p.seen}; "
+            "the last good checkpoint is kept. Lower JOB_LR or check the data"
+        )
 
 
 def fit(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> list[dict]:
@@ -263,23 +270,33 @@ def fit(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> li
         check_finite(train_loss, p)
         val_start = time.monotonic()
         try:
-            val_loss, val_accuracy, state.val_confusion = evaluate(s, rt, model, data.samples, state.val_idx, data.num_classes)
+            val_loss, val_accuracy, state.val_confusion = evaluate(
+                s, rt, model, data.samples, state.val_idx, data.num_classes
+            )
         except Stopped as stopped:
             if alone_in_stall(rt, stopped):
                 raise
             ckpt.stop(stopped.exit_code - 128, ckpt.save())  # position: this epoch trained, not yet evaluated
         now = time.monotonic()
-        row = {"epoch": p.epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
-               "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": p.epoch_lr,
-               "train_seconds": val_start - train_start, "val_seconds": now - val_start,
-               "epoch_seconds": now - mark, "train_samples_per_second": samples_per_second}
+        row = {
+            "epoch": p.epoch + 1,
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "lr": p.epoch_lr,
+            "train_seconds": val_start - train_start,
+            "val_seconds": now - val_start,
+            "epoch_seconds": now - mark,
+            "train_samples_per_second": samples_per_second,
+        }
         mark = now
         state.history.append(row)
         log.info(format_row(row))
         warn_if_at_chance(state, data)
         best = val_accuracy > state.best_val_accuracy
         if best:
-            state.best_epoch, state.best_val_accuracy = row["epoch"], val_accuracy
+            state.best_epoch, state.best_val_accuracy = int(row["epoch"]), val_accuracy
         state.progress = p = Progress(epoch=p.epoch + 1, global_step=p.global_step)
         signum = rt.stop_signal()  # read first: a pending stop always saves, whatever the cadence
         saving = ckpt.save(best=best, epoch_end=not signum)
@@ -295,9 +312,11 @@ CHANCE_EPOCHS = 3  # validation at chance this many epochs in a row: say so
 def warn_if_few_steps(s, rt: Runtime, train_samples: int) -> None:
     steps = math.ceil(train_samples / (s.batch_size * rt.world_size))
     if steps < FEW_STEPS and not s.limit_train_batches:
-        log.warning(f"each epoch is only {steps} optimizer step(s): {train_samples} training samples in batches of "
-                    f"JOB_BATCH_SIZE={s.batch_size} x {rt.world_size} process(es); lower JOB_BATCH_SIZE or add data, "
-                    "or the model will barely move")
+        log.warning(
+            f"each epoch is only {steps} optimizer step(s): {train_samples} training samples in batches of "
+            f"JOB_BATCH_SIZE={s.batch_size} x {rt.world_size} process(es); lower JOB_BATCH_SIZE or add data, "
+            "or the model will barely move"
+        )
 
 
 def warn_if_at_chance(state: TrainState, data: Data) -> None:
@@ -308,7 +327,9 @@ def warn_if_at_chance(state: TrainState, data: Data) -> None:
     counts = state.val_confusion.sum(1)
     chance = float(counts.max()) / max(float(counts.sum()), 1.0)
     if all(row["val_accuracy"] <= chance + 0.02 for row in recent):
-        log.warning(f"validation accuracy has stayed at chance ({chance:.3f}: always the commonest class) for "
-                    f"{CHANCE_EPOCHS} epochs. Likely causes: a learning rate far too high or too low (JOB_LR), "
-                    "too few steps per epoch (JOB_BATCH_SIZE), a frozen backbone whose features do not fit the "
-                    "images, or labels that do not match the images")
+        log.warning(
+            f"validation accuracy has stayed at chance ({chance:.3f}: always the commonest class) for "
+            f"{CHANCE_EPOCHS} epochs. Likely causes: a learning rate far too high or too low (JOB_LR), "
+            "too few steps per epoch (JOB_BATCH_SIZE), a frozen backbone whose features do not fit the "
+            "images, or labels that do not match the images"
+        )

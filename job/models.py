@@ -40,13 +40,17 @@ def head_name(model: nn.Module) -> str:
     `classifier[-1]`, vit `heads.head`, densenet `classifier`, ...)."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
-        raise DataError(f"{model.__class__.__name__} has no Linear classifier head to replace; choose another JOB_MODEL")
+        raise DataError(
+            f"{model.__class__.__name__} has no Linear classifier head to replace; choose another JOB_MODEL"
+        )
     return names[-1]
 
 
 def replace_head(model: nn.Module, num_classes: int) -> str:
     name = head_name(model)
-    model.set_submodule(name, nn.Linear(model.get_submodule(name).in_features, num_classes))
+    old = model.get_submodule(name)
+    assert isinstance(old, nn.Linear)  # head_name finds Linear layers only
+    model.set_submodule(name, nn.Linear(old.in_features, num_classes))
     return name
 
 
@@ -57,8 +61,10 @@ def read_state_dict(uri: str) -> dict:
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"JOB_PRETRAINED={storage.redact_uri(uri)} is not a loadable state dict "
-                        f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise DataError(
+            f"JOB_PRETRAINED={storage.redact_uri(uri)} is not a loadable state dict "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
     if isinstance(state, dict) and "format_version" in state and "model" in state:
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -70,14 +76,23 @@ def load_fitting(model: nn.Module, state: dict, head: str, source: str) -> None:
     """Load weights whose keys and shapes fit the model; the head may differ (it is replaced).
     Anything else that does not fit is a clear error listing the keys."""
     own = model.state_dict()
-    is_head = lambda k: k.startswith(head + ".")
+
+    def is_head(k: str) -> bool:
+        return k.startswith(head + ".")
+
     missing = [k for k in own if k not in state and not is_head(k)]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state
-                  if k in own and state[k].shape != own[k].shape and not is_head(k)]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape and not is_head(k)
+    ]
     if missing or unexpected or mismatched:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+            if keys
+        ]
         raise DataError(f"weights from {source} do not fit {model.__class__.__name__}: {'; '.join(parts)}")
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
 
@@ -92,8 +107,10 @@ def torchvision_model(settings, num_classes: int) -> tuple[nn.Module, str]:
         try:  # from TORCH_HOME (which images pre-bake), else downloaded there
             state = weights.get_state_dict(progress=False)
         except Exception as exc:
-            raise DataError(f"cannot get {weights} ({exc.__class__.__name__}); pre-bake it in the image "
-                            "(PRETRAINED_WEIGHTS build arg) or set JOB_PRETRAINED to a state-dict URI") from None
+            raise DataError(
+                f"cannot get {weights} ({exc.__class__.__name__}); pre-bake it in the image "
+                "(PRETRAINED_WEIGHTS build arg) or set JOB_PRETRAINED to a state-dict URI"
+            ) from None
         load_fitting(model, state, head, str(weights))
     elif settings.pretrained != "none":
         load_fitting(model, read_state_dict(settings.pretrained), head, storage.redact_uri(settings.pretrained))
@@ -136,8 +153,9 @@ def stages(model: nn.Module, head: str) -> list[nn.Module]:
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
         children = [(n, m) for n, m in children if n != "features"]
-        return [m for m in features.children() if any(True for _ in m.parameters())] + \
-            [m for _, m in children if any(True for _ in m.parameters())]
+        return [m for m in features.children() if any(True for _ in m.parameters())] + [
+            m for _, m in children if any(True for _ in m.parameters())
+        ]
     return [m for _, m in children if any(True for _ in m.parameters())]
 
 
@@ -151,7 +169,7 @@ def freeze(model: nn.Module, head: str, setting: str) -> list[nn.Module]:
         frozen, keep = list(model.children()), []
     else:
         units = stages(model, head)
-        keep = units[-int(setting):]
+        keep = units[-int(setting) :]
         frozen = [u for u in units if all(u is not k for k in keep)]
     trainable = {id(p) for m in [*keep, head_module] for p in m.parameters()}
     for p in model.parameters():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from job import datasets, export, images, loop, report, storage
-from job.data import FileSource, TensorSource
+from job.data import FileSource, Source, TensorSource
 from job.errors import DataError, OutputError
 from job.settings import dataset_name
 
@@ -33,7 +33,7 @@ def run_dir(model_uri: str) -> str:
     return model_uri.rstrip("/")[:-len("/model")] if model_uri.rstrip("/").endswith("/model") else model_uri.rstrip("/")
 
 
-def _source(settings, runtime, root: str, config: dict) -> tuple[object, list[str], list[tuple[str, str]]]:
+def _source(settings, runtime, root: str, config: dict) -> tuple[Source, list[str], list[tuple[str, str]]]:
     """(source, input names, bad files) for the unlabelled inputs under a local root."""
     found = [n for n in sorted(os.listdir(root)) if not n.startswith(".")]
     idx = [n for n in found if "-images-idx3-ubyte" in n]
@@ -51,7 +51,11 @@ def _source(settings, runtime, root: str, config: dict) -> tuple[object, list[st
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         paths += [os.path.join(here, n) for n in sorted(files) if not n.startswith(".")]
     good, bad = _checked(settings, root, paths)
-    return _image_source(settings, runtime, [(p, 0) for p in good], config), [os.path.relpath(p, root) for p in good], bad
+    return (
+        _image_source(settings, runtime, [(p, 0) for p in good], config),
+        [os.path.relpath(p, root) for p in good],
+        bad,
+    )
 
 
 def _checked(settings, root: str, paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -85,8 +89,12 @@ def _image_source(settings, runtime, items: list[tuple[str, int]], config: dict)
 
         eval_t = T.Compose([T.Grayscale(prep["channels"]), T.Resize((prep["height"], prep["width"])), T.ToTensor()])
         size = prep["height"]
-    return FileSource(images.ImageItems(items, eval_t, eval_t, max_pixels=settings.max_image_pixels),
-                      size, runtime.workers, runtime.device)
+    return FileSource(
+        images.ImageItems(items, eval_t, eval_t, max_pixels=settings.max_image_pixels),
+        size,
+        runtime.workers,
+        runtime.device,
+    )
 
 
 def _pull(settings, uri: str, what: str) -> str:
@@ -102,25 +110,38 @@ def predict(settings, runtime, model_uri: str, inputs_uri: str, output_uri: str 
     root = _pull(settings, inputs_uri, "inputs")
     source, names, bad = _source(settings, runtime, root, config)
     if not names:
-        raise DataError(f"no readable input under {storage.redact_uri(inputs_uri)}"
-                        f"{f' ({len(bad)} bad files)' if bad else ''}")
+        raise DataError(
+            f"no readable input under {storage.redact_uri(inputs_uri)}{f' ({len(bad)} bad files)' if bad else ''}"
+        )
     output_uri = output_uri or storage.join(run_dir(model_uri), "predictions", f"{dataset_name(inputs_uri)}.jsonl")
-    log.info(f"predicting {len(names)} inputs from {storage.redact_uri(inputs_uri)} with {config['architecture']} "
-             f"({len(names_of)} classes) on {runtime.device}; {len(bad)} bad files skipped")
-    rows, start, last = [], time.monotonic(), time.monotonic()
+    log.info(
+        f"predicting {len(names)} inputs from {storage.redact_uri(inputs_uri)} with {config['architecture']} "
+        f"({len(names_of)} classes) on {runtime.device}; {len(bad)} bad files skipped"
+    )
+    rows: list[dict] = []
+    start = last = time.monotonic()
     k = min(5, len(names_of))
     for x, _ in source.batches(torch.arange(len(names)), settings.batch_size, train=False):
         with runtime.autocast():
             probs = torch.softmax(model(x).float(), 1)
         top_p, top_i = probs.topk(k, 1)
         for p_row, i_row in zip(top_p.tolist(), top_i.tolist(), strict=True):
-            rows.append({"input": names[len(rows)], "class": names_of[i_row[0]], "probability": p_row[0],
-                         "top5": [{"class": names_of[i], "probability": p} for p, i in zip(p_row, i_row, strict=True)]})
+            rows.append(
+                {
+                    "input": names[len(rows)],
+                    "class": names_of[i_row[0]],
+                    "probability": p_row[0],
+                    "top5": [{"class": names_of[i], "probability": p} for p, i in zip(p_row, i_row, strict=True)],
+                }
+            )
         if time.monotonic() - last >= settings.log_every_seconds:
             last = time.monotonic()
             rate = len(rows) / (last - start)
-            log.info(f"predict: {len(rows)}/{len(names)} inputs ({100 * len(rows) / len(names):.0f}%), {rate:,.1f} inputs/s, "
-                     f"ETA {report.duration((len(names) - len(rows)) / rate)}")
+            log.info(
+                f"predict: {len(rows)}/{len(names)} inputs ({100 * len(rows) / len(names):.0f}%), {rate:,.1f} "
+                "inputs/s, "
+                f"ETA {report.duration((len(names) - len(rows)) / rate)}"
+            )
     with storage.errors(output_uri, OutputError, "write predictions to"):
         storage.write_bytes(output_uri, "".join(json.dumps(r) + "\n" for r in rows).encode())
     log.info(f"predictions for {len(rows)} inputs written to {storage.redact_uri(output_uri)}")
@@ -130,23 +151,37 @@ def predict(settings, runtime, model_uri: str, inputs_uri: str, output_uri: str 
 def _labelled(settings, runtime, root: str, uri: str, config: dict):
     """(source, class names of the data, bad files) for a labelled set under a local root."""
     names = [n for n in sorted(os.listdir(root)) if not n.startswith(".")]
-    if any(n.startswith(datasets.MNIST_FILES["train_images"]) or n.startswith(datasets.MNIST_FILES["test_images"])
-           for n in names):
+    if any(
+        n.startswith(datasets.MNIST_FILES["train_images"]) or n.startswith(datasets.MNIST_FILES["test_images"])
+        for n in names
+    ):
         role = "test" if any(n.startswith(datasets.MNIST_FILES["test_images"]) for n in names) else "train"
-        pair = datasets._read_pair(root, datasets.MNIST_FILES[f"{role}_images"], datasets.MNIST_FILES[f"{role}_labels"],
-                                   True, settings.max_file_bytes)
+        pair = datasets._read_pair(
+            root,
+            datasets.MNIST_FILES[f"{role}_images"],
+            datasets.MNIST_FILES[f"{role}_labels"],
+            True,
+            settings.max_file_bytes,
+        )
         labels = torch.from_numpy(pair[1].astype(np.int64)).to(runtime.device)
-        return TensorSource(_idx_tensor(pair[0], runtime.device), labels), \
-            [str(i) for i in range(int(pair[1].max()) + 1)], []
+        return (
+            TensorSource(_idx_tensor(pair[0], runtime.device), labels),
+            [str(i) for i in range(int(pair[1].max()) + 1)],
+            [],
+        )
     split = next((d for d in ("test", *images.VAL_DIRS) if d in names), None) if "train" in names else None
     folder = os.path.join(root, split) if split else root
     classes = images._class_dirs(os.path.dirname(folder), os.path.basename(folder))
     if not classes:
-        raise DataError(f"{storage.redact_uri(uri)} holds no class folders to evaluate on (expected <class>/<image> "
-                        "folders, an image-folder dataset with test/ or valid/, or MNIST-format IDX files)")
+        raise DataError(
+            f"{storage.redact_uri(uri)} holds no class folders to evaluate on (expected <class>/<image> "
+            "folders, an image-folder dataset with test/ or valid/, or MNIST-format IDX files)"
+        )
     unknown = sorted(set(classes) - set(config["class_names"]))
     if unknown:
-        raise DataError(f"{storage.redact_uri(uri)} has classes the model does not know: {', '.join(map(repr, unknown[:10]))}")
+        raise DataError(
+            f"{storage.redact_uri(uri)} has classes the model does not know: {', '.join(map(repr, unknown[:10]))}"
+        )
     paths = [p for files in classes.values() for p in files]
     good, bad = _checked(settings, folder, paths)
     good_set = set(good)
@@ -160,30 +195,49 @@ def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str |
     root = _pull(settings, data_uri, "the labelled data")
     source, data_classes, bad = _labelled(settings, runtime, root, data_uri, config)
     if list(source.sample_shape) != config["input_shape"]:
-        raise DataError(f"{storage.redact_uri(data_uri)} holds samples of shape {list(source.sample_shape)}; this model "
-                        f"takes {config['input_shape']}")
+        raise DataError(
+            f"{storage.redact_uri(data_uri)} holds samples of shape {list(source.sample_shape)}; this model "
+            f"takes {config['input_shape']}"
+        )
     if config["preprocessing"]["kind"] == "idx" and len(data_classes) > config["num_classes"]:
-        raise DataError(f"{storage.redact_uri(data_uri)} has labels up to {len(data_classes) - 1}; the model knows "
-                        f"{config['num_classes']} classes")
+        raise DataError(
+            f"{storage.redact_uri(data_uri)} has labels up to {len(data_classes) - 1}; the model knows "
+            f"{config['num_classes']} classes"
+        )
     if not len(source):
         raise DataError(f"no readable sample in {storage.redact_uri(data_uri)}")
     output_uri = output_uri or storage.join(run_dir(model_uri), "evaluations", dataset_name(data_uri))
-    log.info(f"evaluating {config['architecture']} on {len(source)} samples of {storage.redact_uri(data_uri)}; "
-             f"{len(bad)} bad files skipped")
+    log.info(
+        f"evaluating {config['architecture']} on {len(source)} samples of {storage.redact_uri(data_uri)}; "
+        f"{len(bad)} bad files skipped"
+    )
     model = loop.Model(module, module, head="")
-    loss, accuracy, confusion = loop.evaluate(settings, runtime, model, source, torch.arange(len(source)),
-                                              config["num_classes"], what=dataset_name(data_uri))
+    loss, accuracy, confusion = loop.evaluate(
+        settings, runtime, model, source, torch.arange(len(source)), config["num_classes"], what=dataset_name(data_uri)
+    )
     names = config["class_names"]
-    result = {"model": storage.redact_uri(model_uri), "data": storage.redact_uri(data_uri), "samples": len(source),
-              "accuracy": accuracy, "loss": loss, "class_names": names,
-              "per_class_accuracy": {n: a for n, a in report.per_class(confusion, names).items() if n in data_classes},
-              "confusion_matrix": confusion.tolist(), "confusion_matrix_rows": "true class", "bad_files": bad}
+    result = {
+        "model": storage.redact_uri(model_uri),
+        "data": storage.redact_uri(data_uri),
+        "samples": len(source),
+        "accuracy": accuracy,
+        "loss": loss,
+        "class_names": names,
+        "per_class_accuracy": {n: a for n, a in report.per_class(confusion, names).items() if n in data_classes},
+        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix_rows": "true class",
+        "bad_files": bad,
+    }
     with storage.errors(output_uri, OutputError, "write the evaluation to"):
         storage.write_json(storage.join(output_uri, "evaluation.json"), result)
-        storage.write_bytes(storage.join(output_uri, "confusion.png"),
-                            report.confusion_png(confusion, names, f"{dataset_name(data_uri)}: confusion matrix"))
-    log.info(f"accuracy={accuracy:.4f} loss={loss:.4f} on {len(source)} samples; evaluation.json and confusion.png in "
-             f"{storage.redact_uri(output_uri)}")
+        storage.write_bytes(
+            storage.join(output_uri, "confusion.png"),
+            report.confusion_png(confusion, names, f"{dataset_name(data_uri)}: confusion matrix"),
+        )
+    log.info(
+        f"accuracy={accuracy:.4f} loss={loss:.4f} on {len(source)} samples; evaluation.json and confusion.png in "
+        f"{storage.redact_uri(output_uri)}"
+    )
     return result
 
 
@@ -202,11 +256,22 @@ def export_checkpoint(settings, checkpoint_uri: str, output_uri: str | None) -> 
     if not isinstance(state, dict) or "model" not in state or "settings" not in state:
         raise DataError(f"{storage.redact_uri(checkpoint_uri)} is not a trainjob checkpoint")
     saved = state["settings"]
-    trained = type("Settings", (), {"model": saved["model"], "hidden_sizes": saved.get("hidden_sizes") or [],
-                                    "image_size": saved.get("image_size", 224)})
+    trained = type(
+        "Settings",
+        (),
+        {
+            "model": saved["model"],
+            "hidden_sizes": saved.get("hidden_sizes") or [],
+            "image_size": saved.get("image_size", 224),
+        },
+    )
     shape, kind = input_of(state)
-    source = {"checkpoint": storage.redact_uri(checkpoint_uri), "epoch": state["progress"]["epoch"],
-              "best_val_accuracy": state.get("best_val_accuracy"), "dataset_fingerprint": state.get("dataset_fingerprint")}
+    source = {
+        "checkpoint": storage.redact_uri(checkpoint_uri),
+        "epoch": state["progress"]["epoch"],
+        "best_val_accuracy": state.get("best_val_accuracy"),
+        "dataset_fingerprint": state.get("dataset_fingerprint"),
+    }
     config = export.config_for(trained, state["class_names"], shape, from_images=kind == "image", source=source)
     module = export.build(config)
     module.load_state_dict(state["model"])

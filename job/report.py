@@ -15,7 +15,12 @@ from job.settings import redact_text
 log = logging.getLogger("job")
 # Control characters and line separators, as visible escapes: one record is one line, whatever a
 # class folder or file name holds (a newline in a name must not forge a log line).
-_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127, 0x85] if c != 9} | {10: "\\n", 13: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127, 0x85] if c != 9} | {
+    10: "\\n",
+    13: "\\r",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
 
 
 def printable(text: str) -> str:
@@ -50,14 +55,24 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
     log.propagate = False
 
 
-METRIC_FORMATS = {"train_loss": ".4f", "train_accuracy": ".4f", "val_loss": ".4f", "val_accuracy": ".4f",
-                  "lr": ".4g", "train_seconds": ".2f", "val_seconds": ".2f", "epoch_seconds": ".2f",
-                  "train_samples_per_second": ",.1f"}
+METRIC_FORMATS = {
+    "train_loss": ".4f",
+    "train_accuracy": ".4f",
+    "val_loss": ".4f",
+    "val_accuracy": ".4f",
+    "lr": ".4g",
+    "train_seconds": ".2f",
+    "val_seconds": ".2f",
+    "epoch_seconds": ".2f",
+    "train_samples_per_second": ",.1f",
+}
 
 
 def format_row(row: dict) -> str:
     """An epoch's log line: the history row's names and values."""
-    return " ".join([f"epoch {row['epoch']}"] + [f"{k}={row[k]:{fmt}}" for k, fmt in METRIC_FORMATS.items() if k in row])
+    return " ".join(
+        [f"epoch {row['epoch']}"] + [f"{k}={row[k]:{fmt}}" for k, fmt in METRIC_FORMATS.items() if k in row]
+    )
 
 
 def duration(seconds: float) -> str:
@@ -72,7 +87,8 @@ def duration(seconds: float) -> str:
 
 def recipe(settings) -> str:
     """The settings a person compares runs by, in a few words."""
-    return f"{settings.model}, {settings.optimizer} lr {settings.lr:g}, batch {settings.batch_size}, {settings.lr_schedule} schedule"
+    s = settings
+    return f"{s.model}, {s.optimizer} lr {s.lr:g}, batch {s.batch_size}, {s.lr_schedule} schedule"
 
 
 def per_class(confusion, class_names: list[str]) -> dict[str, float | None]:
@@ -191,8 +207,15 @@ def confusion_png(confusion, class_names: list[str], title: str) -> bytes:
     if n <= 12:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if rows[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rows[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
@@ -200,7 +223,9 @@ def confusion_png(confusion, class_names: list[str], title: str) -> bytes:
     return _png(fig)
 
 
-def publish(run_uri: str, history: list[dict], summary: dict, confusions: dict | None = None, curves: bool = True) -> None:
+def publish(
+    run_uri: str, history: list[dict], summary: dict, confusions: dict | None = None, curves: bool = True
+) -> None:
     """Rewrite history, plots and summary whole (object stores cannot append). `confusions`:
     {split: confusion matrix} pictured as plots/confusion_<split>.png; `curves`: redraw the
     accuracy and loss plots (skipped when they already show this history)."""

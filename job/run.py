@@ -9,8 +9,8 @@ reports each phase, and `sanity`, a check between building the model and trainin
 import logging
 import platform
 import time
-
 from importlib.metadata import version
+from typing import cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -76,10 +76,15 @@ def resolve_run_name(settings):
     if not settings.run_name_derived:
         return settings
     legacy = settings.legacy_run_name()
-    new, old = (storage.join(settings.output_uri, name, "checkpoints", "latest.json") for name in (settings.run_name, legacy))
+    new, old = (
+        storage.join(settings.output_uri, name, "checkpoints", "latest.json") for name in (settings.run_name, legacy)
+    )
     with storage.errors(storage.join(settings.output_uri, settings.run_name), OutputError, "read"):
         if not storage.exists(new) and storage.exists(old):
-            log.info(f"continuing the run {legacy}, named by an earlier trainjob (new runs are named like {settings.run_name})")
+            log.info(
+                f"continuing the run {legacy}, named by an earlier trainjob (new runs are named like "
+                f"{settings.run_name})"
+            )
             return settings.model_copy(update={"run_name": legacy})
     return settings
 
@@ -87,16 +92,23 @@ def resolve_run_name(settings):
 def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
     """Say what runs where, then make sure the output location takes writes before any work.
     Returns rank 0's lease on the run (None on other ranks)."""
-    log.info(f"run {storage.redact_uri(run_uri)} | " + " ".join(f"{k} {v}" for k, v in versions().items())
-             + f" | device {runtime.describe()}")
+    log.info(
+        f"run {storage.redact_uri(run_uri)} | "
+        + " ".join(f"{k} {v}" for k, v in versions().items())
+        + f" | device {runtime.describe()}"
+    )
     log.info(f"settings {settings.public_dict()}")
     if settings.defaults_applied:
-        log.info("defaults for transfer learning (set the variable to choose otherwise): "
-                 + " ".join(f"JOB_{k.upper()}={v}" for k, v in settings.defaults_applied.items()))
+        log.info(
+            "defaults for transfer learning (set the variable to choose otherwise): "
+            + " ".join(f"JOB_{k.upper()}={v}" for k, v in settings.defaults_applied.items())
+        )
     if settings.lr_schedule in CONTINUOUS_SCHEDULES and settings.run_name_derived:
-        log.info(f"JOB_LR_SCHEDULE={settings.lr_schedule} is stretched over JOB_EPOCHS, so the epochs are part of the "
-                 "run's name: changing JOB_EPOCHS starts a new run (set JOB_RUN_NAME to keep this one)")
-    held = {}
+        log.info(
+            f"JOB_LR_SCHEDULE={settings.lr_schedule} is stretched over JOB_EPOCHS, so the epochs are part of the "
+            "run's name: changing JOB_EPOCHS starts a new run (set JOB_RUN_NAME to keep this one)"
+        )
+    held: dict = {}
     try:
         on_main(runtime, lambda: held.setdefault("lease", prepare_output(settings, runtime, run_uri)) and None)
     except JobError:
@@ -124,9 +136,15 @@ def prepare_output(settings, runtime: Runtime, run_uri: str) -> Lease:
 def record_settings(settings, runtime: Runtime, run_uri: str) -> None:
     """settings.json, once training is about to start (a run that fails before leaves one record)."""
     with storage.errors(run_uri, OutputError, "write to"):
-        storage.write_json(storage.join(run_uri, "settings.json"),
-                           {"settings": settings.public_dict(), "versions": versions(),
-                            "device": str(runtime.device), "world_size": runtime.world_size})
+        storage.write_json(
+            storage.join(run_uri, "settings.json"),
+            {
+                "settings": settings.public_dict(),
+                "versions": versions(),
+                "device": str(runtime.device),
+                "world_size": runtime.world_size,
+            },
+        )
 
 
 def on_main(runtime: Runtime, fn):
@@ -161,15 +179,18 @@ def load_data(settings, runtime: Runtime, include=None) -> datasets.Data:
     return node_first(runtime, lambda: datasets.load(settings, runtime, normalize, include))
 
 
-def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease: Lease | None, started: float,
-            tracker=None):
+def prepare(
+    settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease: Lease | None, started: float, tracker=None
+):
     """The model (head replaced, weights loaded, backbone frozen as asked) and the training state,
     resumed if the run has a checkpoint; backbone features cached when they can be; wrapped for
     data parallelism. From here a signal is answered with a checkpoint.
     Returns (model, data, state, checkpointer); `data` is the features when they are cached."""
-    log.info(f"dataset {storage.redact_uri(settings.data_uri)}: {len(data.samples)} images for training and "
-             f"validation, {data.num_classes} classes, test set: {'yes' if data.test is not None else 'no'}, "
-             f"{len(data.bad_files)} bad files skipped, fingerprint {data.fingerprint[:12]}")
+    log.info(
+        f"dataset {storage.redact_uri(settings.data_uri)}: {len(data.samples)} images for training and "
+        f"validation, {data.num_classes} classes, test set: {'yes' if data.test is not None else 'no'}, "
+        f"{len(data.bad_files)} bad files skipped, fingerprint {data.fingerprint[:12]}"
+    )
     saved, name = on_main(runtime, lambda: checkpoint.load_resume_state(settings, run_uri))
     shape = data.samples.sample_shape
     module, head = models.build_model(settings, shape, data.num_classes)
@@ -190,16 +211,32 @@ def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease
     on_features = features.applicable(settings, data)
     if on_features:
         images = data
-        data = node_first(runtime, lambda: features.cached(
-            images, module, head, model_name=settings.model, image_size=settings.image_size,
-            batch_size=settings.batch_size, device=runtime.device, autocast=runtime.autocast,
-            cache_dir=settings.cache_dir, run_uri=run_uri, publish=runtime.is_main, log_every=settings.log_every_seconds))
+        data = node_first(
+            runtime,
+            lambda: features.cached(
+                images,
+                module,
+                head,
+                model_name=settings.model,
+                image_size=settings.image_size,
+                batch_size=settings.batch_size,
+                device=runtime.device,
+                autocast=runtime.autocast,
+                cache_dir=settings.cache_dir,
+                run_uri=run_uri,
+                publish=runtime.is_main,
+                log_every=settings.log_every_seconds,
+            ),
+        )
     model = loop.Model(module, module, head, frozen, on_features)
     model.net = model.trainable
     if runtime.distributed:  # after restore: DDP starts every rank from rank 0's weights
-        model.net = DistributedDataParallel(model.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        model.net = DistributedDataParallel(
+            model.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
     if settings.compile and runtime.device.type == "cuda":
-        model.net = torch.compile(model.net)  # after DDP, as PyTorch's DDP + torch.compile guidance has it
+        # after DDP, as PyTorch's DDP + torch.compile guidance has it
+        model.net = cast(torch.nn.Module, torch.compile(model.net))
     on_main(runtime, lambda: record_settings(settings, runtime, run_uri))
     runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
     if runtime.stop.signum:
@@ -207,25 +244,33 @@ def prepare(settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease
     return model, data, state, ckpt
 
 
-def finish(settings, runtime: Runtime, model: loop.Model, data: datasets.Data, state: loop.TrainState,
-           ckpt: Checkpointer) -> dict:
+def finish(
+    settings, runtime: Runtime, model: loop.Model, data: datasets.Data, state: loop.TrainState, ckpt: Checkpointer
+) -> dict:
     """Score the test set if there is one, publish the final summary; returns it."""
-    extra, confusions = {}, {}
+    extra: dict = {}
+    confusions: dict[str, torch.Tensor | None] = {}
     if data.test is not None:
         try:
             test_loss, test_accuracy, confusions["test"] = loop.evaluate(
-                settings, runtime, model, data.test, torch.arange(len(data.test)), data.num_classes, "test")
+                settings, runtime, model, data.test, torch.arange(len(data.test)), data.num_classes, "test"
+            )
         except Stopped as stopped:  # every epoch is saved (or on its way): wait for it, then stop
             if loop.alone_in_stall(runtime, stopped):
                 raise
             ckpt.stop(stopped.exit_code - 128, saving=True)
-        extra = {"test_loss": test_loss, "test_accuracy": test_accuracy,
-                 "per_class_test_accuracy": report.per_class(confusions["test"], data.class_names)}
+        extra = {
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "per_class_test_accuracy": report.per_class(confusions["test"], data.class_names),
+        }
         log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
     summary = report.summary(settings, runtime, data, state, "completed", ckpt.started, **extra)
     if runtime.is_main:
         if not ckpt.uploader.wait():
-            raise Stopped(runtime.stop.signum, f"while publishing the final outputs; the valid checkpoint is {ckpt.valid}")
+            raise Stopped(
+                runtime.stop.signum, f"while publishing the final outputs; the valid checkpoint is {ckpt.valid}"
+            )
         with storage.errors(ckpt.run_uri, OutputError, "write to"):
             fresh = ckpt.published_epochs == len(state.history)  # the last checkpoint drew this history
             if not fresh:
@@ -255,25 +300,45 @@ def export_model(settings, runtime: Runtime, run_uri: str, dataset: datasets.Dat
         storage.remove(storage.join(run_uri, "model", "config.json"))
     with storage.errors(run_uri, DataError, "read the best checkpoint from"):
         best = checkpoint.read(run_uri, "best")
-    source = {"run": storage.redact_uri(run_uri), "checkpoint": "checkpoints/best.pt", "epoch": best["best_epoch"],
-              "val_accuracy": best["best_val_accuracy"], "dataset_fingerprint": dataset.fingerprint}
-    config = export.config_for(settings, dataset.class_names, dataset.samples.sample_shape,
-                               from_images=not dataset.samples.in_memory, source=source)
+    source = {
+        "run": storage.redact_uri(run_uri),
+        "checkpoint": "checkpoints/best.pt",
+        "epoch": best["best_epoch"],
+        "val_accuracy": best["best_val_accuracy"],
+        "dataset_fingerprint": dataset.fingerprint,
+    }
+    config = export.config_for(
+        settings,
+        dataset.class_names,
+        dataset.samples.sample_shape,
+        from_images=not dataset.samples.in_memory,
+        source=source,
+    )
     module = export.build(config)
     module.load_state_dict(best["model"])
-    samples = state.val_idx[:export.VERIFY_SAMPLES]
+    samples = state.val_idx[: export.VERIFY_SAMPLES]
     batches = (x.cpu() for x, _ in dataset.samples.batches(samples, settings.batch_size, train=False))
     config = export.write(storage.join(run_uri, "model"), module, config, batches, onnx=settings.export == "onnx")
     if config["onnx"]:
         return f"model.safetensors, config.json, model.onnx verified on {config['verification']['samples']} samples"
-    return "model.safetensors, config.json" + (f" (no ONNX: {config['onnx_error']})" if config.get("onnx_error") else "")
+    return "model.safetensors, config.json" + (
+        f" (no ONNX: {config['onnx_error']})" if config.get("onnx_error") else ""
+    )
 
 
 def final_outputs(run_uri: str) -> dict[str, bytes]:
     """The files of a completed run worth keeping beside its metrics: summary, plots, the model."""
     files = {}
-    for path in ("summary.json", "plots/accuracy.png", "plots/loss.png", "plots/confusion_val.png",
-                 "plots/confusion_test.png", "model/config.json", "model/model.safetensors", "model/model.onnx"):
+    for path in (
+        "summary.json",
+        "plots/accuracy.png",
+        "plots/loss.png",
+        "plots/confusion_val.png",
+        "plots/confusion_test.png",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/model.onnx",
+    ):
         uri = storage.join(run_uri, path)
         try:
             files[path] = storage.read_bytes(uri)
@@ -332,8 +397,13 @@ class Ending:
                 trained = ckpt is not None and ckpt.state.progress.epoch >= self.settings.epochs
                 kept = (ckpt is None or trained) and report.completed(self.run_uri) is not None
                 if not kept and (ckpt is not None or status == "stopped"):
-                    summary = ({"status": status, **outcome} if ckpt is None else
-                               report.summary(self.settings, self.rt, ckpt.data, ckpt.state, status, ckpt.started, **outcome))
+                    summary = (
+                        {"status": status, **outcome}
+                        if ckpt is None
+                        else report.summary(
+                            self.settings, self.rt, ckpt.data, ckpt.state, status, ckpt.started, **outcome
+                        )
+                    )
                     storage.write_json(storage.join(self.run_uri, "summary.json"), summary)
                 if status == "failed":
                     if ckpt is None:
@@ -349,5 +419,7 @@ class Ending:
             with storage.time_limit(self.settings.stop_grace_seconds):
                 self.lease.release()
         except Exception as exc:  # it expires by itself
-            log.warning(f"could not release the run's lease ({exc.__class__.__name__}); it expires within "
-                        f"JOB_LEASE_SECONDS={self.settings.lease_seconds:g}")
+            log.warning(
+                f"could not release the run's lease ({exc.__class__.__name__}); it expires within "
+                f"JOB_LEASE_SECONDS={self.settings.lease_seconds:g}"
+            )

@@ -47,7 +47,11 @@ class Runtime:
     def peak_memory(self) -> str:
         """This process's peak resident memory, and on CUDA the peak allocated on the GPU."""
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-        gpu = f", GPU {torch.cuda.max_memory_allocated(self.device) / 2**20:,.0f} MB" if self.device.type == "cuda" else ""
+        gpu = (
+            f", GPU {torch.cuda.max_memory_allocated(self.device) / 2**20:,.0f} MB"
+            if self.device.type == "cuda"
+            else ""
+        )
         return f"peak memory {rss:,.0f} MB{gpu}"
 
     def autocast(self):
@@ -128,7 +132,7 @@ class StopPoll:
 
     def __init__(self, runtime: Runtime):
         self.rt = runtime
-        self.pending = None  # (work, host tensor, CUDA event) of the reduction in flight
+        self.pending: tuple | None = None  # (work, host tensor, CUDA event) of the reduction in flight
 
     def __call__(self, step: int) -> int:
         if not self.rt.distributed:
@@ -179,8 +183,10 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
             raise SettingsError(f"JOB_DEVICE={requested}: no CUDA device is visible to this process; use auto or cpu")
         index = int(requested.split(":")[1]) if ":" in requested else local_rank
         if index >= torch.cuda.device_count():
-            raise SettingsError(f"JOB_DEVICE={requested}: GPU {index} wanted but {torch.cuda.device_count()} visible "
-                                "(under torchrun, --nproc-per-node must not exceed the GPUs)")
+            raise SettingsError(
+                f"JOB_DEVICE={requested}: GPU {index} wanted but {torch.cuda.device_count()} visible "
+                "(under torchrun, --nproc-per-node must not exceed the GPUs)"
+            )
         return torch.device("cuda", index)
     return torch.device("cpu")
 
@@ -217,11 +223,20 @@ def setup(settings, stop: StopRequest) -> Runtime:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     if world_size > 1:
         # A bounded timeout: a lost peer fails the job in minutes, never hangs it.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=settings.dist_timeout_seconds))
-    return Runtime(device=device, threads=threads, workers=workers, scan_threads=scan_threads,
-                   amp_dtype=amp_dtype(settings.amp, device), stop=stop, rank=rank, local_rank=local_rank,
-                   world_size=world_size)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=settings.dist_timeout_seconds)
+        )
+    return Runtime(
+        device=device,
+        threads=threads,
+        workers=workers,
+        scan_threads=scan_threads,
+        amp_dtype=amp_dtype(settings.amp, device),
+        stop=stop,
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+    )
 
 
 def teardown() -> None:
@@ -229,7 +244,14 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-COLLECTIVE_FAILURES = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "timed out", "Timed out")
+COLLECTIVE_FAILURES = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "gloo",
+    "NCCL",
+    "timed out",
+    "Timed out",
+)
 
 
 def is_peer_failure(runtime: Runtime, exc: BaseException) -> bool:
@@ -241,6 +263,8 @@ def is_peer_failure(runtime: Runtime, exc: BaseException) -> bool:
 
 def peer_lost(runtime: Runtime, exc: Exception) -> JobError:
     """A failed collective (a peer died, the network dropped): worth a retry by the scheduler."""
-    return PeerLostError(f"lost contact with the other ranks "
-                         f"({str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__}); "
-                         "the run resumes from its last checkpoint when restarted")
+    return PeerLostError(
+        f"lost contact with the other ranks "
+        f"({str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__}); "
+        "the run resumes from its last checkpoint when restarted"
+    )

@@ -62,7 +62,7 @@ def _split_ints(value):
         try:
             return [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"expected comma-separated integers such as 256,128, got {value!r}")
+            raise ValueError(f"expected comma-separated integers such as 256,128, got {value!r}") from None
     return value
 
 
@@ -74,62 +74,263 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, allow_inf_nan=False)
 
     # --- data -------------------------------------------------------------------------------
-    data_uri: str = Field(description="dataset location: a local path, file://, s3://, gs:// or memory:// URI (required)")
-    data_format: Literal["auto", "mnist", "imagefolder"] = Field("auto", description="dataset layout; auto detects MNIST IDX files or class folders")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the training set held out for validation (random, seeded, saved with the run)")
-    cache_dir: str = Field(os.path.join(tempfile.gettempdir(), "trainjob-cache"), description="local directory the dataset is pulled into (must be writable; works with a read-only root via TMPDIR)")
-    shard_cache_bytes: int = Field(16 << 30, ge=1 << 16, le=1 << 50, description="sharded datasets: the most bytes of shards kept on local disk per training process (least recently used out first); a dataset larger than this streams")
-    decode: Literal["auto", "workers", "device"] = Field("auto", description="sharded datasets: where images are decoded and augmented: in DataLoader workers on the CPU, or on the training device in batches (nvjpeg on a GPU); auto: the device when it is a GPU")
-    num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader worker processes per training process for data read from files (default: its share of the CPUs, minus one for the loop)")
+    data_uri: str = Field(
+        description="dataset location: a local path, file://, s3://, gs:// or memory:// URI (required)"
+    )
+    data_format: Literal["auto", "mnist", "imagefolder"] = Field(
+        "auto", description="dataset layout; auto detects MNIST IDX files or class folders"
+    )
+    val_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="fraction of the training set held out for validation (random, seeded, saved with the run)",
+    )
+    cache_dir: str = Field(
+        os.path.join(tempfile.gettempdir(), "trainjob-cache"),
+        description=(
+            "local directory the dataset is pulled into (must be writable; works with a read-only root via TMPDIR)"
+        ),
+    )
+    shard_cache_bytes: int = Field(
+        16 << 30,
+        ge=1 << 16,
+        le=1 << 50,
+        description=(
+            "sharded datasets: the most bytes of shards kept on local disk per training process (least recently used "
+            "out first); a dataset larger than this streams"
+        ),
+    )
+    decode: Literal["auto", "workers", "device"] = Field(
+        "auto",
+        description=(
+            "sharded datasets: where images are decoded and augmented: in DataLoader workers on the CPU, or on the "
+            "training device in batches (nvjpeg on a GPU); auto: the device when it is a GPU"
+        ),
+    )
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        le=256,
+        description=(
+            "DataLoader worker processes per training process for data read from files (default: its share of the "
+            "CPUs, minus one for the loop)"
+        ),
+    )
     # --- model ------------------------------------------------------------------------------
-    model: str = Field("mlp", description="architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear), cnn (small convnet for 28x28), or any torchvision classification model (resnet18 ... resnet152, efficientnet_b0, convnext_tiny, ...)")
+    model: str = Field(
+        "mlp",
+        description=(
+            "architecture: mlp (flatten -> Linear/ReLU per hidden size -> Linear), cnn (small convnet for 28x28), or "
+            "any torchvision classification model (resnet18 ... resnet152, efficientnet_b0, convnext_tiny, ...)"
+        ),
+    )
     hidden_sizes: IntList = Field([32], description="hidden layer widths for mlp, comma-separated, e.g. 32 or 256,128")
-    pretrained: str = Field("none", description="initial weights for torchvision models: none, imagenet (torchvision's weights, from TORCH_HOME or downloaded) or a state-dict URI")
-    freeze: str = Field("none", description="all: train only the new classifier head; none: train everything; N: also train the last N stages of the backbone")
-    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="lr multiplier for the unfrozen backbone layers (the head gets JOB_LR)")
-    image_size: int = Field(224, ge=16, le=MAX_IMAGE_SIDE, description="image-folder data: side of the square crop fed to the model")
-    augment: bool = Field(False, description="image-folder data: random rotation (20 degrees), resized crop and flip for training (never for evaluation)")
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="image-folder data: fail (exit 3) if more than this fraction of the files are not readable images")
-    max_image_pixels: int = Field(50_000_000, ge=1024, le=1_000_000_000, description="image-folder data: images with more pixels are bad files (decompression bombs); decoding holds at most about 4 bytes x this x JOB_NUM_WORKERS in memory")
-    max_file_bytes: int = Field(1 << 30, ge=1024, le=1 << 40, description="largest data file read (an image, or an IDX file once decompressed); larger ones are bad files (images) or refused (IDX)")
-    feature_cache: Literal["auto", "off"] = Field("auto", description="auto: with JOB_FREEZE=all and no augmentation, compute backbone features once and train the head on them")
-    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="CUDA only: mixed precision (auto = bf16 where supported); never changes CPU results")
+    pretrained: str = Field(
+        "none",
+        description=(
+            "initial weights for torchvision models: none, imagenet (torchvision's weights, from TORCH_HOME or "
+            "downloaded) or a state-dict URI"
+        ),
+    )
+    freeze: str = Field(
+        "none",
+        description=(
+            "all: train only the new classifier head; none: train everything; N: also train the last N stages of the "
+            "backbone"
+        ),
+    )
+    backbone_lr_scale: float = Field(
+        1.0, gt=0.0, le=1.0, description="lr multiplier for the unfrozen backbone layers (the head gets JOB_LR)"
+    )
+    image_size: int = Field(
+        224, ge=16, le=MAX_IMAGE_SIDE, description="image-folder data: side of the square crop fed to the model"
+    )
+    augment: bool = Field(
+        False,
+        description=(
+            "image-folder data: random rotation (20 degrees), resized crop and flip for training (never for "
+            "evaluation)"
+        ),
+    )
+    max_bad_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="image-folder data: fail (exit 3) if more than this fraction of the files are not readable images",
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1024,
+        le=1_000_000_000,
+        description=(
+            "image-folder data: images with more pixels are bad files (decompression bombs); decoding holds at most "
+            "about 4 bytes x this x JOB_NUM_WORKERS in memory"
+        ),
+    )
+    max_file_bytes: int = Field(
+        1 << 30,
+        ge=1024,
+        le=1 << 40,
+        description=(
+            "largest data file read (an image, or an IDX file once decompressed); larger ones are bad files (images) "
+            "or refused (IDX)"
+        ),
+    )
+    feature_cache: Literal["auto", "off"] = Field(
+        "auto",
+        description=(
+            "auto: with JOB_FREEZE=all and no augmentation, compute backbone features once and train the head on them"
+        ),
+    )
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="CUDA only: mixed precision (auto = bf16 where supported); never changes CPU results"
+    )
     compile: bool = Field(False, description="CUDA only: torch.compile the model")
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = Field(10, ge=1, le=1_000_000, description="number of passes over the training set")
-    batch_size: int = Field(100, ge=1, le=1_000_000, description="samples per optimizer step (per process when distributed)")
+    batch_size: int = Field(
+        100, ge=1, le=1_000_000, description="samples per optimizer step (per process when distributed)"
+    )
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer")
     lr: float = Field(0.5, gt=0.0, description="peak learning rate")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0.0, description="weight decay (decoupled for adamw)")
-    lr_schedule: Literal["constant", "step", "cosine", "onecycle"] = Field("step", description="learning-rate schedule over the run")
-    lr_milestones: IntList = Field([5], description="epochs after which the step schedule multiplies the lr by lr_gamma, comma-separated")
+    lr_schedule: Literal["constant", "step", "cosine", "onecycle"] = Field(
+        "step", description="learning-rate schedule over the run"
+    )
+    lr_milestones: IntList = Field(
+        [5], description="epochs after which the step schedule multiplies the lr by lr_gamma, comma-separated"
+    )
     lr_gamma: float = Field(0.2, gt=0.0, le=1.0, description="step schedule's lr multiplier at each milestone")
     seed: int = Field(0, ge=0, lt=1 << 32, description="seed for the split, initialisation and data order")
     # --- run and outputs --------------------------------------------------------------------
-    output_uri: str = Field("./runs", description="where run directories are written: a local path or an object-store URI")
-    run_name: str | None = Field(None, description="run directory name (default: model-dataset-hash, the hash over the settings that define the experiment)")
-    resume: Literal["auto", "never", "require"] = Field("auto", description="auto: continue from the run's last good checkpoint if any; never: refuse a run that has one; require: fail if none")
+    output_uri: str = Field(
+        "./runs", description="where run directories are written: a local path or an object-store URI"
+    )
+    run_name: str | None = Field(
+        None,
+        description=(
+            "run directory name (default: model-dataset-hash, the hash over the settings that define the experiment)"
+        ),
+    )
+    resume: Literal["auto", "never", "require"] = Field(
+        "auto",
+        description=(
+            "auto: continue from the run's last good checkpoint if any; never: refuse a run that has one; require: "
+            "fail if none"
+        ),
+    )
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="recent epoch checkpoints kept besides best.pt")
-    checkpoint_min_seconds: float = Field(30.0, ge=0.0, le=86400.0, description="epoch-end checkpoints (and the history, summary and plots published after them) at most once per this many seconds; the last epoch and a stop always checkpoint; 0: every epoch")
-    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
-    stop_grace_seconds: float = Field(25.0, gt=0.0, le=3600.0, description="time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's terminationGracePeriodSeconds)")
-    shard_bytes: int = Field(128 << 20, ge=1024, le=1 << 34, description="python -m job prepare: about how many bytes each shard holds")
-    shard_short_side: int = Field(256, ge=32, le=8192, description="python -m job prepare: images are re-encoded as JPEG with their shorter side at most this, as the evaluation transform's resize (keep it at or above JOB_IMAGE_SIZE x 256/224)")
-    export: Literal["onnx", "safetensors", "off"] = Field("onnx", description="at the end of a completed run, write <run>/model/: the best weights as safetensors with a config.json, and (onnx) an ONNX model verified against them")
-    tensorboard: bool = Field(False, description="also write TensorBoard scalar event files under <run>/tensorboard/ (needs the tensorboard extra); MLflow is used when MLFLOW_TRACKING_URI is set")
-    smoke: bool = Field(False, description="smoke test: the real code path on a few batches and a sample of the data, every step checked, outputs under <run>/smoke/")
-    limit_train_batches: int = Field(0, ge=0, description="train at most this many batches per epoch (0: all; smoke mode default 3)")
-    limit_val_batches: int = Field(0, ge=0, description="evaluate at most this many batches (0: all; smoke mode default 2)")
+    checkpoint_min_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        le=86400.0,
+        description=(
+            "epoch-end checkpoints (and the history, summary and plots published after them) at most once per this "
+            "many seconds; the last epoch and a stop always checkpoint; 0: every epoch"
+        ),
+    )
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)"
+    )
+    stop_grace_seconds: float = Field(
+        25.0,
+        gt=0.0,
+        le=3600.0,
+        description=(
+            "time allowed to save and upload after SIGTERM/SIGINT (keep under the pod's "
+            "terminationGracePeriodSeconds)"
+        ),
+    )
+    shard_bytes: int = Field(
+        128 << 20, ge=1024, le=1 << 34, description="python -m job prepare: about how many bytes each shard holds"
+    )
+    shard_short_side: int = Field(
+        256,
+        ge=32,
+        le=8192,
+        description=(
+            "python -m job prepare: images are re-encoded as JPEG with their shorter side at most this, as the "
+            "evaluation transform's resize (keep it at or above JOB_IMAGE_SIZE x 256/224)"
+        ),
+    )
+    export: Literal["onnx", "safetensors", "off"] = Field(
+        "onnx",
+        description=(
+            "at the end of a completed run, write <run>/model/: the best weights as safetensors with a config.json, "
+            "and (onnx) an ONNX model verified against them"
+        ),
+    )
+    tensorboard: bool = Field(
+        False,
+        description=(
+            "also write TensorBoard scalar event files under <run>/tensorboard/ (needs the tensorboard extra); "
+            "MLflow is used when MLFLOW_TRACKING_URI is set"
+        ),
+    )
+    smoke: bool = Field(
+        False,
+        description=(
+            "smoke test: the real code path on a few batches and a sample of the data, every step checked, outputs "
+            "under <run>/smoke/"
+        ),
+    )
+    limit_train_batches: int = Field(
+        0, ge=0, description="train at most this many batches per epoch (0: all; smoke mode default 3)"
+    )
+    limit_val_batches: int = Field(
+        0, ge=0, description="evaluate at most this many batches (0: all; smoke mode default 2)"
+    )
     # --- runtime ----------------------------------------------------------------------------
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for torch ops (default: 1 per process for the small in-memory models, else the CPUs available)")
-    log_every_seconds: float = Field(10.0, gt=0.0, le=86400.0, description="at most one progress line per this many seconds within an epoch")
-    storage_retries: int = Field(10, ge=1, le=100, description="attempts per object-store request (botocore standard retry mode: exponential backoff with jitter)")
-    storage_timeout_seconds: float = Field(300.0, ge=1.0, le=86400.0, description="time bound of one storage operation, retries included (plus 1 s per MB moved); when it runs out the job exits 75")
-    lease_seconds: float = Field(60.0, ge=1.0, le=3600.0, description="a run has one writer: its lease lasts this long without renewal; a second job on the run waits this long for it, then exits 75")
-    dist_timeout_seconds: float = Field(300.0, gt=0.0, le=86400.0, description="under torchrun: how long a collective waits for a lost or stuck peer before the job fails (exit 75)")
-    log_level: Literal["debug", "info", "warning"] = Field("info", description="log detail; debug also logs each rank's data shard")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description=(
+            "CPU threads for torch ops (default: 1 per process for the small in-memory models, else the CPUs "
+            "available)"
+        ),
+    )
+    log_every_seconds: float = Field(
+        10.0, gt=0.0, le=86400.0, description="at most one progress line per this many seconds within an epoch"
+    )
+    storage_retries: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="attempts per object-store request (botocore standard retry mode: exponential backoff with jitter)",
+    )
+    storage_timeout_seconds: float = Field(
+        300.0,
+        ge=1.0,
+        le=86400.0,
+        description=(
+            "time bound of one storage operation, retries included (plus 1 s per MB moved); when it runs out the job "
+            "exits 75"
+        ),
+    )
+    lease_seconds: float = Field(
+        60.0,
+        ge=1.0,
+        le=3600.0,
+        description=(
+            "a run has one writer: its lease lasts this long without renewal; a second job on the run waits this "
+            "long for it, then exits 75"
+        ),
+    )
+    dist_timeout_seconds: float = Field(
+        300.0,
+        gt=0.0,
+        le=86400.0,
+        description=(
+            "under torchrun: how long a collective waits for a lost or stuck peer before the job fails (exit 75)"
+        ),
+    )
+    log_level: Literal["debug", "info", "warning"] = Field(
+        "info", description="log detail; debug also logs each rank's data shard"
+    )
     _defaults_applied: dict = PrivateAttr(default_factory=dict)
     _run_name_derived: bool = PrivateAttr(default=False)
 
@@ -158,8 +359,11 @@ class Settings(BaseSettings):
         known = ["mlp", "cnn", *torchvision_classifiers()]
         if value not in known:
             close = difflib.get_close_matches(value, known, n=3, cutoff=0.6)
-            raise ValueError(f"unknown model; did you mean {' or '.join(close)}?" if close else
-                             "unknown model; use mlp, cnn or a name from torchvision.models.list_models()")
+            raise ValueError(
+                f"unknown model; did you mean {' or '.join(close)}?"
+                if close
+                else "unknown model; use mlp, cnn or a name from torchvision.models.list_models()"
+            )
         return value
 
     @field_validator("freeze")
@@ -269,15 +473,18 @@ def check_uri(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
     if _userinfo(value) is not None:
-        raise ValueError("credentials in a URI are refused; put them in AWS_* variables, a profile or the pod's "
-                         "service account")
+        raise ValueError(
+            "credentials in a URI are refused; put them in AWS_* variables, a profile or the pod's service account"
+        )
     if any(ord(c) < 32 for c in value):
         raise ValueError("control characters are not allowed in a URI")
     match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(/*)(.*)$", value)
     if match and len(match.group(1)) > 1:  # one letter is a Windows drive, not a scheme
         scheme, slashes, rest = match.group(1).lower(), match.group(2), match.group(3)
         if scheme not in URI_SCHEMES:
-            raise ValueError(f"unsupported scheme {scheme}://; accepted: a local path or {', '.join(s + '://' for s in URI_SCHEMES)}")
+            raise ValueError(
+                f"unsupported scheme {scheme}://; accepted: a local path or {', '.join(s + '://' for s in URI_SCHEMES)}"
+            )
         if slashes != "//":
             raise ValueError(f"malformed URI: expected {scheme}://...")
         if scheme in ("s3", "gs", "gcs") and not rest.split("/")[0]:
@@ -293,9 +500,9 @@ def _userinfo(uri: str) -> str | None:
     '/' (AWS secret keys do), so a first segment with ':' before an '@' counts too; an '@' deeper
     in a path (s3://bucket/a@b) does not."""
     match = _SCHEME.match(uri)
-    if not match or "@" not in uri[match.end():]:
+    if not match or "@" not in uri[match.end() :]:
         return None
-    before = uri[match.end():].split("@", 1)[0]
+    before = uri[match.end() :].split("@", 1)[0]
     return before if "/" not in before or ":" in before.split("/", 1)[0] else None
 
 
@@ -316,9 +523,15 @@ def redact_text(text: str) -> str:
 
 
 def _secret_values() -> list[str]:
-    names, not_secret = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE_KEY"), ("_FILE", "_PATH", "_DIR")
-    return [v for k, v in os.environ.items()
-            if len(v) >= 6 and any(n in k.upper() for n in names) and not k.upper().endswith(not_secret)]
+    names, not_secret = (
+        ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE_KEY"),
+        ("_FILE", "_PATH", "_DIR"),
+    )
+    return [
+        v
+        for k, v in os.environ.items()
+        if len(v) >= 6 and any(n in k.upper() for n in names) and not k.upper().endswith(not_secret)
+    ]
 
 
 def _env_name(field: str) -> str:
@@ -351,13 +564,13 @@ def load_settings(**given) -> Settings:
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
             name = _env_name(field) if field else "settings"
-            given = environ.get(name)
-            shown = f"={redact_text(given)}" if given is not None else ""
+            value = environ.get(name)
+            shown = f"={redact_text(value)}" if value is not None else ""
             reason = err["msg"].removeprefix("Value error, ")
             if err["type"] == "missing":
-                reason = "is required: " + Settings.model_fields[field].description
+                reason = f"is required: {Settings.model_fields[field].description}"
             problems.append(f"{name}{shown}: {reason}")
-    if problems:
+    if problems or settings is None:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     return settings
 
@@ -377,23 +590,31 @@ def _type_name(annotation) -> str:
 
 
 def help_text() -> str:
-    lines = ["trainjob: train an image classifier; configured only by environment variables.", "",
-             "usage: python -m job [--check | --help]",
-             "       python -m job predict MODEL INPUTS [--output URI]",
-             "       python -m job evaluate MODEL DATA [--output URI]",
-             "       python -m job export CHECKPOINT [--output URI]",
-             "       python -m job prepare SOURCE DEST", "",
-             "  --check   verify everything the run needs (dataset, weights, cache, output) and its state, then exit",
-             "  predict   classify images with a run's exported model (python -m job predict --help)",
-             "  evaluate  score an exported model on labelled data",
-             "  export    write a model/ folder from any checkpoint",
-             "  prepare   write a sharded dataset (tar shards + index.json) that training streams", "",
-             "settings:"]
+    lines = [
+        "trainjob: train an image classifier; configured only by environment variables.",
+        "",
+        "usage: python -m job [--check | --help]",
+        "       python -m job predict MODEL INPUTS [--output URI]",
+        "       python -m job evaluate MODEL DATA [--output URI]",
+        "       python -m job export CHECKPOINT [--output URI]",
+        "       python -m job prepare SOURCE DEST",
+        "",
+        "  --check   verify everything the run needs (dataset, weights, cache, output) and its state, then exit",
+        "  predict   classify images with a run's exported model (python -m job predict --help)",
+        "  evaluate  score an exported model on labelled data",
+        "  export    write a model/ folder from any checkpoint",
+        "  prepare   write a sharded dataset (tar shards + index.json) that training streams",
+        "",
+        "settings:",
+    ]
     for field, info in Settings.model_fields.items():
         annotation = _type_name(info.annotation)
         default = "required" if info.is_required() else f"default {info.default!r}"
         lines.append(f"  {_env_name(field):28} {annotation} ({default})")
         lines.append(f"  {'':28} {info.description}")
-    lines += ["", "S3-compatible storage: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION",
-              "(or any credential source botocore supports, e.g. IRSA web identity)."]
+    lines += [
+        "",
+        "S3-compatible storage: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION",
+        "(or any credential source botocore supports, e.g. IRSA web identity).",
+    ]
     return "\n".join(lines)

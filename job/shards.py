@@ -27,6 +27,7 @@ import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ log = logging.getLogger("job")
 INDEX = "index.json"
 FORMAT_VERSION = 1
 WINDOW = 4  # shards whose samples are shuffled together
+Size = int | tuple[int, ...]  # an image's side, or an IDX sample's (height, width)
 JPEG_QUALITY = 90
-_ROTATION_MAPS: dict = {}  # (size, angle in half degrees) -> gather indices: the nearest-neighbour rotation
+_ROTATION_MAPS: dict[tuple, Any] = {}  # (size, angle in half degrees) -> gather indices: the nearest-neighbour rotation
 
 
 # --- reading: the index ----------------------------------------------------------------------
@@ -72,13 +74,34 @@ MAX_SHARD_BYTES = 1 << 36
 MAX_INDEX_BYTES = 64 << 20  # ~100k shards; read whole, so bounded
 
 
+def _is_int(v, low=0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
 def index_problem(index: dict) -> str | None:
     """What is wrong with an index (None: nothing). The index comes from a bucket we may not own:
     every field training uses is checked before it is used, so a bad one is a one-line exit 3,
     never a traceback, and a shard name can never reach outside the cache folder."""
-    def is_int(v, low=0):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    problem = _header_problem(index)
+    if problem:
+        return problem
+    splits = index.get("splits")
+    seen: set[str] = set()
+    shapes: set[str] = set()
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        return "splits is not a mapping of split to a list of shards"
+    for split, shards in splits.items():
+        for s in shards:
+            problem = _shard_problem(index["kind"], split, s, seen)
+            if problem:
+                return problem
+            shapes.add(str(s.get("shape", [1, 28, 28])))
+    if index["kind"] == "idx" and len(shapes) > 1:
+        return "its IDX shards differ in shape"
+    return None
 
+
+def _header_problem(index: dict) -> str | None:
     if index.get("format_version") != FORMAT_VERSION:
         return f"format_version {index.get('format_version')!r}, this job reads {FORMAT_VERSION}"
     if index.get("kind") not in ("image", "idx"):
@@ -86,35 +109,34 @@ def index_problem(index: dict) -> str | None:
     classes = index.get("class_names")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         return "class_names is not a list of at least 2 names"
-    if not isinstance(index.get("fingerprint"), str) or not is_int(index.get("files")):
+    if not isinstance(index.get("fingerprint"), str) or not _is_int(index.get("files")):
         return "fingerprint or files is missing"
     bad = index.get("bad_files")
     if not isinstance(bad, list) or not all(isinstance(b, list) and len(b) == 2 and all(isinstance(x, str) for x in b)
                                             for b in bad):
         return "bad_files is not a list of [name, reason]"
-    splits, seen, shapes = index.get("splits"), set(), set()
-    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
-        return "splits is not a mapping of split to a list of shards"
-    for split, shards in splits.items():
-        for s in shards:
-            if not isinstance(s, dict):
-                return f"a shard of {split!r} is not an object"
-            name = s.get("name")
-            if not isinstance(name, str) or not SHARD_NAME.fullmatch(name) or name in seen:
-                return f"shard name {name!r} is not a unique plain file name ending in .tar"
-            seen.add(name)
-            # a sample takes two 512-byte tar headers at least: counts cannot outgrow the bytes
-            if not is_int(s.get("samples"), 1) or not is_int(s.get("bytes"), 1024 * s["samples"]) or s["bytes"] > MAX_SHARD_BYTES:
-                return f"shard {name} has no plausible samples and bytes"
-            if not isinstance(s.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", s["sha256"]):
-                return f"shard {name} has no sha256"
-            shape = s.get("shape", [1, 28, 28])
-            if index["kind"] == "idx" and not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 1
-                                                and all(is_int(d, 1) and d <= MAX_IMAGE_SIDE for d in shape)):
-                return f"shard {name} has shape {shape!r}, not [1, height, width]"
-            shapes.add(str(shape))
-    if index["kind"] == "idx" and len(shapes) > 1:
-        return "its IDX shards differ in shape"
+    return None
+
+
+def _shard_problem(kind: str, split: str, s, seen: set) -> str | None:
+    """One shard's entry; `seen` collects the names (each must be unique)."""
+    if not isinstance(s, dict):
+        return f"a shard of {split!r} is not an object"
+    name = s.get("name")
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name) or name in seen:
+        return f"shard name {name!r} is not a unique plain file name ending in .tar"
+    seen.add(name)
+    # a sample takes two 512-byte tar headers at least: counts cannot outgrow the bytes
+    samples = s.get("samples")
+    if not (isinstance(samples, int) and _is_int(samples, 1)) or not _is_int(s.get("bytes"), 1024 * samples) \
+            or s["bytes"] > MAX_SHARD_BYTES:
+        return f"shard {name} has no plausible samples and bytes"
+    if not isinstance(s.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", s["sha256"]):
+        return f"shard {name} has no sha256"
+    shape = s.get("shape", [1, 28, 28])
+    plain = isinstance(shape, list) and len(shape) == 3 and shape[0] == 1
+    if kind == "idx" and not (plain and all(_is_int(d, 1) and d <= MAX_IMAGE_SIDE for d in shape)):
+        return f"shard {name} has shape {shape!r}, not [1, height, width]"
     return None
 
 
@@ -124,6 +146,7 @@ def split_shards(index: dict, split: str, limit: int = 0) -> list[dict]:
 
 
 # --- reading: the bounded local cache --------------------------------------------------------
+
 
 class ShardCache:
     """Shards on local disk, never more than `limit` bytes (space is reserved before a download
@@ -171,8 +194,8 @@ class ShardCache:
         answer a stop: a stalled download is given up at half the grace period, leaving the
         loop the other half to save its last step."""
         with self.lock:
-            if name in self.plan[self.cursor:]:
-                self.cursor += self.plan[self.cursor:].index(name)
+            if name in self.plan[self.cursor :]:
+                self.cursor += self.plan[self.cursor :].index(name)
             while True:
                 if self.error:
                     raise self.error
@@ -202,7 +225,8 @@ class ShardCache:
                     return False
                 raise SettingsError(
                     f"JOB_SHARD_CACHE_BYTES={self.limit} cannot hold the shards in use at once plus the next one "
-                    f"({size} bytes): raise it (at least {2 * WINDOW + 2} shards of this dataset is safe)")
+                    f"({size} bytes): raise it (at least {2 * WINDOW + 2} shards of this dataset is safe)"
+                )
             _, victim = min(idle)
             path = self.local.pop(victim)["path"]
             self.reserved -= self.meta[victim]["bytes"]
@@ -253,10 +277,14 @@ class ShardCache:
                 with self.lock:
                     self.disk_peak = max(self.disk_peak, self.bytes_on_disk())
                 return path
-            log.warning(f"shard {storage.redact_uri(uri)} does not match its sha256 in {INDEX} "
-                        f"({len(blob)} bytes, expected {meta['bytes']}){'; fetching it again' if attempt == 1 else ''}")
-        raise DataError(f"shard {storage.redact_uri(uri)} does not match its sha256 in {INDEX}, twice: it is corrupt "
-                        "or was replaced; prepare the dataset again")
+            log.warning(
+                f"shard {storage.redact_uri(uri)} does not match its sha256 in {INDEX} "
+                f"({len(blob)} bytes, expected {meta['bytes']}){'; fetching it again' if attempt == 1 else ''}"
+            )
+        raise DataError(
+            f"shard {storage.redact_uri(uri)} does not match its sha256 in {INDEX}, twice: it is corrupt "
+            "or was replaced; prepare the dataset again"
+        )
 
     def _prefetch(self) -> None:
         while True:
@@ -265,7 +293,7 @@ class ShardCache:
                 if urgent and urgent not in self.local and not self.error:
                     todo, for_now = [urgent], True  # the loop waits for it
                 else:
-                    ahead = self.plan[self.cursor:self.cursor + 2 * WINDOW]
+                    ahead = self.plan[self.cursor : self.cursor + 2 * WINDOW]
                     todo, for_now = [n for n in ahead if n not in self.local and n not in self.fetching], False
                 if not todo or self.error:
                     self.lock.wait(0.5)
@@ -282,12 +310,20 @@ class ShardCache:
                     self.lock.wait(0.2)  # no room yet: after the next release
 
 
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+    f = tar.extractfile(member)
+    if f is None:  # a regular file always has its bytes; only links and devices have none
+        raise ValueError(f"{member.name} has no data")
+    return f.read(limit)
+
+
 def _members(path: str, expected: int, classes: int) -> list[tuple[int, int, int, str]]:
     """[(offset, size, label, key)] of a shard's samples, in order, from its tar headers. A shard
     whose sha256 matched can still have been written by someone else: labels outside the
     classes, text that is not a number, or another count of samples than the index says are a
     DataError (exit 3), named."""
-    samples, pending = [], {}
+    samples: list[tuple[int, int, int, str]] = []
+    pending: dict[str, dict] = {}
     try:
         with tarfile.open(path, "r:") as tar:  # uncompressed only: offsets index the file itself
             for member in tar:
@@ -296,7 +332,7 @@ def _members(path: str, expected: int, classes: int) -> list[tuple[int, int, int
                 key, _, ext = member.name.rpartition(".")
                 entry = pending.setdefault(key, {})
                 if ext == "cls":
-                    entry["cls"] = int(tar.extractfile(member).read(32).decode("ascii").strip())
+                    entry["cls"] = int(_read_member(tar, member, 32).decode("ascii").strip())
                     if not 0 <= entry["cls"] < classes:
                         raise ValueError(f"label {entry['cls']} outside the {classes} classes")
                 elif ext in ("jpg", "jpeg", "png"):
@@ -305,15 +341,20 @@ def _members(path: str, expected: int, classes: int) -> list[tuple[int, int, int
                     samples.append((*entry["image"], entry["cls"], key))
                     del pending[key]
     except (tarfile.TarError, ValueError, UnicodeDecodeError, EOFError, OSError) as exc:
-        raise DataError(f"shard {os.path.basename(path)} is not a readable trainjob shard: "
-                        f"{str(exc)[:200]}; prepare the dataset again") from None
+        raise DataError(
+            f"shard {os.path.basename(path)} is not a readable trainjob shard: "
+            f"{str(exc)[:200]}; prepare the dataset again"
+        ) from None
     if len(samples) != expected:
-        raise DataError(f"shard {os.path.basename(path)} holds {len(samples)} samples, its index says {expected}; "
-                        "prepare the dataset again")
+        raise DataError(
+            f"shard {os.path.basename(path)} holds {len(samples)} samples, its index says {expected}; "
+            "prepare the dataset again"
+        )
     return samples
 
 
 # --- reading: decode and augment -------------------------------------------------------------
+
 
 def rotate_nearest(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate a uint8 (C, H, W) image about its centre by nearest neighbour, as torchvision's
@@ -321,7 +362,7 @@ def rotate_nearest(x: torch.Tensor, degrees: float) -> torch.Tensor:
     than torchvision's rotate on a 224 px uint8 image on CPU); corners are filled with 0."""
     c, h, w = x.shape
     key = (h, w, round(degrees * 2), str(x.device))
-    index = _ROTATION_MAPS.get(key)
+    index: Any = _ROTATION_MAPS.get(key)
     if index is None:
         angle = math.radians(key[2] / 2)
         ys, xs = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
@@ -370,7 +411,7 @@ class ShardItems(Dataset):
     everything (path, offset, size, label, key, augmentation seed), so workers keep no state;
     the seed is a function of (seed, epoch, sample), so augmentations survive a resume."""
 
-    def __init__(self, size: int, kind: str, max_pixels: int, decode_here: bool = True):
+    def __init__(self, size: Size, kind: str, max_pixels: int, decode_here: bool = True):
         self.size, self.kind, self.max_pixels = size, kind, max_pixels
         self.decode_here = decode_here  # False: hand the bytes on, the device decodes the batch
 
@@ -402,16 +443,20 @@ def check_header(raw: bytes, max_pixels: int) -> None:
             raise ValueError("over JOB_MAX_IMAGE_PIXELS")
 
 
-def decode(blob: torch.Tensor, kind: str, size: int, train: bool, seed: int) -> torch.Tensor:
+def decode(blob: torch.Tensor, kind: str, size: Size, train: bool, seed: int) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     if kind == "idx":  # `size` is (height, width): every sample of a batch must have the index's shape
-        return _checked(decode_image(blob, mode=ImageReadMode.GRAY), size)
-    x = decode_jpeg(blob, mode=ImageReadMode.RGB) if blob[:2].tolist() == [0xFF, 0xD8] else decode_image(blob, mode=ImageReadMode.RGB)
-    return augment(_checked(x), size, train, random.Random(seed))
+        return _checked(decode_image(blob, mode=ImageReadMode.GRAY), cast(tuple, size))
+    x = (
+        decode_jpeg(blob, mode=ImageReadMode.RGB)
+        if blob[:2].tolist() == [0xFF, 0xD8]
+        else decode_image(blob, mode=ImageReadMode.RGB)
+    )
+    return augment(_checked(x), cast(int, size), train, random.Random(seed))
 
 
-def _checked(x: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
+def _checked(x: torch.Tensor, size: tuple[int, ...] | None = None) -> torch.Tensor:
     """A decoded sample as a batch can take it: 8 bits (a 16-bit PNG decodes to uint16), and for
     IDX the index's (height, width)."""
     if x.dtype != torch.uint8:
@@ -442,8 +487,9 @@ def collate_bytes(batch):
     return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
 
 
-def decode_on_device(blobs: list, keys: list[str], kind: str, size: int, train: bool, seeds: list[int],
-                     device: torch.device) -> tuple[torch.Tensor, list[str]]:
+def decode_on_device(
+    blobs: list, keys: list[str], kind: str, size: Size, train: bool, seeds: list[int], device: torch.device
+) -> tuple[torch.Tensor, list[str]]:
     """Decode and augment a batch on the training device: JPEGs in one batched nvjpeg call on a
     GPU (torchvision.io.decode_jpeg with device="cuda"), then the same seeded crop, flip and
     rotation as the workers apply, per sample, on the device; the CPU path decodes one by one."""
@@ -453,11 +499,13 @@ def decode_on_device(blobs: list, keys: list[str], kind: str, size: int, train: 
     jpeg = [i for i, b in enumerate(blobs) if kind == "image" and b is not None and b[:2].tolist() == [0xFF, 0xD8]]
     if jpeg and device.type == "cuda":
         try:
-            for i, x in zip(jpeg, decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=device), strict=True):
+            for i, x in zip(
+                jpeg, decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=device), strict=True
+            ):
                 images[i] = x
         except RuntimeError:  # one bad JPEG fails the batched call: decode them one by one
             jpeg = []
-    batch = []
+    batch: list[tuple[torch.Tensor | None, int, str]] = []
     for i, blob in enumerate(blobs):
         try:
             x = images[i]
@@ -465,9 +513,9 @@ def decode_on_device(blobs: list, keys: list[str], kind: str, size: int, train: 
                 mode = ImageReadMode.GRAY if kind == "idx" else ImageReadMode.RGB
                 x = decode_image(blob, mode=mode).to(device)
             if kind == "idx":
-                x = _checked(x, size)
+                x = _checked(x, cast(tuple, size))
             else:
-                x = augment(_checked(x), size, train, random.Random(seeds[i]))
+                x = augment(_checked(x), cast(int, size), train, random.Random(seeds[i]))
             batch.append((x, 0, keys[i]))
         except Exception as exc:
             batch.append((None, 0, f"{keys[i]} ({exc.__class__.__name__})"))
@@ -495,8 +543,20 @@ class ShardSource:
     in_memory = False
     eval_batch_size = None
 
-    def __init__(self, shards: list[dict], cache: ShardCache, kind: str, image_size: int, normalize: bool,
-                 workers: int, device: torch.device, seed: int, max_pixels: int, augment: bool, decode: str = "auto"):
+    def __init__(
+        self,
+        shards: list[dict],
+        cache: ShardCache,
+        kind: str,
+        image_size: int,
+        normalize: bool,
+        workers: int,
+        device: torch.device,
+        seed: int,
+        max_pixels: int,
+        augment: bool,
+        decode: str = "auto",
+    ):
         self.shards, self.cache, self.kind, self.workers, self.device = shards, cache, kind, workers, device
         self.augment = augment  # JOB_AUGMENT: training reads are augmented, else cropped as for evaluation
         # JOB_DECODE: the workers decode and augment (CPU), or hand the bytes on to the device
@@ -504,11 +564,16 @@ class ShardSource:
         self.seed, self.max_pixels = seed, max_pixels
         counts = [s["samples"] for s in shards]
         self.starts = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
-        self.sample_shape = (3, image_size, image_size) if kind == "image" else tuple(shards[0].get("shape", (1, 28, 28)))
+        self.sample_shape = (
+            (3, image_size, image_size) if kind == "image" else tuple(shards[0].get("shape", (1, 28, 28)))
+        )
         self.size = image_size if kind == "image" else self.sample_shape[1:]  # idx: (height, width), checked per sample
         # normalisation folded into one multiply-add on the uint8 values: (x / 255 - mean) / std
-        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (images.IMAGENET_MEAN, images.IMAGENET_STD))
-        self.scale, self.bias = (1 / (255 * std), -mean / std) if normalize else (None, None)
+        mean, std = (
+            torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (images.IMAGENET_MEAN, images.IMAGENET_STD)
+        )
+        self.scale: torch.Tensor | None = 1 / (255 * std) if normalize else None
+        self.bias: torch.Tensor | None = -mean / std if normalize else None
         self.loaders: dict = {}
         self.skipped = 0
 
@@ -529,7 +594,7 @@ class ShardSource:
         shuffled = present[torch.randperm(len(present), generator=g)].tolist()
         out = []
         for w in range(0, len(shuffled), WINDOW):
-            window = torch.cat([groups[s] for s in shuffled[w:w + WINDOW]])
+            window = torch.cat([groups[s] for s in shuffled[w : w + WINDOW]])
             out.append(window[torch.randperm(len(window), generator=g)])
         return torch.cat(out) if out else indices[:0]
 
@@ -543,16 +608,7 @@ class ShardSource:
             last[s] = k
         self.check_room(len(sequence), batch_size)
         self.cache.want(sequence)
-        key = (train, batch_size)
-        if key not in self.loaders:
-            sampler = _Items()
-            loader = DataLoader(ShardItems(self.size, self.kind, self.max_pixels, decode_here=not self.on_device),
-                                batch_size=batch_size, sampler=sampler, num_workers=self.workers,
-                                collate_fn=collate_bytes if self.on_device else collate,
-                                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
-                                multiprocessing_context="forkserver" if self.workers else None)
-            self.loaders[key] = (loader, sampler)
-        loader, sampler = self.loaders[key]
+        loader, sampler = self._loader(train, batch_size)
         held: dict[int, int] = {}  # shard -> items handed to the loader and not yet received
         base_seed = (self.seed * 1_000_003 + epoch) * 1_000_003
 
@@ -561,17 +617,25 @@ class ShardSource:
                 local = self.cache.get(names[s]) if s not in held else self.cache.local[names[s]]
                 held[s] = held.get(s, 0) + 1
                 offset, nbytes, label, sample_key = local["samples"][pos]
-                yield (local["path"], offset, nbytes, label, f"{names[s]}:{sample_key}",
-                       base_seed + int(indices[k]), train and self.augment)
+                yield (
+                    local["path"],
+                    offset,
+                    nbytes,
+                    label,
+                    f"{names[s]}:{sample_key}",
+                    base_seed + int(indices[k]),
+                    train and self.augment,
+                )
 
         sampler.items, sampler.length = items(), len(indices)
         received = 0
         try:
             for x, y, failed in loader:
                 if self.on_device:
-                    seeds = [base_seed + int(i) for i in indices[received:received + len(y)]]
-                    x, failed = decode_on_device(x, failed, self.kind, self.size, train and self.augment, seeds,
-                                                 self.device)
+                    seeds = [base_seed + int(i) for i in indices[received : received + len(y)]]
+                    x, failed = decode_on_device(
+                        x, failed, self.kind, self.size, train and self.augment, seeds, self.device
+                    )
                 for name in failed:
                     log.warning(f"skipping a corrupt sample {name}; another sample of its batch took its place")
                 self.skipped += len(failed)
@@ -586,6 +650,24 @@ class ShardSource:
             held.clear()
             log.debug(f"shard cache: {self.cache.disk_peak} bytes on disk at most (limit {self.cache.limit})")
 
+    def _loader(self, train: bool, batch_size: int) -> tuple[DataLoader, "_Items"]:
+        """One persistent DataLoader per (train, batch size), fed sample by sample through its sampler."""
+        key = (train, batch_size)
+        if key not in self.loaders:
+            sampler = _Items()
+            loader = DataLoader(
+                ShardItems(self.size, self.kind, self.max_pixels, decode_here=not self.on_device),
+                batch_size=batch_size,
+                sampler=sampler,
+                num_workers=self.workers,
+                collate_fn=collate_bytes if self.on_device else collate,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=self.workers > 0,
+                multiprocessing_context="forkserver" if self.workers else None,
+            )
+            self.loaders[key] = (loader, sampler)
+        return self.loaders[key]
+
     def check_room(self, shards_read: int, batch_size: int) -> None:
         """The cache must hold every shard the loader may be reading at once: those of the batches
         in flight (the DataLoader prefetches 2 a worker) and the next windows'. Refused up front,
@@ -595,18 +677,23 @@ class ShardSource:
         needed = min(shards_read, math.ceil(in_flight / typical) + 2 * WINDOW + 1)
         biggest = max(s["bytes"] for s in self.shards)
         if needed * biggest > self.cache.limit:
-            raise SettingsError(f"JOB_SHARD_CACHE_BYTES={self.cache.limit} is too small: reading batches of {batch_size} "
-                                f"with {self.workers} worker(s) keeps up to {needed} shards in use (each up to {biggest} "
-                                f"bytes): raise it to at least {needed * biggest}, or make shards larger than batches")
+            raise SettingsError(
+                f"JOB_SHARD_CACHE_BYTES={self.cache.limit} is too small: reading batches of {batch_size} "
+                f"with {self.workers} worker(s) keeps up to {needed} shards in use (each up to {biggest} "
+                f"bytes): raise it to at least {needed * biggest}, or make shards larger than batches"
+            )
 
     def _to_model(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> float in [0, 1] (normalised for torchvision models), on the device: one
         vectorised op per batch, on the GPU when there is one."""
         x = x.to(self.device, non_blocking=True).float()
-        return x.div_(255) if self.scale is None else x.mul_(self.scale).add_(self.bias)
+        if self.scale is None or self.bias is None:
+            return x.div_(255)
+        return x.mul_(self.scale).add_(self.bias)
 
 
 # --- writing: prepare ------------------------------------------------------------------------
+
 
 def _remote_folders(uri: str) -> dict[str, dict[str, list[str]]]:
     """{split: {class: [object URI]}} of an image folder in object storage, from one listing (the
@@ -615,17 +702,23 @@ def _remote_folders(uri: str) -> dict[str, dict[str, list[str]]]:
     protocol = uri.split("://", 1)[0] + "://"
     tree: dict = {}
     for path, info in sorted(storage._find(uri).items()):
-        parts = path[len(root.rstrip("/")) + 1:].split("/")
-        if info.get("type") == "directory" or path.endswith("/") or len(parts) < 3 or any(p.startswith(".") for p in parts):
+        parts = path[len(root.rstrip("/")) + 1 :].split("/")
+        if (
+            info.get("type") == "directory"
+            or path.endswith("/")
+            or len(parts) < 3
+            or any(p.startswith(".") for p in parts)
+        ):
             continue
         tree.setdefault(parts[0], {}).setdefault(parts[1], []).append(protocol + path)
     return tree
 
 
-def _plan(settings, source_root: str, kind: str, remote: dict | None = None) -> tuple[dict[str, list], list[str], list]:
+def _plan(settings, source_root: str, kind: str,
+          remote: dict | None = None) -> tuple[dict[str, list], list[str], dict | None]:
     """{split: [(source file or IDX item, label)]}, class names, and IDX arrays if any. `remote`:
     an image folder's {split: {class: [object URI]}}, read from object storage sample by sample."""
-    from job import datasets, data
+    from job import data, datasets
 
     def class_dirs(split):
         return remote.get(split, {}) if remote is not None else images._class_dirs(source_root, split)
@@ -634,15 +727,27 @@ def _plan(settings, source_root: str, kind: str, remote: dict | None = None) -> 
         return split in remote if remote is not None else os.path.isdir(os.path.join(source_root, split))
 
     if kind == "idx":
-        train = datasets._read_pair(source_root, datasets.MNIST_FILES["train_images"], datasets.MNIST_FILES["train_labels"],
-                                    True, settings.max_file_bytes)
-        test = datasets._read_pair(source_root, datasets.MNIST_FILES["test_images"], datasets.MNIST_FILES["test_labels"],
-                                   False, settings.max_file_bytes)
+        train = datasets._read_pair(
+            source_root,
+            datasets.MNIST_FILES["train_images"],
+            datasets.MNIST_FILES["train_labels"],
+            True,
+            settings.max_file_bytes,
+        )
+        test = datasets._read_pair(
+            source_root,
+            datasets.MNIST_FILES["test_images"],
+            datasets.MNIST_FILES["test_labels"],
+            False,
+            settings.max_file_bytes,
+        )
         classes = [str(i) for i in range(datasets.mnist_classes(train, test))]
         train_idx, val_idx = data.split_indices(len(train[1]), settings.val_fraction, settings.seed)
         arrays = {"train": train, "test": test}
-        plan = {"train": [("train", int(i), int(train[1][i])) for i in sorted(train_idx.tolist())],
-                "val": [("train", int(i), int(train[1][i])) for i in sorted(val_idx.tolist())]}
+        plan: dict[str, list] = {
+            "train": [("train", int(i), int(train[1][i])) for i in sorted(train_idx.tolist())],
+            "val": [("train", int(i), int(train[1][i])) for i in sorted(val_idx.tolist())],
+        }
         if test:
             plan["test"] = [("test", i, int(test[1][i])) for i in range(len(test[1]))]
         return plan, classes, arrays
@@ -655,13 +760,17 @@ def _plan(settings, source_root: str, kind: str, remote: dict | None = None) -> 
     if val_dir:
         unknown = sorted(set(class_dirs(val_dir)) - set(classes))
         if unknown:
-            raise DataError(f"{source_root}/{val_dir} has classes that train/ lacks: {', '.join(map(repr, unknown[:10]))}")
+            raise DataError(
+                f"{source_root}/{val_dir} has classes that train/ lacks: {', '.join(map(repr, unknown[:10]))}"
+            )
         plan["val"] = [(p, classes.index(c)) for c, files in class_dirs(val_dir).items() for p in files]
     else:  # a seeded split of train/, as training makes one (JOB_VAL_FRACTION, JOB_SEED)
         train_idx, val_idx = data.split_indices(len(plan["train"]), settings.val_fraction, settings.seed)
         everything = plan["train"]
-        plan = {"train": [everything[i] for i in sorted(train_idx.tolist())],
-                "val": [everything[i] for i in sorted(val_idx.tolist())]}
+        plan = {
+            "train": [everything[i] for i in sorted(train_idx.tolist())],
+            "val": [everything[i] for i in sorted(val_idx.tolist())],
+        }
     if has("test"):
         found = class_dirs("test")
         unknown = sorted(set(found) - set(classes))
@@ -682,7 +791,7 @@ def _encode(entry, arrays, settings, root: str) -> tuple[bytes | None, str | Non
         return buffer.getvalue(), None, f"{role}#{i}"
     path = entry[0]
     if "://" in path:  # an object: read now (bounded and retried as every storage operation)
-        name = path[len(root.rstrip("/")) + 1:]
+        name = path[len(root.rstrip("/")) + 1 :]
         with storage.errors(path, DataError, "read"):
             blob = storage.read_bytes(path, max_bytes=settings.max_file_bytes)
         reason = f"over JOB_MAX_FILE_BYTES={settings.max_file_bytes}" if len(blob) > settings.max_file_bytes else None
@@ -698,8 +807,10 @@ def _encode(entry, arrays, settings, root: str) -> tuple[bytes | None, str | Non
         # centre crop: evaluation sees what the image-folder path sees; never enlarged
         scale = settings.shard_short_side / min(img.size)
         if scale < 1:
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC,
-                             reducing_gap=3.0)
+            img = img.resize(
+                (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC,
+                reducing_gap=3.0,
+            )
         buffer = io.BytesIO()
         img.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue(), None, name
@@ -721,116 +832,207 @@ def prepare(settings, runtime, source_uri: str, dest_uri: str) -> dict:
     """Source dataset (an image folder or MNIST IDX files at any URI) -> shards + index at dest.
     Resumable: each shard's manifest (<shard>.json) is written after the shard, and a restart
     skips the samples of shards already written for the same plan."""
-    from job import datasets
-
-    started = time.monotonic()
     from PIL import Image
 
+    started = time.monotonic()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-    with storage.errors(source_uri, DataError, "read the source dataset"):
-        names = sorted(n for n in storage.list_names(source_uri) if not n.startswith("."))
-        kind = "idx" if datasets.detect_format(names, source_uri) == "mnist" else "image"
-        if kind == "image" and not storage.is_local(source_uri):  # streamed: the source can exceed local disk
-            root, remote = storage.filesystem(source_uri)[1], _remote_folders(source_uri)
-        else:  # local files are read in place; IDX files are small enough to pull
-            root, remote = storage.pull(source_uri, settings.cache_dir), None
+    kind, root, remote = _open_source(settings, source_uri)
     plan, classes, arrays = _plan(settings, root, kind, remote)
     total = sum(len(v) for v in plan.values())
-    relative = (lambda p: p.split("://", 1)[-1][len(root.rstrip("/")) + 1:]) if remote is not None else (
-        lambda p: os.path.relpath(p, root))
-    plan_id = hashlib.sha256(json.dumps({
-        "files": {k: [str(e[:2]) if arrays is not None else relative(e[0]) for e in v] for k, v in plan.items()},
-        "classes": classes, "short_side": settings.shard_short_side, "target": settings.shard_bytes, "version": FORMAT_VERSION,
-    }).encode()).hexdigest()[:16]
-    log.info(f"preparing {total} samples of {storage.redact_uri(source_uri)} ({kind}, {len(classes)} classes) into "
-             f"shards of about {settings.shard_bytes / 1e6:.0f} MB at {storage.redact_uri(dest_uri)}")
-    ext = "png" if kind == "idx" else "jpg"
-    index = {"format": "trainjob-shards", "format_version": FORMAT_VERSION, "kind": kind, "class_names": classes,
-             "encoding": {"image": ext, "short_side": settings.shard_short_side if kind == "image" else None,
-                          "quality": JPEG_QUALITY if kind == "image" else None},
-             "splits": {}, "bad_files": [], "files": total, "source": storage.redact_uri(source_uri),
-             "plan": plan_id, "trainjob_version": __version__}
-    before, bad, last_log = 0, [], time.monotonic()  # samples of the splits done before this one
-    pool, written = ThreadPoolExecutor(runtime.scan_threads), 0
+    log.info(
+        f"preparing {total} samples of {storage.redact_uri(source_uri)} ({kind}, {len(classes)} classes) into "
+        f"shards of about {settings.shard_bytes / 1e6:.0f} MB at {storage.redact_uri(dest_uri)}"
+    )
+    index = _index_header(settings, source_uri, kind, classes, total, _plan_id(settings, plan, classes, arrays,
+                                                                                root, remote))
+    writer = _ShardWriter(settings, dest_uri, index, arrays, root, runtime.scan_threads, started)
+    bad: list = []
     try:
         with storage.errors(dest_uri, OutputError, "write shards to"):
             storage.check_writable(dest_uri)
             for split, entries in plan.items():
-                shards, i, n, stream = [], 0, 0, None
-
-                def encoded(start):  # (position, entry, (bytes, why not, name)), encoded in parallel chunks
-                    step = max(1, runtime.scan_threads * 8)
-                    for lo in range(start, len(entries), step):
-                        chunk = entries[lo:lo + step]
-                        yield from zip(range(lo, lo + len(chunk)), chunk,
-                                       pool.map(lambda e: _encode(e, arrays, settings, root), chunk), strict=True)
-
-                while i < len(entries):
-                    name = f"{split}-{n:06d}.tar"
-                    manifest_uri = storage.join(dest_uri, name.replace(".tar", ".json"))
-                    try:
-                        manifest = storage.read_json(manifest_uri)
-                    except (FileNotFoundError, ValueError):
-                        manifest = None
-                    if manifest and manifest.get("plan") == plan_id:  # written by an earlier, interrupted prepare
-                        log.debug(f"{name} kept from an earlier prepare of the same plan")
-                        shards.append(manifest["shard"])
-                        bad += [tuple(b) for b in manifest["bad"]]
-                        i, n, stream = manifest["end"], n + 1, None
-                        continue
-                    stream = stream or encoded(i)
-                    samples, shard_bad, size = [], [], 0
-                    for position, entry, (blob, reason, source_name) in stream:
-                        i = position + 1
-                        if blob is None:
-                            shard_bad.append((source_name, reason))
-                            log.warning(f"skipping {source_name}: {reason}")
-                            continue
-                        samples.append((f"{len(samples):06d}-{n:06d}", blob, entry[-1]))
-                        size += len(blob) + 1536  # the two tar headers and padding
-                        if size >= settings.shard_bytes:
-                            break
-                    if not samples:  # only bad files were left at the end of the split: no empty shard
-                        bad += shard_bad
-                        break
-                    blob = _tar(samples, ext)
-                    meta = {"name": name, "samples": len(samples), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-                    if kind == "idx":
-                        meta["shape"] = [1, *arrays["train"][0].shape[1:]]
-                    storage.write_bytes(storage.join(dest_uri, name), blob)
-                    storage.write_json(manifest_uri, {"plan": plan_id, "shard": meta, "end": i, "bad": shard_bad})
-                    shards.append(meta)
-                    bad += shard_bad
-                    n += 1
-                    written += 1
-                    done = before + i
-                    if time.monotonic() - last_log >= settings.log_every_seconds:
-                        last_log = time.monotonic()
-                        rate = done / (last_log - started)
-                        log.info(f"prepare {done}/{total} samples ({100 * done / total:.0f}%), {rate:,.1f} samples/s, "
-                                 f"{n} {split} shard(s), ETA {(total - done) / max(rate, 1e-9):.0f} s")
-                index["splits"][split] = shards
-                before += len(entries)
-            bad_fraction = len(bad) / max(total, 1)
-            if bad_fraction > settings.max_bad_fraction:
-                raise DataError(f"{len(bad)} of {total} files in {storage.redact_uri(source_uri)} are not readable images "
-                                f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
-                                f"{bad[0][0]!r} ({bad[0][1]})")
+                index["splits"][split], split_bad = writer.split(split, entries)
+                bad += split_bad
+            _check_bad_fraction(settings, source_uri, bad, total)
             index["bad_files"] = [list(b) for b in bad]
-            index["fingerprint"] = hashlib.sha256("".join(
-                f"{split} {s['name']} {s['sha256']}\n" for split, shards in index["splits"].items() for s in shards).encode()).hexdigest()
+            index["fingerprint"] = hashlib.sha256(
+                "".join(f"{split} {s['name']} {s['sha256']}\n" for split, shards in index["splits"].items()
+                        for s in shards).encode()
+            ).hexdigest()
             storage.write_json(storage.join(dest_uri, INDEX), index)  # last: its presence means the dataset is complete
     except Stopped as stopped:  # the shards written are kept: a rerun continues after them
-        raise Stopped(stopped.exit_code - 128, f"while preparing shards: every finished shard is kept ({written} written by "
-                      "this run); run python -m job prepare again to continue") from None
+        raise Stopped(
+            stopped.exit_code - 128,
+            f"while preparing shards: every finished shard is kept ({writer.written} written by "
+            "this run); run python -m job prepare again to continue",
+        ) from None
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # a stop must not wait for the queued reads
+        writer.pool.shutdown(wait=False, cancel_futures=True)  # a stop must not wait for the queued reads
     counts = {split: sum(s["samples"] for s in shards) for split, shards in index["splits"].items()}
-    log.info(f"prepared {storage.redact_uri(dest_uri)}: {counts}, {sum(len(v) for v in index['splits'].values())} shards, "
-             f"{len(bad)} bad files skipped, in {time.monotonic() - started:.0f} s")
+    log.info(
+        f"prepared {storage.redact_uri(dest_uri)}: {counts}, {sum(len(v) for v in index['splits'].values())} shards, "
+        f"{len(bad)} bad files skipped, in {time.monotonic() - started:.0f} s"
+    )
     return index
 
 
+def _open_source(settings, source_uri: str) -> tuple[str, str, dict | None]:
+    """(kind, root, remote listing): image folders on object storage are streamed object by
+    object (the source can exceed local disk); local files are read in place; IDX files are
+    small enough to pull."""
+    from job import datasets
+
+    with storage.errors(source_uri, DataError, "read the source dataset"):
+        names = sorted(n for n in storage.list_names(source_uri) if not n.startswith("."))
+        kind = "idx" if datasets.detect_format(names, source_uri) == "mnist" else "image"
+        if kind == "image" and not storage.is_local(source_uri):
+            return kind, storage.filesystem(source_uri)[1], _remote_folders(source_uri)
+        return kind, storage.pull(source_uri, settings.cache_dir), None
+
+
+def _plan_id(settings, plan: dict, classes: list, arrays, root: str, remote) -> str:
+    """What a shard's manifest must match to be kept by a resumed prepare."""
+    def relative(path: str) -> str:
+        if remote is not None:
+            return path.split("://", 1)[-1][len(root.rstrip("/")) + 1:]
+        return os.path.relpath(path, root)
+
+    files = {k: [str(e[:2]) if arrays is not None else relative(e[0]) for e in v] for k, v in plan.items()}
+    described = {"files": files, "classes": classes, "short_side": settings.shard_short_side,
+                 "target": settings.shard_bytes, "version": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+
+
+def _index_header(settings, source_uri: str, kind: str, classes: list, total: int, plan_id: str) -> dict:
+    return {
+        "format": "trainjob-shards",
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "class_names": classes,
+        "encoding": {
+            "image": "png" if kind == "idx" else "jpg",
+            "short_side": settings.shard_short_side if kind == "image" else None,
+            "quality": JPEG_QUALITY if kind == "image" else None,
+        },
+        "splits": {},
+        "bad_files": [],
+        "files": total,
+        "source": storage.redact_uri(source_uri),
+        "plan": plan_id,
+        "trainjob_version": __version__,
+    }
+
+
+def _check_bad_fraction(settings, source_uri: str, bad: list, total: int) -> None:
+    bad_fraction = len(bad) / max(total, 1)
+    if bad_fraction > settings.max_bad_fraction:
+        raise DataError(
+            f"{len(bad)} of {total} files in {storage.redact_uri(source_uri)} are not readable images "
+            f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
+            f"{bad[0][0]!r} ({bad[0][1]})"
+        )
+
+
+class _ShardWriter:
+    """Writes one split after another as shards of about JOB_SHARD_BYTES, keeping the shards an
+    interrupted prepare of the same plan already wrote, with a progress line per interval."""
+
+    def __init__(self, settings, dest_uri: str, index: dict, arrays, root: str, threads: int, started: float):
+        self.settings, self.dest_uri, self.arrays, self.root = settings, dest_uri, arrays, root
+        self.pool = ThreadPoolExecutor(threads)
+        self.step = max(1, threads * 8)  # samples encoded per parallel chunk
+        self.kind, self.plan_id, self.total = index["kind"], index["plan"], index["files"]
+        self.ext = index["encoding"]["image"]
+        self.started = self.last_log = started
+        self.before = 0  # samples of the splits done before this one
+        self.written = 0  # shards written by this process
+
+    def split(self, split: str, entries: list) -> tuple[list[dict], list]:
+        """The split's shards (their index entries) and its bad files."""
+        shards: list[dict] = []
+        bad: list = []
+        i, n, stream = 0, 0, None
+        while i < len(entries):
+            name = f"{split}-{n:06d}.tar"
+            kept = self._kept(name)
+            if kept:  # written by an earlier, interrupted prepare
+                shards.append(kept["shard"])
+                bad += [tuple(b) for b in kept["bad"]]
+                i, n, stream = kept["end"], n + 1, None
+                continue
+            stream = stream or self._encoded(entries, i)
+            samples, shard_bad, i = self._fill(stream, n, i)
+            bad += shard_bad
+            if not samples:  # only bad files were left at the end of the split: no empty shard
+                break
+            shards.append(self._write(name, samples, shard_bad, i))
+            n += 1
+            self._progress(split, n, self.before + i)
+        self.before += len(entries)
+        return shards, bad
+
+    def _kept(self, name: str) -> dict | None:
+        try:
+            manifest = storage.read_json(self._manifest_uri(name))
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("plan") != self.plan_id:
+            return None
+        log.debug(f"{name} kept from an earlier prepare of the same plan")
+        return manifest
+
+    def _manifest_uri(self, name: str) -> str:
+        return storage.join(self.dest_uri, name.replace(".tar", ".json"))
+
+    def _encoded(self, entries: list, start: int):
+        """(position, entry, (bytes, why not, source name)) from `start`, encoded in parallel chunks."""
+        def encode(entry):
+            return _encode(entry, self.arrays, self.settings, self.root)
+
+        for lo in range(start, len(entries), self.step):
+            chunk = entries[lo:lo + self.step]
+            yield from zip(range(lo, lo + len(chunk)), chunk, self.pool.map(encode, chunk), strict=True)
+
+    def _fill(self, stream, n: int, i: int) -> tuple[list, list, int]:
+        """Samples for shard n until it reaches JOB_SHARD_BYTES: (samples, bad files, next position)."""
+        samples: list = []
+        bad: list = []
+        size = 0
+        for position, entry, (blob, reason, source_name) in stream:
+            i = position + 1
+            if blob is None:
+                bad.append((source_name, reason))
+                log.warning(f"skipping {source_name}: {reason}")
+                continue
+            samples.append((f"{len(samples):06d}-{n:06d}", blob, entry[-1]))
+            size += len(blob) + 1536  # the two tar headers and padding
+            if size >= self.settings.shard_bytes:
+                break
+        return samples, bad, i
+
+    def _write(self, name: str, samples: list, bad: list, end: int) -> dict:
+        """The shard, then its manifest (which a resumed prepare trusts): its index entry."""
+        blob = _tar(samples, self.ext)
+        meta = {"name": name, "samples": len(samples), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        if self.kind == "idx":
+            meta["shape"] = [1, *self.arrays["train"][0].shape[1:]]
+        storage.write_bytes(storage.join(self.dest_uri, name), blob)
+        storage.write_json(self._manifest_uri(name), {"plan": self.plan_id, "shard": meta, "end": end, "bad": bad})
+        self.written += 1
+        return meta
+
+    def _progress(self, split: str, n: int, done: int) -> None:
+        if time.monotonic() - self.last_log < self.settings.log_every_seconds:
+            return
+        self.last_log = time.monotonic()
+        rate = done / (self.last_log - self.started)
+        log.info(
+            f"prepare {done}/{self.total} samples ({100 * done / self.total:.0f}%), {rate:,.1f} samples/s, "
+            f"{n} {split} shard(s), ETA {(self.total - done) / max(rate, 1e-9):.0f} s"
+        )
+
+
 def cache_folder(settings, uri: str, local_rank: int) -> str:
-    return os.path.join(settings.cache_dir, "shards", hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16],
-                        f"process-{local_rank}")
+    return os.path.join(
+        settings.cache_dir, "shards", hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16], f"process-{local_rank}"
+    )

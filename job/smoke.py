@@ -101,7 +101,9 @@ def verify_reports(run_uri: str) -> str:
     history = report.read_history(run_uri)
     summary = storage.read_json(storage.join(run_uri, "summary.json"))
     if len(history) != 1 or summary.get("status") != "completed":
-        raise OutputError(f"outputs in {run_uri} read back wrong: {len(history)} history rows, status {summary.get('status')}")
+        raise OutputError(
+            f"outputs in {run_uri} read back wrong: {len(history)} history rows, status {summary.get('status')}"
+        )
     for plot in ("accuracy", "loss"):
         if not storage.read_bytes(storage.join(run_uri, "plots", f"{plot}.png")).startswith(b"\x89PNG"):
             raise OutputError(f"plots/{plot}.png in {run_uri} is not a PNG")
@@ -133,7 +135,14 @@ class Report:
         try:
             result = fn()
         except BaseException as exc:
-            self.lines.append(("FAILED", name, time.monotonic() - start, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__))
+            self.lines.append(
+                (
+                    "FAILED",
+                    name,
+                    time.monotonic() - start,
+                    str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__,
+                )
+            )
             raise
         self.lines.append(("ok", name, time.monotonic() - start, describe(result)))
         self.results[name] = result
@@ -143,7 +152,8 @@ class Report:
 def main(settings, runtime: Runtime) -> dict:
     s = smoke_settings(settings)
     run_uri = storage.join(s.output_uri, s.run_name)
-    steps, counts, code = Report(), {}, 0
+    steps, code = Report(), 0
+    counts: dict = {}
     try:
         if runtime.is_main:
             with storage.errors(run_uri, OutputError, "write to"):
@@ -151,8 +161,10 @@ def main(settings, runtime: Runtime) -> dict:
         summary = run.run(s, runtime, step=steps.step, sanity=loss_sanity, include=lambda rel: sample(rel, counts))
         images, built = steps.results["dataset pulled and read"], steps.results["model built with its weights"]
         if runtime.is_main:
-            steps.step("checkpoint written, verified, reloaded",
-                       lambda: verify_checkpoint(s, runtime, run_uri, images, built[0], built[2]))
+            steps.step(
+                "checkpoint written, verified, reloaded",
+                lambda: verify_checkpoint(s, runtime, run_uri, images, built[0], built[2]),
+            )
             steps.step("history, summary and plots read back", lambda: verify_reports(run_uri))
         return summary
     except JobError as exc:
@@ -163,8 +175,10 @@ def main(settings, runtime: Runtime) -> dict:
         raise
     finally:
         lines = [f"smoke report for {storage.redact_uri(run_uri)}:"]
-        lines += [f"  {status:6} {seconds:7.2f}s  {name}{': ' + detail if detail else ''}"
-                  for status, name, seconds, detail in steps.lines]
+        lines += [
+            f"  {status:6} {seconds:7.2f}s  {name}{': ' + detail if detail else ''}"
+            for status, name, seconds, detail in steps.lines
+        ]
         lines.append(f"smoke: {'PASSED' if code == 0 else 'FAILED'} (exit {code})")
         for line in lines:
             log.warning(line) if code else log.info(line)

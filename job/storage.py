@@ -27,6 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from job.errors import CacheError, CredentialsError, DataError, JobError, Stopped, TransientStorageError
 from job.settings import redact_uri
+from job.signals import StopRequest
 
 log = logging.getLogger("job")
 CACHE_MANIFEST = ".trainjob-cache.json"
@@ -40,7 +41,7 @@ class Config:
     retries: int = 10  # botocore attempts per request
     timeout: float = 300.0  # seconds one operation may take, retries included
     log_every: float = 10.0
-    stop: object = None  # the StopRequest: after a signal, waits end with the grace period
+    stop: StopRequest | None = None  # the StopRequest: after a signal, waits end with the grace period
     grace: float = 25.0
 
 
@@ -101,11 +102,22 @@ def errors(uri: str, error: type[JobError], action: str):
         if not refused(exc):
             raise _storage_error(exc, uri, error, action) from None
         if is_local(uri):
-            raise error(f"cannot {action} {shown}: permission denied (a local path: check its owner and mode)") from None
-        raise CredentialsError(f"cannot {action} {shown}: the store refused our credentials ({_short(exc)}); check the "
-                               "AWS_* variables, profile or service account, and the bucket policy") from None
+            raise error(
+                f"cannot {action} {shown}: permission denied (a local path: check its owner and mode)"
+            ) from None
+        raise CredentialsError(
+            f"cannot {action} {shown}: the store refused our credentials ({_short(exc)}); check the "
+            "AWS_* variables, profile or service account, and the bucket policy"
+        ) from None
     except Exception as exc:  # botocore/aiohttp errors that s3fs did not translate
-        if exc.__class__.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "gcsfs", "google", "fsspec"):
+        if exc.__class__.__module__.split(".")[0] in (
+            "botocore",
+            "aiobotocore",
+            "aiohttp",
+            "gcsfs",
+            "google",
+            "fsspec",
+        ):
             raise TransientStorageError(f"cannot {action} {shown} after retries: {_short(exc)}") from None
         raise
 
@@ -123,9 +135,13 @@ def refused(exc: BaseException) -> bool:
     if isinstance(exc, PermissionError):
         return True
     cause = exc.__cause__
-    return (isinstance(exc, OSError) and exc.errno == errno.EINVAL and cause is not None
-            and getattr(cause, "operation_name", "") == "HeadObject"
-            and getattr(cause, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") == 400)
+    return (
+        isinstance(exc, OSError)
+        and exc.errno == errno.EINVAL
+        and cause is not None
+        and getattr(cause, "operation_name", "") == "HeadObject"
+        and getattr(cause, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") == 400
+    )
 
 
 def _short(exc: BaseException) -> str:
@@ -154,17 +170,8 @@ def stop_pending(share: float = 1.0) -> tuple[int, float]:
     return stop.signum, stop.deadline(_config.grace * share)
 
 
-def bounded(action: str, uri: str, fn, nbytes: int = 0):
-    """Run fn() in a helper thread and wait for it, at most JOB_STORAGE_TIMEOUT_SECONDS (+1 s per
-    MB), logging a line every JOB_LOG_EVERY_SECONDS meanwhile. After a stop signal the wait also
-    ends with the grace period. The thread is abandoned on timeout: botocore's own timeouts end
-    it later, and the job is on its way out (exit 75 or 143) by then.
-
-    The calling thread stays responsive: a signal's handler runs during the wait."""
-    start = time.monotonic()
-    limit = _config.timeout + nbytes / MIN_BYTES_PER_SECOND
-    if getattr(_local, "deadline", None) is not None:
-        limit = max(0.0, min(limit, _local.deadline - start))
+def _in_thread(fn, name: str) -> tuple[threading.Event, dict]:
+    """Start fn() in a daemon thread: (an event set when it ends, {"result" or "error": ...})."""
     box: dict = {}
     done = threading.Event()
 
@@ -176,28 +183,48 @@ def bounded(action: str, uri: str, fn, nbytes: int = 0):
         finally:
             done.set()
 
-    threading.Thread(target=work, name=f"storage {action}", daemon=True).start()
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return done, box
+
+
+def _wait_slice(end: float, stop) -> float:
+    """How long to wait before looking again: at most 0.5 s, and never past `end` or, after a
+    stop signal, the end of the grace period."""
+    if stop is not None and stop.signum:
+        end = min(end, stop.deadline(_config.grace))
+    return max(0.0, min(0.5, end - time.monotonic()))
+
+
+def bounded(action: str, uri: str, fn, nbytes: int = 0):
+    """Run fn() in a helper thread and wait for it, at most JOB_STORAGE_TIMEOUT_SECONDS (+1 s per
+    MB), logging a line every JOB_LOG_EVERY_SECONDS meanwhile. After a stop signal the wait also
+    ends with the grace period. The thread is abandoned on timeout: botocore's own timeouts end
+    it later, and the job is on its way out (exit 75 or 143) by then.
+
+    The calling thread stays responsive: a signal's handler runs during the wait."""
+    start = time.monotonic()
+    limit = _config.timeout + nbytes / MIN_BYTES_PER_SECOND
+    if getattr(_local, "deadline", None) is not None:
+        limit = max(0.0, min(limit, _local.deadline - start))
+    done, box = _in_thread(fn, f"storage {action}")
     next_log = start + _config.log_every
     # Only the main thread answers a stop: a background upload that outlasts the grace period
     # is simply abandoned by the main thread, which then says which checkpoint is the valid one.
     stop = _config.stop if threading.current_thread() is threading.main_thread() else None
-    while True:
-        now = time.monotonic()
-        end = start + limit
-        if stop is not None and stop.signum:
-            end = min(end, stop.deadline(_config.grace))
-        if done.wait(timeout=max(0.0, min(0.5, end - now))):
-            break
+    while not done.wait(timeout=_wait_slice(start + limit, stop)):
         now = time.monotonic()
         if stop is not None and stop.signum and now >= stop.deadline(_config.grace):
             raise Stopped(stop.signum, f"when the grace period ran out, still trying to {action} {redact_uri(uri)}")
         if now >= start + limit:
             raise TransientStorageError(
                 f"cannot {action} {redact_uri(uri)}: no success within {limit:.0f} s (JOB_STORAGE_TIMEOUT_SECONDS="
-                f"{_config.timeout:g}, retries included); the store is down, unreachable or refusing requests")
+                f"{_config.timeout:g}, retries included); the store is down, unreachable or refusing requests"
+            )
         if now >= next_log:
-            log.warning(f"storage: still trying to {action} {redact_uri(uri)} after {now - start:.0f} s "
-                        f"(retrying; gives up at {limit:.0f} s)")
+            log.warning(
+                f"storage: still trying to {action} {redact_uri(uri)} after {now - start:.0f} s "
+                f"(retrying; gives up at {limit:.0f} s)"
+            )
             next_log = now + _config.log_every
     if "error" in box:
         raise box["error"]
@@ -219,8 +246,10 @@ def _op(action: str):
                 fs = filesystem(uri)[0]
                 if isinstance(fs, LocalFileSystem) or not refused(exc):
                     raise
-                log.warning(f"{redact_uri(uri)}: the store refused our credentials ({str(exc)[:120]}); "
-                            "reloading them and retrying once")
+                log.warning(
+                    f"{redact_uri(uri)}: the store refused our credentials ({str(exc)[:120]}); "
+                    "reloading them and retrying once"
+                )
                 type(fs).clear_instance_cache()
                 return fn(uri, *args, **kwargs)
 
@@ -378,6 +407,7 @@ def remove_stale_tmp(uri: str) -> int:
 
 # --- the dataset cache -----------------------------------------------------------------------
 
+
 def cache_root(uri: str, cache_dir: str) -> str:
     return os.path.join(cache_dir, hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16])
 
@@ -390,13 +420,17 @@ def check_cache_dir(cache_dir: str, need_bytes: int = 0) -> None:
         _write_local(os.path.join(cache_dir, ".trainjob-probe"), b"ok")
         os.remove(os.path.join(cache_dir, ".trainjob-probe"))
     except OSError as exc:
-        raise CacheError(f"JOB_CACHE_DIR={cache_dir} is not writable ({os.strerror(exc.errno) if exc.errno else exc}); "
-                         "mount a writable volume there (docker: --tmpfs /cache; Kubernetes: an emptyDir) or set "
-                         "JOB_CACHE_DIR to a writable directory") from None
+        raise CacheError(
+            f"JOB_CACHE_DIR={cache_dir} is not writable ({os.strerror(exc.errno) if exc.errno else exc}); "
+            "mount a writable volume there (docker: --tmpfs /cache; Kubernetes: an emptyDir) or set "
+            "JOB_CACHE_DIR to a writable directory"
+        ) from None
     free = shutil.disk_usage(cache_dir).free
     if need_bytes > free:
-        raise CacheError(f"JOB_CACHE_DIR={cache_dir} has {_mb(free)} free but the dataset needs {_mb(need_bytes)} more; "
-                         "give the cache volume more space (e.g. the emptyDir's sizeLimit) or point JOB_CACHE_DIR elsewhere")
+        raise CacheError(
+            f"JOB_CACHE_DIR={cache_dir} has {_mb(free)} free but the dataset needs {_mb(need_bytes)} more; "
+            "give the cache volume more space (e.g. the emptyDir's sizeLimit) or point JOB_CACHE_DIR elsewhere"
+        )
 
 
 def _mb(n: float) -> str:
@@ -409,8 +443,10 @@ def local_path(root: str, rel: str, name: str) -> str:
     object `name`), and the resolved path must lie under the resolved root."""
     parts = rel.split("/")
     if any(p in ("", ".", "..") or "\0" in p for p in parts):
-        raise DataError(f"object {name!r} has an empty, '.' or '..' segment in its key; refusing a dataset whose keys "
-                        "could write outside the cache (JOB_CACHE_DIR)")
+        raise DataError(
+            f"object {name!r} has an empty, '.' or '..' segment in its key; refusing a dataset whose keys "
+            "could write outside the cache (JOB_CACHE_DIR)"
+        )
     path = os.path.join(root, *parts)
     real_root = os.path.realpath(root)
     if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
@@ -494,7 +530,7 @@ def _plan(listing: dict, root: str, local_root: str, manifest: dict, include):
             continue
         if not path.startswith(base):
             raise DataError(f"object {path!r} is listed under {root} but is not inside it; refusing the dataset")
-        rel = path[len(base):]
+        rel = path[len(base) :]
         if include and not include(rel):
             continue
         dest = local_path(local_root, rel, path)
@@ -532,7 +568,8 @@ def _fetch(uri: str, todo: list, total_files: int, local_root: str) -> None:
     start, last_log, done_files, done_bytes = time.monotonic(), time.monotonic(), 0, 0
     i = 0
     while i < len(todo):
-        chunk, size = [], 0
+        chunk: list = []
+        size = 0
         while i < len(todo) and len(chunk) < PULL_CHUNK_FILES and (not chunk or size < PULL_CHUNK_BYTES):
             chunk.append(todo[i])
             size += todo[i][2]
@@ -545,9 +582,11 @@ def _fetch(uri: str, todo: list, total_files: int, local_root: str) -> None:
             local_fault = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not os.access(local_root, os.W_OK)
             if local_fault:
                 reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
-                raise CacheError(f"cannot write the dataset into JOB_CACHE_DIR ({local_root}): {reason}; "
-                                 f"{_mb(total - done_bytes)} still to fetch; give the cache volume more space or "
-                                 "make it writable") from None
+                raise CacheError(
+                    f"cannot write the dataset into JOB_CACHE_DIR ({local_root}): {reason}; "
+                    f"{_mb(total - done_bytes)} still to fetch; give the cache volume more space or "
+                    "make it writable"
+                ) from None
             raise
         done_files, done_bytes = done_files + len(chunk), done_bytes + size
         now = time.monotonic()
@@ -555,5 +594,8 @@ def _fetch(uri: str, todo: list, total_files: int, local_root: str) -> None:
             last_log = now
             rate = done_bytes / max(now - start, 1e-9)
             eta = (total - done_bytes) / rate if rate > 0 else 0
-            log.info(f"pull {done_files}/{len(todo)} files ({100 * done_bytes / max(total, 1):.0f}%), "
-                     f"{_mb(done_bytes)} of {_mb(total)}, {rate / 1e6:.2f} MB/s, elapsed {now - start:.0f} s, ETA {eta:.0f} s")
+            log.info(
+                f"pull {done_files}/{len(todo)} files ({100 * done_bytes / max(total, 1):.0f}%), "
+                f"{_mb(done_bytes)} of {_mb(total)}, {rate / 1e6:.2f} MB/s, elapsed {now - start:.0f} s, ETA "
+                f"{eta:.0f} s"
+            )

@@ -21,6 +21,7 @@ import queue
 import tempfile
 import threading
 import time
+from typing import Any
 
 from job import report, storage
 
@@ -41,7 +42,9 @@ class Tracker:
         self.active = self.use_mlflow or self.use_tensorboard
         self.logged = 0  # epochs the trackers have
         self.failures, self.warned = 0, False
-        self.mlflow, self.run_id, self.writer = None, None, None
+        self.mlflow: Any = None  # an MlflowClient once the run is found or made
+        self.run_id: str = ""
+        self.writer: Any = None
         self.calls: queue.Queue = queue.Queue()
         if self.active:
             threading.Thread(target=self._work, name="tracking", daemon=True).start()
@@ -86,8 +89,11 @@ class Tracker:
             except Exception as exc:  # a tracker problem is never the run's problem
                 self.failures += 1
                 if not self.warned:
-                    log.warning(f"experiment tracking failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                                "training goes on")
+                    log.warning(
+                        f"experiment tracking failed ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                        "training goes on"
+                    )
                     self.warned = True
                 if self.failures >= MAX_FAILURES:
                     log.warning(f"experiment tracking switched off after {MAX_FAILURES} failed calls in a row")
@@ -117,13 +123,18 @@ class Tracker:
                 self.mlflow_logged = max(steps, default=0)
                 client.update_run(self.run_id, status="RUNNING")
             else:
-                run = client.create_run(experiment_id, run_name=self.settings.run_name,
-                                        tags={"trainjob.run": uri, "trainjob.recipe": report.recipe(self.settings)})
+                run = client.create_run(
+                    experiment_id,
+                    run_name=self.settings.run_name,
+                    tags={"trainjob.run": uri, "trainjob.recipe": report.recipe(self.settings)},
+                )
                 self.run_id, self.mlflow_logged = run.info.run_id, 0
                 from mlflow.entities import Param
 
-                params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-                          for k, v in self.settings.public_dict().items()]
+                params = [
+                    Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                    for k, v in self.settings.public_dict().items()
+                ]
                 client.log_batch(self.run_id, params=params)
             self.mlflow = client
             log.info(f"experiment tracking: MLflow run {self.run_id} in experiment {name!r}")
@@ -133,8 +144,13 @@ class Tracker:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            metrics = [Metric(k, float(row[k]), now, row["epoch"]) for row in history
-                       if row["epoch"] > self.mlflow_logged for k in METRICS if k in row]
+            metrics = [
+                Metric(k, float(row[k]), now, row["epoch"])
+                for row in history
+                if row["epoch"] > self.mlflow_logged
+                for k in METRICS
+                if k in row
+            ]
             if metrics:
                 self.mlflow.log_batch(self.run_id, metrics=metrics)
                 self.mlflow_logged = history[-1]["epoch"]
@@ -169,4 +185,3 @@ class Tracker:
         if self.writer is not None:
             self.writer.close()  # writes what its queue still held: upload the final file
             self._upload_tensorboard()
-

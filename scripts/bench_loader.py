@@ -61,7 +61,8 @@ def job(*args, **env) -> subprocess.CompletedProcess:
 def cpu_seconds() -> float:
     """CPU seconds (user + system) of this process and all its descendants (the DataLoader's
     workers, its forkserver), read from /proc: "per core" counts every process that works."""
-    parents, times = {}, {}
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -72,9 +73,9 @@ def cpu_seconds() -> float:
     grew = True
     while grew:
         grew = False
-        for pid, parent in parents.items():
-            if parent in tree and pid not in tree:
-                tree.add(pid)
+        for child, parent in parents.items():
+            if parent in tree and child not in tree:
+                tree.add(child)
                 grew = True
     total = sum(times[p] for p in tree)
     return total / os.sysconf("SC_CLK_TCK")
@@ -83,7 +84,7 @@ def cpu_seconds() -> float:
 def rate(batches, warmup: int = 2) -> tuple[float, float]:
     """(images per wall second, images per CPU second of every process) over the batches after
     the first `warmup` (worker start-up excluded)."""
-    count, start, cpu = 0, None, None
+    count, start, cpu = 0, 0.0, 0.0
     for i, (x, _) in enumerate(batches):
         if i == warmup:
             start, cpu = time.perf_counter(), cpu_seconds()
@@ -102,10 +103,11 @@ def throughput(tmp: str, n: int) -> dict:
     runtime = Runtime(torch.device("cpu"), threads=1, workers=1, scan_threads=2)
     folder = datasets.load_images(os.path.join(tmp, "photos"), settings, runtime, normalize=True)
     index = shards.find_index(os.path.join(tmp, "photo-shards"))
+    assert index is not None, "prepare wrote no index.json"
     sharded = datasets.load_shards(settings.model_copy(update={"data_uri": os.path.join(tmp, "photo-shards")}),
                                    runtime, index, normalize=True)
     train = torch.arange(n)
-    results = {"per_item": [], "shards": []}
+    results: dict[str, list] = {"per_item": [], "shards": []}
     for _ in range(3):  # alternate, so drift in machine load hits both alike
         results["per_item"].append(rate(folder.samples.batches(train, 32, train=True)))
         results["shards"].append(rate(sharded.samples.batches(train, 32, train=True, epoch=len(results["shards"]))))
@@ -126,29 +128,46 @@ def startup(tmp: str) -> dict:
     for n in (10_000, 40_000):
         source = os.path.join(tmp, f"small-{n}")
         flowers(source, n, size=(64, 48), seed=n, quality=85)
-        prepared = job("prepare", source, source + "-shards", shard_bytes=32 << 20, cache_dir=os.path.join(tmp, "cache"))
+        prepared = job("prepare", source, source + "-shards", shard_bytes=32 << 20,
+                       cache_dir=os.path.join(tmp, "cache"))
         assert prepared.returncode == 0, prepared.stdout + prepared.stderr
         for name, uri in (("image_folder", source), ("sharded", source + "-shards")):
             start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "job"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env={**{k: v for k, v in os.environ.items() if not k.startswith("JOB_")},
-                                                    "JOB_DATA_URI": uri, "JOB_OUTPUT_URI": os.path.join(tmp, "runs"),
-                                                    "JOB_RUN_NAME": f"{name}-{n}", "JOB_MODEL": "mlp", "JOB_IMAGE_SIZE": "32",
-                                                    "JOB_EPOCHS": "1", "JOB_LIMIT_TRAIN_BATCHES": "1",
-                                                    "JOB_LIMIT_VAL_BATCHES": "1", "JOB_EXPORT": "off",
-                                                    "JOB_LOG_LEVEL": "debug", "JOB_NUM_WORKERS": "1",
-                                                    "JOB_CACHE_DIR": os.path.join(tmp, f"cache-{name}-{n}")})
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "job"],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("JOB_")},
+                    "JOB_DATA_URI": uri,
+                    "JOB_OUTPUT_URI": os.path.join(tmp, "runs"),
+                    "JOB_RUN_NAME": f"{name}-{n}",
+                    "JOB_MODEL": "mlp",
+                    "JOB_IMAGE_SIZE": "32",
+                    "JOB_EPOCHS": "1",
+                    "JOB_LIMIT_TRAIN_BATCHES": "1",
+                    "JOB_LIMIT_VAL_BATCHES": "1",
+                    "JOB_EXPORT": "off",
+                    "JOB_LOG_LEVEL": "debug",
+                    "JOB_NUM_WORKERS": "1",
+                    "JOB_CACHE_DIR": os.path.join(tmp, f"cache-{name}-{n}"),
+                },
+            )
             first_step = None
-            for line in proc.stdout:
+            for line in proc.stdout or ():
                 if first_step is None and " epoch 1 from sample 0 shard " in line:
                     first_step = time.perf_counter() - start
             proc.wait()
             assert proc.returncode == 0 and first_step, f"{name} {n} failed"
             out[f"{name}_{n}"] = round(first_step, 2)
-    return {"seconds_to_first_step": out,
-            "sharded_40k_over_10k": round(out["sharded_40000"] / out["sharded_10000"], 2),
-            "image_folder_40k_over_10k": round(out["image_folder_40000"] / out["image_folder_10000"], 2),
-            "target": "sharded_40k_over_10k <= 1.2"}
+    return {
+        "seconds_to_first_step": out,
+        "sharded_40k_over_10k": round(out["sharded_40000"] / out["sharded_10000"], 2),
+        "image_folder_40k_over_10k": round(out["image_folder_40000"] / out["image_folder_10000"], 2),
+        "target": "sharded_40k_over_10k <= 1.2",
+    }
 
 
 def cache_bound(tmp: str) -> dict:
@@ -175,13 +194,28 @@ def cache_bound(tmp: str) -> dict:
             time.sleep(0.02)
 
     threading.Thread(target=poll, daemon=True).start()
-    result = job(data_uri=source + "-shards", output_uri=os.path.join(tmp, "runs"), run_name="bound", model="mlp",
-                 image_size=32, epochs=2, batch_size=16, num_workers=1, shard_cache_bytes=limit, cache_dir=folder,
-                 export="off")
+    result = job(
+        data_uri=source + "-shards",
+        output_uri=os.path.join(tmp, "runs"),
+        run_name="bound",
+        model="mlp",
+        image_size=32,
+        epochs=2,
+        batch_size=16,
+        num_workers=1,
+        shard_cache_bytes=limit,
+        cache_dir=folder,
+        export="off",
+    )
     stop.set()
     assert result.returncode == 0, result.stdout + result.stderr
-    return {"dataset_bytes": total, "limit_bytes": limit, "most_bytes_on_disk": peak[0],
-            "within_limit": peak[0] <= limit, "dataset_over_limit": round(total / limit, 2)}
+    return {
+        "dataset_bytes": total,
+        "limit_bytes": limit,
+        "most_bytes_on_disk": peak[0],
+        "within_limit": peak[0] <= limit,
+        "dataset_over_limit": round(total / limit, 2),
+    }
 
 
 def main() -> None:

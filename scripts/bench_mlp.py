@@ -38,13 +38,14 @@ import torch.nn.functional as F
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+from stage_dataset import from_idx, stage  # noqa: E402
+
 from job import data, loop  # noqa: E402
 from job.datasets import Data  # noqa: E402
 from job.models import build_model  # noqa: E402
 from job.optim import build_optimizer  # noqa: E402
 from job.runtime import Runtime  # noqa: E402
 from job.settings import Settings  # noqa: E402
-from stage_dataset import from_idx, stage  # noqa: E402
 
 EPOCHS = 10
 
@@ -57,8 +58,15 @@ def make_model(settings):
 def run_job(data_dir: str, out: str, name: str, **settings) -> tuple[list[dict], float]:
     """`python -m job` as users run it; (history rows, process wall seconds)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
-    env.update({"JOB_DATA_URI": data_dir, "JOB_OUTPUT_URI": out, "JOB_RUN_NAME": name,
-                "JOB_CACHE_DIR": os.path.join(out, "cache"), **{f"JOB_{k.upper()}": str(v) for k, v in settings.items()}})
+    env.update(
+        {
+            "JOB_DATA_URI": data_dir,
+            "JOB_OUTPUT_URI": out,
+            "JOB_RUN_NAME": name,
+            "JOB_CACHE_DIR": os.path.join(out, "cache"),
+            **{f"JOB_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+    )
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -91,7 +99,7 @@ def floor_epochs(settings, x, y, train_idx) -> float:
     rates = []
     for epoch in range(EPOCHS):
         order = data.epoch_order(train_idx, 0, epoch)
-        batches = [(x[order[i:i + 100]], y[order[i:i + 100]]) for i in range(0, len(order), 100)]
+        batches = [(x[order[i : i + 100]], y[order[i : i + 100]]) for i in range(0, len(order), 100)]
         start = time.perf_counter()
         for xb, yb in batches:
             loss = F.cross_entropy(model(xb), yb)
@@ -127,8 +135,11 @@ def tutorial_epoch(settings, images, labels, train_idx) -> float:
 
 
 def summarise(values: list[float], digits: int = 3) -> dict:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits)}
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
 
 
 def seed_recipe(args, arrays, data_dir: str, out: str) -> dict:
@@ -138,26 +149,33 @@ def seed_recipe(args, arrays, data_dir: str, out: str) -> dict:
     y = torch.from_numpy(labels.astype(np.int64))
     train_idx, val_idx = data.split_indices(len(x), settings.val_fraction, settings.seed)
     digits = Data(data.TensorSource(x, y), None, [str(i) for i in range(10)], "bench")
-    results = {"job": [], "job_wall_seconds": [], "loop": [], "floor": [], "tutorial": []}
+    results: dict[str, list] = {"job": [], "job_wall_seconds": [], "loop": [], "floor": [], "tutorial": []}
 
     def job():
         history, wall = run_job(data_dir, out, f"r{len(results['job'])}")
         results["job"].append(steady(history))
         results["job_wall_seconds"].append(wall)
 
-    methods = {"job": job,
-               "loop": lambda: results["loop"].append(loop_epochs(settings, digits, train_idx, val_idx)),
-               "floor": lambda: results["floor"].append(floor_epochs(settings, x, y, train_idx)),
-               "tutorial": lambda: results["tutorial"].append(tutorial_epoch(settings, images, labels, train_idx))}
+    methods = {
+        "job": job,
+        "loop": lambda: results["loop"].append(loop_epochs(settings, digits, train_idx, val_idx)),
+        "floor": lambda: results["floor"].append(floor_epochs(settings, x, y, train_idx)),
+        "tutorial": lambda: results["tutorial"].append(tutorial_epoch(settings, images, labels, train_idx)),
+    }
     order = random.Random(0)
     for _ in range(args.rounds):  # interleaved: drift in machine load hits every method alike
         for name in order.sample(list(methods), len(methods)):
             methods[name]()
-    ratio = lambda a, b: summarise([p / q for p, q in zip(results[a], results[b], strict=True)])
+
+    def ratio(a, b):
+        return summarise([p / q for p, q in zip(results[a], results[b], strict=True)])
+
     return {
         "recipe": "real MNIST t10k, 8,000 train / 2,000 val, mlp 784-32-10, sgd lr 0.5, batch 100, 10 epochs, 1 thread",
         "rounds": args.rounds,
-        "train_samples_per_second": {k: round(statistics.median(results[k])) for k in ("job", "loop", "floor", "tutorial")},
+        "train_samples_per_second": {
+            k: round(statistics.median(results[k])) for k in ("job", "loop", "floor", "tutorial")
+        },
         "job_wall_seconds": summarise(results["job_wall_seconds"], 2),
         "job_over_floor": ratio("job", "floor"),
         "loop_over_floor": ratio("loop", "floor"),
@@ -169,8 +187,13 @@ def seed_recipe(args, arrays, data_dir: str, out: str) -> dict:
 def publishing(args, data_dir: str, out: str) -> dict:
     """What checkpoints and reports cost the loop once epochs last a few seconds."""
     recipe = dict(hidden_sizes="1024,1024", epochs=6, lr_schedule="constant", keep_checkpoints=2)
-    configs = {"default": {}, "every_epoch": {"checkpoint_min_seconds": 0}, "at_end_only": {"checkpoint_min_seconds": 86400}}
-    rates, epoch_seconds = {k: [] for k in configs}, []
+    configs = {
+        "default": {},
+        "every_epoch": {"checkpoint_min_seconds": 0},
+        "at_end_only": {"checkpoint_min_seconds": 86400},
+    }
+    rates: dict[str, list] = {k: [] for k in configs}
+    epoch_seconds: list[float] = []
     order = random.Random(1)
     for r in range(args.rounds):
         for name in order.sample(list(configs), len(configs)):
@@ -181,8 +204,12 @@ def publishing(args, data_dir: str, out: str) -> dict:
         "recipe": "as above with hidden 1024,1024 and 6 epochs",
         "epoch_seconds_median": round(statistics.median(epoch_seconds), 2),
         "train_samples_per_second": {k: round(statistics.median(v)) for k, v in rates.items()},
-        "default_over_at_end_only": summarise([a / b for a, b in zip(rates["default"], rates["at_end_only"], strict=True)]),
-        "every_epoch_over_at_end_only": summarise([a / b for a, b in zip(rates["every_epoch"], rates["at_end_only"], strict=True)]),
+        "default_over_at_end_only": summarise(
+            [a / b for a, b in zip(rates["default"], rates["at_end_only"], strict=True)]
+        ),
+        "every_epoch_over_at_end_only": summarise(
+            [a / b for a, b in zip(rates["every_epoch"], rates["at_end_only"], strict=True)]
+        ),
         "target": "default_over_at_end_only >= 0.98",
     }
 
@@ -191,14 +218,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "mnist-t10k"))
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--publishing", action="store_true", help="also measure what publishing costs few-second epochs")
+    parser.add_argument(
+        "--publishing", action="store_true", help="also measure what publishing costs few-second epochs"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     arrays = from_idx(args.data, t10k_as_train=True)
     with tempfile.TemporaryDirectory(prefix="bench-mlp-") as tmp:
         data_dir = os.path.join(tmp, "mnist")
         stage({k: v for k, v in arrays.items() if k.startswith("train")}, data_dir)
-        result = {"data": os.path.abspath(args.data), "seed_recipe": seed_recipe(args, arrays, data_dir, os.path.join(tmp, "runs"))}
+        result = {
+            "data": os.path.abspath(args.data),
+            "seed_recipe": seed_recipe(args, arrays, data_dir, os.path.join(tmp, "runs")),
+        }
         if args.publishing:
             result["publishing"] = publishing(args, data_dir, os.path.join(tmp, "runs"))
     print(json.dumps(result, indent=2))

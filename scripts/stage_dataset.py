@@ -32,9 +32,9 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    images = F.interpolate(images, size=(20, 20), mode="bilinear", align_corners=False)
-    images = F.pad(images, (4, 4, 4, 4)).squeeze(1).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    small = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    small = F.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False)
+    images = F.pad(small, (4, 4, 4, 4)).squeeze(1).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
     labels = bunch.target.astype(np.uint8)
     order = np.random.default_rng(seed).permutation(len(labels))
     n_test = int(test_fraction * len(labels))
@@ -118,7 +118,10 @@ def main() -> None:
         return
     if args.source == "digit-images":
         arrays = digits()
-        print(f"{len(png_folder(arrays['test_images'], arrays['test_labels'], args.paths[0]))} PNG files under {args.paths[0]}")
+        print(
+            f"{len(png_folder(arrays['test_images'], arrays['test_labels'], args.paths[0]))} PNG files under "
+            f"{args.paths[0]}"
+        )
         return
     arrays = digits() if args.source == "digits" else from_idx(args.paths[0], args.t10k_as_train)
     for uri in stage(arrays, args.paths[-1]):
