@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # the builtin only from Python 3.11
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -221,7 +222,7 @@ class Uploader:
             try:
                 self._pending.exception(timeout=timeout)  # polls, so a signal's deadline is noticed
                 break
-            except TimeoutError:
+            except FutureTimeout:
                 if end is not None and time.monotonic() >= end:
                     return False
         pending, self._pending = self._pending, None

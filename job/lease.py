@@ -23,6 +23,9 @@ from job.errors import TransientStorageError
 
 log = logging.getLogger("job")
 KEEP_GENERATIONS = 1  # ours: older generations only matter until ours exists
+# how long release() waits for a renewal in flight: a healthy one takes milliseconds, a longer one
+# is a write to a frozen store, which would hold a stop for up to JOB_STORAGE_TIMEOUT_SECONDS
+RELEASE_WAIT_SECONDS = 1.0
 
 
 class LeaseLost(TransientStorageError):
@@ -94,8 +97,7 @@ class Lease:
         announced = False
         while True:
             generation, holder = self._newest()
-            free = holder is None or time.time() > holder.get("expires", 0) or _gone(holder)
-            if free:
+            if holder is None or time.time() > holder.get("expires", 0) or _gone(holder):  # free
                 try:
                     storage.create_json(self._uri(generation + 1), self._record())
                 except FileExistsError:
@@ -107,7 +109,8 @@ class Lease:
             who = f"host {holder.get('host')} pid {holder.get('pid')}"
             left = holder.get("expires", 0) - time.time()
             if time.monotonic() > give_up:
-                raise LeaseLost(f"another job is writing {storage.redact_uri(self.dir.rsplit('/', 1)[0])} ({who}, lease "
+                run = storage.redact_uri(self.dir.rsplit('/', 1)[0])
+                raise LeaseLost(f"another job is writing {run} ({who}, lease "
                                 f"renewed until {left:.0f} s from now); a run has one writer. Exit 75 so the scheduler "
                                 "retries later; if that job is gone, its lease expires within JOB_LEASE_SECONDS")
             if not announced:
@@ -124,6 +127,8 @@ class Lease:
                 raise LeaseLost(self.lost)
             if not self.generation:
                 return
+            if self._stop.is_set():  # released: a late commit or heartbeat must not hold the run again
+                raise LeaseLost("lost the run's lease: this job gave it back as it ends, and writes no more")
             generation, holder = self._newest()
             if generation != self.generation or (holder or {}).get("owner") != self.owner:
                 self.lost = (f"lost the run's lease to another job (host {(holder or {}).get('host')} pid "
@@ -150,9 +155,16 @@ class Lease:
 
     def release(self) -> None:
         """Give the lease back by deleting our generation (best effort: an unreleased lease
-        expires on its own). The newest generation is then an older, released or expired one."""
-        self._stop.set()
-        with self._lock:
+        expires on its own). The newest generation is then an older, released or expired one.
+        Does not wait for a renewal stuck on a frozen store: the job is stopping."""
+        self._stop.set()  # renew() writes no more after this
+        if not self._lock.acquire(timeout=RELEASE_WAIT_SECONDS):
+            log.warning("a renewal of the run's lease is still writing (slow storage); not waiting for it: the lease "
+                        f"expires on its own within JOB_LEASE_SECONDS={self.seconds:g}")
+            return
+        try:
             if self.generation and not self.lost:
                 storage.remove(self._uri(self.generation))
                 storage.remove_empty_dir(self.dir)
+        finally:
+            self._lock.release()

@@ -218,8 +218,11 @@ class ShardCache:
     def _room(self, size: int, for_now: bool) -> bool:
         """Reserve `size` bytes, evicting unpinned shards (least recently used first). Without
         room, the prefetcher waits; a shard needed now means the limit is too small (raise)."""
+        # fetching ahead never evicts a shard of the look-ahead itself: with room for fewer shards
+        # than it looks ahead, it would evict what it just fetched, again and again
+        ahead = set() if for_now else set(self.plan[self.cursor:self.cursor + 2 * WINDOW])
         while self.reserved + size > self.limit:
-            idle = [(s["used"], n) for n, s in self.local.items() if not self.pins.get(n)]
+            idle = [(s["used"], n) for n, s in self.local.items() if not self.pins.get(n) and n not in ahead]
             if not idle:
                 if not for_now:
                     return False
