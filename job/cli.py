@@ -170,14 +170,18 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
 
 def report_failure(exc: BaseException) -> int:
     """Log how the job failed (one line for a JobError, the traceback for a bug); the exit code.
-    Call it while handling `exc`."""
+    Call it while handling `exc`. That line is the log's last: threads abandoned on the way out (a
+    storage call still retrying on a frozen store, an upload) log nothing after it."""
     run_uri = getattr(exc, "run_uri", "")
     run = f"; run {run_uri}" if run_uri else ""
     if isinstance(exc, Stopped):  # a graceful stop is not an error
         log.warning(f"{exc} (exit {exc.exit_code}{run})")
-        return exc.exit_code
-    if isinstance(exc, JobError):
+        code = exc.exit_code
+    elif isinstance(exc, JobError):
         log.error(f"{exc} (exit {exc.exit_code}{run})")
-        return exc.exit_code
-    log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
-    return 1
+        code = exc.exit_code
+    else:
+        log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
+        code = 1
+    logging.disable(logging.CRITICAL)
+    return code

@@ -1,5 +1,10 @@
 """Shared fixtures: a real S3-compatible server (moto, its own process on loopback), staged
-datasets, and a helper that runs the job as a real subprocess with real environment variables."""
+datasets, and a helper that runs the job as a real subprocess with real environment variables.
+
+No test bets on the machine's speed. Where time is the product's promise (a stop within the grace
+period, no log silence longer than the interval, a storage time bound), the slack beyond it is a
+multiple of time_unit(), measured in the same test; every other timeout is a hang guard, generous
+enough for a machine ten times slower than ours under load, never the assertion."""
 
 import atexit
 import os
@@ -39,19 +44,19 @@ def s3_server():
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
+    deadline = time.monotonic() + 120  # a hang guard: importing moto takes seconds on a loaded machine
     while True:
         try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=10)
             break
         except OSError:
-            if time.time() > deadline or proc.poll() is not None:
+            if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise RuntimeError("moto server did not start")
             time.sleep(0.1)
     yield endpoint
     proc.terminate()
-    proc.wait(timeout=10)
+    proc.wait(timeout=60)
 
 
 def fresh_bucket(s3_server: str, monkeypatch):
@@ -59,7 +64,7 @@ def fresh_bucket(s3_server: str, monkeypatch):
     `monkeypatch`) and make the buckets data and out. Returns (s3fs filesystem, AWS variables)."""
     import s3fs
 
-    urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"))
+    urllib.request.urlopen(urllib.request.Request(s3_server + "/moto-api/reset", method="POST"), timeout=120)
     aws = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing-key-id",
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     for k, v in aws.items():
@@ -110,8 +115,9 @@ def job_env(**settings) -> dict:
     return env
 
 
-def run_job(*args, timeout=300, **settings) -> subprocess.CompletedProcess:
-    """`python -m job` as a real subprocess; output is captured as text (stdout + stderr)."""
+def run_job(*args, timeout=600, **settings) -> subprocess.CompletedProcess:
+    """`python -m job` as a real subprocess; output is captured as text (stdout + stderr).
+    `timeout` is a hang guard, not an assertion: the longest run takes ~30 s here."""
     return subprocess.run([sys.executable, "-m", "job", *args], env=job_env(**settings), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
@@ -161,8 +167,20 @@ def read_history(run) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def wait_for(condition, proc=None, timeout: float = 60, what: str = "the condition"):
-    """Poll `condition()` until it is true; fail if `proc` ends first or after `timeout` seconds."""
+def time_unit() -> float:
+    """Seconds a bare `python -c "import torch"` takes on this machine right now: the yardstick for
+    every time slack in the tests. Call it just before the timed part: a loaded or slower machine
+    stretches it as it stretches the job's own start, work and exit (~1.7 s on our 2 idle cores)."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, capture_output=True, timeout=600)
+    seconds = time.monotonic() - start
+    print(f"time unit: {seconds:.2f} s")  # in the report of a test that fails
+    return seconds
+
+
+def wait_for(condition, proc=None, timeout: float = 300, what: str = "the condition"):
+    """Poll `condition()` until it is true; fail if `proc` ends first or after `timeout` seconds
+    (a hang guard: the condition is what the test waits for, not how fast it comes)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if proc is not None and proc.poll() is not None:
@@ -172,7 +190,7 @@ def wait_for(condition, proc=None, timeout: float = 60, what: str = "the conditi
         time.sleep(0.02)
 
 
-def sigterm(proc, timeout: float = 60) -> tuple[str, float]:
+def sigterm(proc, timeout: float = 300) -> tuple[str, float]:
     """SIGTERM the job; (its output, seconds from the signal to its exit)."""
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -180,8 +198,34 @@ def sigterm(proc, timeout: float = 60) -> tuple[str, float]:
     return out, time.monotonic() - signalled
 
 
-def wait_for_epochs(run, n: int, proc=None, timeout: float = 60) -> None:
+def wait_for_epochs(run, n: int, proc=None, timeout: float = 300) -> None:
     wait_for(lambda: len(read_history(run)) >= n, proc, timeout, f"{n} epochs in the history")
+
+
+def cpu_ticks(pid: int) -> tuple[int, str]:
+    """(user + system clock ticks of the whole process, the state of its main thread) from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3, utime 14, stime 15
+    return int(fields[11]) + int(fields[12]), fields[0]
+
+
+def wait_until_idle(proc, seconds: float, timeout: float = 300, what: str = "the job waiting") -> None:
+    """Wait until the job has used no CPU at all for `seconds`, its main thread asleep at every look:
+    it is blocked (on a frozen store, a download), not working. A working process gets the CPU many
+    times a second even on a machine loaded 10 times over, so this is an observation, not a bet."""
+    deadline = time.monotonic() + timeout
+    since, ticks = time.monotonic(), None
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        now_ticks, state = cpu_ticks(proc.pid)
+        if now_ticks != ticks or state != "S":
+            since, ticks = time.monotonic(), now_ticks
+        elif time.monotonic() - since >= seconds:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.05)
 
 
 def idx_images(n: int, seed: int = 0) -> np.ndarray:

@@ -2,7 +2,8 @@
 fraction of requests (optionally only those whose path matches a pattern) it answers 503
 SlowDown, 500 InternalError, resets the connection or drops it without an answer; it can delay
 every request (a slow link) and freeze (accept requests and never answer, like a server stopped
-with SIGSTOP) until thawed."""
+with SIGSTOP) until thawed. `counts` says what it has seen, so a test can wait for a request to
+be under way (counts["delayed"]: requests that have begun a delay) instead of sleeping."""
 
 import http.client
 import random
@@ -40,7 +41,8 @@ class FaultProxy:
         self.thawed.set()
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
-        self.counts = {"forwarded": 0, "slowdown": 0, "internal": 0, "reset": 0, "drop": 0, "expired": 0, "frozen": 0}
+        self.counts = {"forwarded": 0, "slowdown": 0, "internal": 0, "reset": 0, "drop": 0, "expired": 0, "frozen": 0,
+                       "delayed": 0}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,8 +73,11 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
-                if proxy.delay_paths.search(self.path):
-                    time.sleep(proxy.delay_seconds)
+                delay = proxy.delay_seconds
+                if delay > 0 and proxy.delay_paths.search(self.path):
+                    with proxy.lock:
+                        proxy.counts["delayed"] += 1  # counted as the delay begins: the request is under way
+                    time.sleep(delay)
                 if not proxy.thawed.is_set():
                     with proxy.lock:
                         proxy.counts["frozen"] += 1

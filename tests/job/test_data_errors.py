@@ -35,12 +35,14 @@ def test_missing_labels_file_exit_3(tmp_path, digits_dir):
     assert_one_clear_error(result, 3, "train-labels-idx1-ubyte")
 
 
+# Explicit ids: pytest would name a bytes parameter by its value, and a gzip header holds the
+# second it was written (mtime=0 here as well), so the two xdist workers' collections differed.
 @pytest.mark.parametrize("name, data, reason", [
-    ("train-images-idx3-ubyte.gz", gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 64), "bad magic number"),
-    ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(idx_images(2000)))[:5000], "corrupt or truncated"),
-    ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(idx_images(5))[:-100]), "truncated"),
-    ("train-labels-idx1-ubyte.gz", gzip.compress(idx_bytes(idx_images(3)[:, 0, 0])), "labels"),
-])
+    ("train-images-idx3-ubyte.gz", gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 64, mtime=0), "bad magic number"),
+    ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(idx_images(2000)), mtime=0)[:5000], "corrupt or truncated"),
+    ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(idx_images(5))[:-100], mtime=0), "truncated"),
+    ("train-labels-idx1-ubyte.gz", gzip.compress(idx_bytes(idx_images(3)[:, 0, 0]), mtime=0), "labels"),
+], ids=["images-bad-magic", "images-cut-gzip-stream", "images-idx-short", "labels-too-few"])
 def test_corrupt_idx_exits_3_naming_the_file(tmp_path, digits_dir, name, data, reason):
     broken = tmp_path / "broken"
     corrupt_copy(digits_dir, broken, name, data)

@@ -4,7 +4,6 @@ outputs on a real S3-compatible server, a local path and memory://."""
 import io
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import torch
 
 import stage_dataset
 from conftest import DIGITS, SECRET, SHARED_MNIST, assert_same_history, read_history, run_job
-from job import cli, storage
 from job.models import build_model
 
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
@@ -80,23 +78,6 @@ def test_local_end_to_end_is_deterministic(tmp_path, digits_dir):
     assert [p.name for p in (tmp_path / "runs" / "a" / "checkpoints").glob("step-*.pt")] == ["step-000000048.pt"]
     assert_same_history(read_history(tmp_path / "runs" / "a"), read_history(tmp_path / "runs" / "b"))
     assert (tmp_path / "runs" / "a" / "checkpoints" / "best.pt").exists()
-
-
-def test_memory_uri_in_process(monkeypatch, digits_arrays, capsys):
-    stage_dataset.stage(digits_arrays, "memory://staged/digits")
-    for k, v in {"JOB_DATA_URI": "memory://staged/digits", "JOB_OUTPUT_URI": "memory://results",
-                 "JOB_RUN_NAME": "mem", "JOB_EPOCHS": "2", "JOB_THREADS": "1",
-                 **{f"JOB_{k.upper()}": v for k, v in DIGITS.items()}}.items():
-        monkeypatch.setenv(k, v)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        assert cli.main([]) == 0
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    summary = storage.read_json("memory://results/mem/summary.json")
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 2
-    assert storage.exists("memory://results/mem/checkpoints/best.pt")
 
 
 def test_resume_continues_to_the_same_history(tmp_path, digits_dir):

@@ -21,7 +21,7 @@ from job.datasets import idx_bytes, read_idx
 from test_transfer import CLASSES, RECIPE, make_tree, weights_file
 
 
-def command(*args, timeout=300, **settings):
+def command(*args, timeout=600, **settings):
     return run_job(*args, timeout=timeout, **settings)
 
 
@@ -204,7 +204,7 @@ def test_a_tracker_that_is_down_changes_nothing(tmp_path, digits_dir, monkeypatc
         common = dict(data_uri=str(digits_dir), output_uri=str(tmp_path), epochs=3, **DIGITS)
         plain = run_job(run_name="plain", **common)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        tracked = run_job(run_name="tracked", timeout=120, **common)
+        tracked = run_job(run_name="tracked", **common)
     finally:
         if proxy:
             proxy.close()
@@ -284,7 +284,7 @@ def test_predict_refuses_a_hostile_model_config_in_one_line(digits_run, tmp_path
             export.load(str(tmp_path / "model"))
         assert expected in str(refused.value) and refused.value.exit_code == 3
         return
-    result = command("predict", str(tmp_path / "model"), str(root / "digits"), timeout=120)
+    result = command("predict", str(tmp_path / "model"), str(root / "digits"), timeout=300)
     assert result.returncode == 3, result.stdout
     assert expected in result.stdout.strip().splitlines()[-1] and "Traceback" not in result.stdout, result.stdout
 
@@ -293,11 +293,11 @@ def test_predict_on_a_fifo_named_like_idx_images_or_a_fifo_config_does_not_hang(
     root, run, _ = digits_run
     (tmp_path / "inputs").mkdir()
     os.mkfifo(tmp_path / "inputs" / "t10k-images-idx3-ubyte")  # opened plainly, a read would wait forever
-    result = command("predict", str(run), str(tmp_path / "inputs"), timeout=120)
+    result = command("predict", str(run), str(tmp_path / "inputs"), timeout=300)
     assert result.returncode == 3 and "not a regular file" in result.stdout, result.stdout
     (tmp_path / "model").mkdir()
     os.mkfifo(tmp_path / "model" / "config.json")
-    result = command("predict", str(tmp_path / "model"), str(root / "digits"), timeout=120)
+    result = command("predict", str(tmp_path / "model"), str(root / "digits"), timeout=300)
     assert result.returncode == 3 and "config.json is not a regular file" in result.stdout, result.stdout
 
 
@@ -305,5 +305,5 @@ def test_predict_refuses_idx_images_of_another_size(digits_run, tmp_path):
     root, run, _ = digits_run
     (tmp_path / "inputs").mkdir()
     (tmp_path / "inputs" / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((4, 20, 20), dtype=np.uint8)))
-    result = command("predict", str(run), str(tmp_path / "inputs"), timeout=120)
+    result = command("predict", str(run), str(tmp_path / "inputs"), timeout=300)
     assert result.returncode == 3 and "holds 20x20 images; this model takes 28x28" in result.stdout, result.stdout

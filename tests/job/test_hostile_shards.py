@@ -5,14 +5,14 @@ freezes while a shard downloads or while prepare reads, and real signals."""
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import stage_dataset
-from conftest import DIGITS, read_history, run_job, sigterm, start_job, wait_for, wait_for_epochs
+from conftest import (DIGITS, read_history, run_job, sigterm, start_job, time_unit, wait_for, wait_for_epochs,
+                      wait_until_idle)
 from faultproxy import FaultProxy
 from test_hostile import png_bomb
 
@@ -151,23 +151,32 @@ def test_sigterm_while_a_shard_download_hangs_saves_the_last_step(s3, s3_server,
     """The store freezes mid-epoch: training waits for a shard the prefetcher cannot get. A
     SIGTERM must still end the run within the grace period with a checkpoint of the last step."""
     s3.put(str(digit_shards), "data/digit-shards", recursive=True)
+    unit = time_unit()
+    # the job gives the stalled download half the grace period and saves its last step in the other
+    # half: that save (a small model, to a local folder) costs well under a unit, so two units each
+    grace = max(8.0, 4 * unit)
     proxy = FaultProxy(s3_server, 0.0)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         settings = dict(data_uri="s3://data/digit-shards", output_uri=str(tmp_path), run_name="r", num_workers=0,
                         batch_size=16, shard_cache_bytes=2_400_000, cache_dir=str(tmp_path / "c"), **DIGITS)
-        proc = start_job(epochs=1000, stop_grace_seconds=8, storage_timeout_seconds=120, **settings)
+        proc = start_job(epochs=1000, stop_grace_seconds=grace, storage_timeout_seconds=600, **settings)
         wait_for_epochs(tmp_path / "r", 1, proc)
         proxy.freeze()
         wait_for(lambda: proxy.counts["frozen"] > 0, proc, what="a shard request to the frozen store")
-        time.sleep(2)  # the shards in the cache are used up in milliseconds: the loop now waits
+        # the shards in the cache get used up and the loop waits for one the store does not send:
+        # seen as a job that uses no CPU at all, its main thread asleep, for a second (half a unit
+        # on a slower machine), instead of a sleep that hopes the loop got there
+        wait_until_idle(proc, max(1.0, unit / 2), what="the training loop waiting for a shard")
+        unit = max(unit, time_unit())
         out, took = sigterm(proc)
     finally:
         proxy.close()
     assert proc.returncode == 143, out
     last = out.strip().splitlines()[-1]
     assert "while waiting for shard" in out and "after saving a checkpoint: checkpoints/step-" in last, out
-    assert took < 8 + 5, took  # the grace period, and the interpreter's exit
+    # the grace period, then the last line and the interpreter's exit: less than a unit each
+    assert took < grace + 2 * unit, (took, grace, unit)
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     rerun = run_job(epochs=len(read_history(tmp_path / "r")) + 1, **settings)
@@ -176,17 +185,21 @@ def test_sigterm_while_a_shard_download_hangs_saves_the_last_step(s3, s3_server,
 
 def test_sigterm_while_prepare_reads_a_frozen_store_ends_at_once(s3, s3_server, digits_arrays, tmp_path, monkeypatch):
     stage_dataset.png_folder(digits_arrays["train_images"][:600], digits_arrays["train_labels"][:600], "s3://data/pngs/train")
+    unit = time_unit()
+    grace = max(25.0, 10 * unit)  # "at once" must mean sooner than the grace period: far above the slack below
     proxy = FaultProxy(s3_server, 0.0)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         proc = start_job("prepare", "s3://data/pngs", str(tmp_path / "shards"), shard_bytes=20_000,
-                         storage_timeout_seconds=120, cache_dir=str(tmp_path / "c"))
+                         storage_timeout_seconds=600, stop_grace_seconds=grace, cache_dir=str(tmp_path / "c"))
         wait_for(lambda: len(list((tmp_path / "shards").glob("*.json"))) >= 1, proc, what="a shard written")
         proxy.freeze()  # the reads queued in the pool now wait for answers that never come
         wait_for(lambda: proxy.counts["frozen"] > 0, proc, what="a read from the frozen store")
+        unit = max(unit, time_unit())
         out, took = sigterm(proc)
     finally:
         proxy.close()
-    assert proc.returncode == 143 and took < 10, (took, out)
+    # at once: the signal's delivery, the last line and the interpreter's exit, less than a unit each
+    assert proc.returncode == 143 and took < 3 * unit < grace, (took, unit, grace, out)
     last = out.strip().splitlines()[-1]
     assert "while preparing shards" in last and "run python -m job prepare again" in last, out

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 import stage_dataset
-from conftest import DIGITS, ROOT, job_env, read_history, run_job
+from conftest import DIGITS, ROOT, job_env, read_history, run_job, time_unit
 from faultproxy import FaultProxy
 from test_transfer import make_tree, weights_file
 
@@ -27,13 +27,19 @@ def gaps(out: str) -> list[float]:
 
 def test_a_feature_cache_run_never_goes_quiet(tmp_path):
     make_tree(str(tmp_path / "data"), per_class=80, bad=False)  # 240 training and 120 validation images
+    weights = weights_file(str(tmp_path / "w.pt"))
+    unit = time_unit()
     result = run_job(data_uri=str(tmp_path / "data"), output_uri=str(tmp_path / "out"), run_name="r", model="resnet18",
-                     pretrained=weights_file(str(tmp_path / "w.pt")), freeze="all", image_size=64, num_workers=0,
-                     epochs=2, log_every_seconds=1.5, timeout=300)
+                     pretrained=weights, freeze="all", image_size=64, num_workers=0, epochs=2, log_every_seconds=1.5)
     assert result.returncode == 0, result.stdout
     assert "checking 360 image files" in result.stdout and "feature cache: computing" in result.stdout
-    longest = max(gaps(result.stdout))
-    assert longest <= 1.5 + 1.0, (longest, result.stdout)
+    longest = max(gaps(result.stdout))  # from the job's own timestamps
+    # the interval, and the job's longest piece of work between two looks at the clock (measured:
+    # checking the images and setting up the data, ~0.85 of a unit whether the machine is idle or
+    # loaded) - it stretches with the machine as the unit does (measured before and after the run:
+    # the larger, should the load have grown)
+    unit = max(unit, time_unit())
+    assert longest <= 1.5 + unit, (longest, unit, result.stdout)
     row = read_history(tmp_path / "out" / "r")[-1]
     assert row["train_seconds"] + row["val_seconds"] <= row["epoch_seconds"]  # the honest wall time of the epoch
 
@@ -54,7 +60,7 @@ def test_a_transfer_learning_run_with_only_model_and_weights_set_learns(tmp_path
     100) 90 images made one step per epoch and validation stayed at chance."""
     make_tree(str(tmp_path / "data"), per_class=30, bad=False)
     result = run_job(data_uri=str(tmp_path / "data"), output_uri=str(tmp_path / "out"), model="resnet18",
-                     pretrained=weights_file(str(tmp_path / "w.pt")), freeze="all", timeout=300)
+                     pretrained=weights_file(str(tmp_path / "w.pt")), freeze="all")
     assert result.returncode == 0, result.stdout
     assert ("defaults for transfer learning (set the variable to choose otherwise): JOB_OPTIMIZER=adam JOB_LR=0.001 "
             "JOB_BATCH_SIZE=32 JOB_LR_SCHEDULE=constant") in result.stdout
@@ -121,7 +127,7 @@ def test_check_verifies_what_the_run_needs_and_says_where_it_stands(tmp_path, di
 def test_settings_errors_come_before_the_heavy_imports(tmp_path):
     code = "import sys; from job.cli import main; c = main([]); print('torch loaded:', 'torch' in sys.modules); sys.exit(c)"
     result = subprocess.run([sys.executable, "-c", code], env=job_env(data_uri=str(tmp_path), model="resnet15"),
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "did you mean resnet152" in result.stdout and "torch loaded: False" in result.stdout
 

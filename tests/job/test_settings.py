@@ -1,12 +1,10 @@
-"""Settings: bad input is one clear line and exit 2; --help documents every setting."""
-
-import os
+"""Settings: bad input is one clear line and exit 2; --help documents every setting. (The run
+name, redaction and the README's tables are checked in process: tests/unit/test_settings_in_process.py.)"""
 
 import pytest
 
-from conftest import ROOT, run_job
-from job.errors import EXIT_CODES
-from job.settings import Settings, redact_text, redact_uri
+from conftest import run_job
+from job.settings import Settings
 
 
 @pytest.mark.parametrize("variable, value, expected", [
@@ -65,16 +63,6 @@ def test_unknown_argument_is_rejected():
     assert result.returncode == 2 and "JOB_*" in result.stdout
 
 
-def test_run_name_is_stable_and_depends_on_the_experiment(monkeypatch):
-    monkeypatch.setenv("JOB_DATA_URI", "s3://bucket/mnist")
-    first = Settings().run_name
-    assert first.startswith("mlp-") and Settings().run_name == first
-    monkeypatch.setenv("JOB_EPOCHS", "40")  # more epochs continue the same run under a step schedule
-    assert Settings().run_name == first
-    monkeypatch.setenv("JOB_LR", "0.1")
-    assert Settings().run_name != first
-
-
 @pytest.mark.parametrize("variable, uri, secret", [
     ("JOB_DATA_URI", "s3://AKIAEXAMPLE:se/cret-Value9@data/mnist", "se/cret-Value9"),  # a secret holding '/'
     ("JOB_OUTPUT_URI", "memory://u:pa55-w0rd@x/y", "pa55-w0rd"),
@@ -86,20 +74,3 @@ def test_credentials_in_a_uri_are_refused_and_never_shown(tmp_path, variable, ur
     assert result.returncode == 2, result.stdout
     assert variable in result.stdout and "credentials in a URI are refused" in result.stdout
     assert "AWS_* variables" in result.stdout and secret not in result.stdout
-
-
-def test_redaction_masks_uri_credentials_and_secret_values(monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
-    assert redact_uri("s3://AKIA:se/cret@data/x") == "s3://***@data/x"
-    assert redact_uri("s3://bucket/a@b/c") == "s3://bucket/a@b/c"  # an '@' in a key is not a credential
-    text = redact_text("failed: memory://u:pw@x/y and key wJalrXUtnFEMI/K7MDENG")
-    assert "pw@" not in text and "wJalrXUtnFEMI" not in text and "memory://***@x/y" in text
-
-
-def test_readme_documents_every_setting_and_exit_code():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    for name, info in Settings.model_fields.items():
-        row = next((l for l in readme.splitlines() if l.startswith(f"| `JOB_{name.upper()}` |")), "")
-        assert row.endswith(f"| {info.description} |"), name  # the table says what --help says
-    for code, (meaning, action) in EXIT_CODES.items():
-        assert f"| {code} | {meaning} | {action} |" in readme, code

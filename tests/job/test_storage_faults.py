@@ -8,7 +8,7 @@ import time
 import pytest
 
 import stage_dataset
-from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, wait_for_epochs
+from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, time_unit, wait_for, wait_for_epochs
 from faultproxy import FaultProxy
 
 
@@ -42,35 +42,43 @@ def test_twenty_percent_failing_requests_change_nothing(s3, digits_arrays, proxy
 def test_all_requests_failing_exits_75_in_bounded_time(s3, digits_dir, proxy_for, monkeypatch):
     proxy = proxy_for(1.0)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    unit = time_unit()
     start = time.monotonic()
-    result = run_job(data_uri=str(digits_dir), output_uri="s3://out", storage_retries=2, timeout=180)
+    result = run_job(data_uri=str(digits_dir), output_uri="s3://out", storage_retries=2, storage_timeout_seconds=60)
+    took = time.monotonic() - start
     assert result.returncode == 75, result.stdout
-    assert time.monotonic() - start < 120
+    # the bound is the job's own: one storage operation within JOB_STORAGE_TIMEOUT_SECONDS, retries
+    # included; around it the job's start (a unit: it imports torch), the local dataset and the exit
+    assert took < 60 + 3 * unit, (took, unit)
     errors = [l for l in result.stdout.splitlines() if " ERROR " in l]
-    assert len(errors) == 1 and "s3://out/" in errors[0] and "after retries" in errors[0]
+    assert len(errors) == 1 and "s3://out/" in errors[0] and "after retries" in errors[0]  # not the timeout
     assert "Traceback" not in result.stdout
 
 
 def test_sigterm_during_a_slow_data_pull_exits_143_promptly(s3, digits_arrays, s3_server, tmp_path, monkeypatch):
     stage_dataset.stage(digits_arrays, "s3://data/digits")
-    proxy = FaultProxy(s3_server, 0.0, delay_seconds=5.0)  # every request takes 5 s: the pull takes >= 10 s
+    # every request is delayed: the pull (a listing, then the files) takes at least two delays, and
+    # the signal lands in the first, so the job waiting for the pull would take another whole delay;
+    # the job's exit takes less than a unit, so a delay of 3 units leaves it 2 to spare
+    delay = max(5.0, 3 * time_unit())
+    proxy = FaultProxy(s3_server, 0.0, delay_seconds=delay)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         proc = start_job(data_uri="s3://data/digits", output_uri=str(tmp_path), run_name="r",
                          cache_dir=str(tmp_path / "cache"))
-        lines = []
-        for line in proc.stdout:  # the output location is local: the pull starts right after this line
-            lines.append(line)
-            if " INFO settings " in line:
-                break
-        time.sleep(1.0)
+        # the output location is local: the first request to the store is the pull's
+        wait_for(lambda: proxy.counts["delayed"] > 0, proc, what="the pull's first request at the slow store")
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out = "".join(lines) + proc.communicate(timeout=60)[0]
+        out = proc.communicate(timeout=300)[0]
+        took = time.monotonic() - signalled
     finally:
         proxy.close()
     assert proc.returncode == 143, out
-    assert time.monotonic() - signalled < 4  # interrupted, not after the pull finished
+    # interrupted, not after the pull finished: sooner than the rest of the pull, and the job never
+    # said what it read (its next line after the pull) nor fetched a file into its cache
+    assert took < delay, (took, delay)
+    assert " INFO dataset " not in out and not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()], out
     assert "stopped by signal 15" in out and "Traceback" not in out
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "stopped"
     assert not (tmp_path / "r" / "checkpoints").exists()  # nothing trained, nothing to save
@@ -91,7 +99,7 @@ def test_credentials_rotated_in_a_file_keep_a_long_run_going(s3, s3_server, digi
         wait_for_epochs((s3, "out/r"), 2, proc)
         creds.write_text("[default]\naws_access_key_id = new-key\naws_secret_access_key = new-secret\n")
         proxy.revoked_keys.add("old-key")
-        out = proc.communicate(timeout=120)[0]
+        out = proc.communicate(timeout=600)[0]
     finally:
         proxy.close()
     assert proc.returncode == 0, out
