@@ -12,6 +12,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from job.augment import sample_seed
 from job.errors import DataError
 
 GATHER_BYTES = 2 << 20  # gather this much at a time: one op for several batches, and the chunk stays in cache
@@ -62,8 +63,8 @@ class FileSource:
     in_memory = False
     eval_batch_size: int | None = None  # decoded images cost memory per item: keep the training batch size
 
-    def __init__(self, items, image_size: int, workers: int, device: torch.device):
-        self.items, self.workers, self.device = items, workers, device
+    def __init__(self, items, image_size: int, workers: int, device: torch.device, seed: int = 0):
+        self.items, self.workers, self.device, self.seed = items, workers, device, seed
         self.labels = torch.tensor([y for _, y in items.items], dtype=torch.int64)
         self.sample_shape: tuple[int, ...] = (3, image_size, image_size)
 
@@ -75,7 +76,7 @@ class FileSource:
 
     def batches(self, indices: torch.Tensor, batch_size: int, train: bool, epoch: int = 0) -> Batches:
         loader, sampler = self.items.loader(train, batch_size, self.workers, pin_memory=self.device.type == "cuda")
-        sampler.indices = indices.tolist()
+        sampler.indices = [(i, sample_seed(self.seed, epoch, i)) for i in indices.tolist()]
         for xb, yb in loader:
             yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 

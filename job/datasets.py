@@ -212,7 +212,7 @@ def load_images(root: str, settings, runtime, normalize: bool) -> Data:
         )
     if not found["train"]:
         raise DataError(f"no readable image in {root}/train")
-    train_t, eval_t = images.transforms(settings.image_size, settings.augment, normalize)
+    transform = images.ImageTransform(settings.image_size, settings.augment, normalize)
     items = found["train"] + (found["val"] or [])
     split = None
     if found["val"] is not None:  # the layout's own validation folder
@@ -221,8 +221,8 @@ def load_images(root: str, settings, runtime, normalize: bool) -> Data:
     test = found["test"]
 
     def source(pairs) -> FileSource:
-        decoded = images.ImageItems(pairs, train_t, eval_t, max_pixels=settings.max_image_pixels)
-        return FileSource(decoded, settings.image_size, runtime.workers, runtime.device)
+        decoded = images.ImageItems(pairs, transform, max_pixels=settings.max_image_pixels)
+        return FileSource(decoded, settings.image_size, runtime.workers, runtime.device, settings.seed)
 
     return Data(
         source(items),

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import random
 import stat
 import time
 import warnings
@@ -20,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from job import augment
 from job.errors import DataError
 
 log = logging.getLogger("job")
@@ -32,46 +34,54 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 class ImageItems(Dataset):
     """(path, label) pairs read as RGB images through a transform. Grayscale, CMYK, palette and
-    RGBA images are converted, not rejected."""
+    RGBA images are converted, not rejected. An item is (index, augmentation seed): the loader's
+    sampler hands both, so a sample's augmentation depends on (JOB_SEED, epoch, sample) alone."""
 
-    def __init__(self, items: list[tuple[str, int]], train_transform, eval_transform, train: bool = False,
-                 *, max_pixels: int):
-        self.items, self.train = items, train
-        self.train_transform, self.eval_transform = train_transform, eval_transform
-        self.max_pixels = max_pixels
+    def __init__(self, items: list[tuple[str, int]], transform, train: bool = False, *, max_pixels: int):
+        self.items, self.transform, self.train, self.max_pixels = items, transform, train, max_pixels
         self._loaders: dict = {}
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item: tuple[int, int]):
+        i, seed = item
         path, label = self.items[i]
         Image.MAX_IMAGE_PIXELS = self.max_pixels  # in a DataLoader worker process too
         with Image.open(path) as img:
-            transform = self.train_transform if self.train else self.eval_transform
-            return transform(img.convert("RGB")), label
+            return self.transform(img.convert("RGB"), self.train, random.Random(seed)), label
 
     def loader(self, train: bool, batch_size: int, workers: int, pin_memory: bool):
         """The (DataLoader, sampler) for training or evaluation reads, made once and kept."""
         key = (train, batch_size)
         if key not in self._loaders:
-            view = ImageItems(self.items, self.train_transform, self.eval_transform, train, max_pixels=self.max_pixels)
+            view = ImageItems(self.items, self.transform, train, max_pixels=self.max_pixels)
             self._loaders[key] = loader(view, batch_size, workers, pin_memory)
         return self._loaders[key]
 
 
-def transforms(image_size: int, augment: bool, normalize: bool):
-    """(train, eval) transforms as in the flowers tutorial: resize + centre crop for evaluation;
-    random rotation (20 degrees), random resized crop and flip for training when augmenting.
-    Normalised with ImageNet's mean/std, the statistics torchvision's pretrained weights expect."""
-    from torchvision import transforms as T  # here, not at the top: MNIST-format runs never load torchvision
+class ImageTransform:
+    """PIL RGB image -> the model's input: job.augment's preprocessing on uint8 (shards use the
+    same), then float in [0, 1], normalised with ImageNet's mean/std (what torchvision's
+    pretrained weights expect) when `normalize`. Picklable, for DataLoader workers."""
 
-    tail = [T.ToTensor()] + ([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else [])
-    eval_t = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), *tail])
-    if not augment:
-        return eval_t, eval_t
-    train_t = T.Compose([T.RandomRotation(20), T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *tail])
-    return train_t, eval_t
+    def __init__(self, size: int, augment: bool, normalize: bool):
+        self.size, self.augment, self.normalize = size, augment, normalize
+
+    def __call__(self, img: Image.Image, train: bool, rng: random.Random) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        x = augment.augment(TF.pil_to_tensor(img), self.size, train and self.augment, rng)
+        return to_float(x, self.normalize)
+
+
+def to_float(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """uint8 -> float in [0, 1], then (x - mean) / std with ImageNet's statistics if `normalize`."""
+    x = x.float().div_(255)
+    if normalize:
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        x = x.sub_(mean).div_(std)
+    return x
 
 
 def _class_dirs(root: str, split: str) -> dict[str, list[str]]:
@@ -130,7 +140,9 @@ def check_blob(blob: bytes, max_pixels: int) -> str | None:
         return None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return f"more than JOB_MAX_IMAGE_PIXELS={max_pixels} pixels (a decompression bomb?)"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as exc:
+    except UnidentifiedImageError:  # PIL's message names the in-memory buffer (<_io.BytesIO object at 0x...>)
+        return "not an image (no image format recognised)"
+    except (OSError, SyntaxError, ValueError, MemoryError) as exc:
         return f"{exc.__class__.__name__}: {str(exc)[:120]}"
 
 
@@ -196,7 +208,7 @@ class IndexSampler(torch.utils.data.Sampler):
     serves every epoch's freshly shuffled and sharded order."""
 
     def __init__(self):
-        self.indices: list[int] = []
+        self.indices: list = []
 
     def __iter__(self):
         return iter(self.indices)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from job import datasets, export, images, loop, report, storage
+from job import datasets, export, images, loop, report, shards, storage
 from job.data import FileSource, Source, TensorSource
 from job.errors import DataError, OutputError
 from job.settings import dataset_name
@@ -81,20 +81,28 @@ def _idx_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 def _image_source(settings, runtime, items: list[tuple[str, int]], config: dict) -> FileSource:
     """Files read with the model's evaluation preprocessing (config.json), by DataLoader workers."""
     prep = config["preprocessing"]
-    if prep["kind"] == "image":
-        _, eval_t = images.transforms(prep["center_crop"], augment=False, normalize=prep["mean"] is not None)
+    transform: images.ImageTransform | GrayTransform
+    if prep["kind"] == "image":  # what training's evaluation does (job.augment)
+        transform = images.ImageTransform(prep["center_crop"], augment=False, normalize=prep["mean"] is not None)
         size = prep["center_crop"]
     else:  # a model trained on IDX images, given image files: grayscale at the IDX size, in [0, 1]
+        transform = GrayTransform(prep["channels"], prep["height"], prep["width"])
+        size = prep["height"]
+    source = images.ImageItems(items, transform, max_pixels=settings.max_image_pixels)
+    return FileSource(source, size, runtime.workers, runtime.device)
+
+
+class GrayTransform:
+    """PIL image -> grayscale (channels) at an IDX model's height and width, in [0, 1]. Picklable,
+    for DataLoader workers."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        self.channels, self.height, self.width = channels, height, width
+
+    def __call__(self, img, train: bool, rng) -> torch.Tensor:
         from torchvision import transforms as T
 
-        eval_t = T.Compose([T.Grayscale(prep["channels"]), T.Resize((prep["height"], prep["width"])), T.ToTensor()])
-        size = prep["height"]
-    return FileSource(
-        images.ImageItems(items, eval_t, eval_t, max_pixels=settings.max_image_pixels),
-        size,
-        runtime.workers,
-        runtime.device,
-    )
+        return T.Compose([T.Grayscale(self.channels), T.Resize((self.height, self.width)), T.ToTensor()])(img)
 
 
 def _pull(settings, uri: str, what: str) -> str:
@@ -189,11 +197,34 @@ def _labelled(settings, runtime, root: str, uri: str, config: dict):
     return _image_source(settings, runtime, items, config), list(classes), bad
 
 
+def _sharded(settings, runtime, uri: str, index: dict, config: dict):
+    """(source, its sample indices, class names, bad files, split) of a sharded dataset's test
+    split, or its validation split when it has none, read with the model's preprocessing."""
+    if index["class_names"] != config["class_names"]:
+        raise DataError(f"{storage.redact_uri(uri)} has the classes {index['class_names'][:10]}; the model was "
+                        f"trained on {config['class_names'][:10]}, in that order")
+    prep = config["preprocessing"]
+    size = prep["center_crop"] if prep["kind"] == "image" else settings.image_size
+    sharded = datasets.load_shards(settings.model_copy(update={"data_uri": uri, "image_size": size, "augment": False}),
+                                   runtime, index, normalize=prep.get("mean") is not None)
+    bad = [tuple(b) for b in index["bad_files"]]
+    if sharded.test is not None:
+        return sharded.test, torch.arange(len(sharded.test)), index["class_names"], bad, "test"
+    assert sharded.split is not None  # a sharded dataset always has its train and val shards
+    return sharded.samples, sharded.split[1], index["class_names"], bad, "val"
+
+
 def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str | None) -> dict:
     module, config = export.load(model_uri)
     module.to(runtime.device)
-    root = _pull(settings, data_uri, "the labelled data")
-    source, data_classes, bad = _labelled(settings, runtime, root, data_uri, config)
+    with storage.errors(data_uri, DataError, "read the labelled data"):
+        index = shards.find_index(data_uri)
+    if index is not None:  # streamed, as training streams it: the test split, else the validation split
+        source, indices, data_classes, bad, split = _sharded(settings, runtime, data_uri, index, config)
+    else:
+        root = _pull(settings, data_uri, "the labelled data")
+        source, data_classes, bad = _labelled(settings, runtime, root, data_uri, config)
+        indices, split = torch.arange(len(source)), "all"
     if list(source.sample_shape) != config["input_shape"]:
         raise DataError(
             f"{storage.redact_uri(data_uri)} holds samples of shape {list(source.sample_shape)}; this model "
@@ -204,22 +235,23 @@ def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str |
             f"{storage.redact_uri(data_uri)} has labels up to {len(data_classes) - 1}; the model knows "
             f"{config['num_classes']} classes"
         )
-    if not len(source):
+    if not len(indices):
         raise DataError(f"no readable sample in {storage.redact_uri(data_uri)}")
     output_uri = output_uri or storage.join(run_dir(model_uri), "evaluations", dataset_name(data_uri))
     log.info(
-        f"evaluating {config['architecture']} on {len(source)} samples of {storage.redact_uri(data_uri)}; "
-        f"{len(bad)} bad files skipped"
+        f"evaluating {config['architecture']} on {len(indices)} samples of {storage.redact_uri(data_uri)} "
+        f"({split}); {len(bad)} bad files skipped"
     )
     model = loop.Model(module, module, head="")
     loss, accuracy, confusion = loop.evaluate(
-        settings, runtime, model, source, torch.arange(len(source)), config["num_classes"], what=dataset_name(data_uri)
+        settings, runtime, model, source, indices, config["num_classes"], what=dataset_name(data_uri)
     )
     names = config["class_names"]
     result = {
         "model": storage.redact_uri(model_uri),
         "data": storage.redact_uri(data_uri),
-        "samples": len(source),
+        "split": split,
+        "samples": len(indices),
         "accuracy": accuracy,
         "loss": loss,
         "class_names": names,
@@ -235,7 +267,7 @@ def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str |
             report.confusion_png(confusion, names, f"{dataset_name(data_uri)}: confusion matrix"),
         )
     log.info(
-        f"accuracy={accuracy:.4f} loss={loss:.4f} on {len(source)} samples; evaluation.json and confusion.png in "
+        f"accuracy={accuracy:.4f} loss={loss:.4f} on {len(indices)} samples; evaluation.json and confusion.png in "
         f"{storage.redact_uri(output_uri)}"
     )
     return result

@@ -311,7 +311,8 @@ def export_model(settings, runtime: Runtime, run_uri: str, dataset: datasets.Dat
         settings,
         dataset.class_names,
         dataset.samples.sample_shape,
-        from_images=not dataset.samples.in_memory,
+        # photos (image folders, image shards) are RGB; IDX images, in memory or in shards, are not
+        from_images=dataset.samples.sample_shape[0] == 3 and not dataset.samples.in_memory,
         source=source,
     )
     module = export.build(config)

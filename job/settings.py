@@ -149,8 +149,8 @@ class Settings(BaseSettings):
     augment: bool = Field(
         False,
         description=(
-            "image-folder data: random rotation (20 degrees), resized crop and flip for training (never for "
-            "evaluation)"
+            "image data, folders and shards alike: a random resized crop, flip and rotation (up to 20 degrees) "
+            "for training, seeded per sample (never for evaluation)"
         ),
     )
     max_bad_fraction: float = Field(

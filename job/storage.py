@@ -461,7 +461,7 @@ def check_cache_for(uri: str, cache_dir: str) -> int:
     check_cache_dir(cache_dir)
     if isinstance(fs, LocalFileSystem):
         return 0
-    total = sum(int(info.get("size") or 0) for path, info in _find(uri).items() if not path.endswith("/"))
+    total = sum(int(info.get("size") or 0) for path, info in find(uri).items() if not path.endswith("/"))
     local = cache_root(uri, cache_dir)
     cached = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files)
     check_cache_dir(cache_dir, total - cached)
@@ -474,6 +474,15 @@ def _version(info: dict) -> str:
         if info.get(key) is not None:
             return str(info[key])
     return ""
+
+
+@_op("list")
+def listing_digest(uri: str) -> str:
+    """A hash of what is under `uri`: every object's name, size and version (ETag or mtime). It
+    changes when an object is added, removed or rewritten."""
+    root = filesystem(uri)[1].rstrip("/")
+    entries = sorted((path[len(root) + 1:], info.get("size"), _version(info)) for path, info in find(uri).items())
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def pull(uri: str, cache_dir: str, include=None) -> str:
@@ -500,7 +509,7 @@ def pull(uri: str, cache_dir: str, include=None) -> str:
     except (OSError, ValueError):
         manifest = {}
     log.info(f"listing {redact_uri(uri)}")
-    listing = _find(uri)
+    listing = find(uri)
     if not listing:
         raise FileNotFoundError(root)
     wanted, todo = _plan(listing, root, local_root, manifest, include)
@@ -515,7 +524,8 @@ def pull(uri: str, cache_dir: str, include=None) -> str:
 
 
 @_op("list")
-def _find(uri: str) -> dict:
+def find(uri: str) -> dict:
+    """{path: info} of every object under `uri` (fsspec's find with details)."""
     fs, root = filesystem(uri)
     return fs.find(root, detail=True)
 

@@ -33,6 +33,19 @@ from job.runtime import Runtime  # noqa: E402
 from job.settings import Settings  # noqa: E402
 
 
+class ByIndex(torch.utils.data.Dataset):
+    """The tutorial's dataset[i]: our items take (i, augmentation seed)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[(i, i)]
+
+
 def tutorial(settings, dataset: datasets.Data, epochs: int) -> list[float]:
     torch.manual_seed(0)
     model, head = models.build_model(settings, (3, settings.image_size, settings.image_size), dataset.num_classes)
@@ -42,12 +55,12 @@ def tutorial(settings, dataset: datasets.Data, epochs: int) -> list[float]:
     train_idx, val_idx = dataset.split
     items = dataset.samples.items
     train_loader = torch.utils.data.DataLoader(
-        items.loader(True, 1, 0, False)[0].dataset,
+        ByIndex(items.loader(True, 1, 0, False)[0].dataset),
         batch_size=settings.batch_size,
         sampler=torch.utils.data.SubsetRandomSampler(train_idx.tolist()),
     )
     val_loader = torch.utils.data.DataLoader(
-        items.loader(False, 1, 0, False)[0].dataset, batch_size=settings.batch_size, sampler=val_idx.tolist()
+        ByIndex(items.loader(False, 1, 0, False)[0].dataset), batch_size=settings.batch_size, sampler=val_idx.tolist()
     )
     seconds = []
     for _ in range(epochs):

@@ -198,6 +198,16 @@ def sigterm(proc, timeout: float = 300) -> tuple[str, float]:
     return out, time.monotonic() - signalled
 
 
+def stop_within_grace(proc, grace: float, unit: float) -> str:
+    """SIGTERM the job and check it ends within its grace period plus two time units (its last
+    line, then the interpreter's exit: each less than a unit, starting Python and importing torch,
+    on any machine; `unit` is measured again now and the larger kept). Returns its output."""
+    unit = max(unit, time_unit())
+    out, took = sigterm(proc)
+    assert took < grace + 2 * unit, (took, grace, unit)
+    return out
+
+
 def wait_for_epochs(run, n: int, proc=None, timeout: float = 300) -> None:
     wait_for(lambda: len(read_history(run)) >= n, proc, timeout, f"{n} epochs in the history")
 

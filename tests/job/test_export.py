@@ -9,16 +9,16 @@ import struct
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-
 import stage_dataset
+import torch
 from conftest import DIGITS, _free_port, read_history, run_job
 from faultproxy import FaultProxy
-from job import export, images
-from job.errors import DataError
-from job.datasets import idx_bytes, read_idx
+from PIL import Image
 from test_transfer import CLASSES, RECIPE, make_tree, weights_file
+
+from job import export, images
+from job.datasets import idx_bytes, read_idx
+from job.errors import DataError
 
 
 def command(*args, timeout=600, **settings):
@@ -139,11 +139,11 @@ def test_predict_and_evaluate_images_with_the_evaluation_preprocessing(tmp_path)
     assert "skipping batch1/notes.jpg" in result.stdout
     rows = predictions(tmp_path / "p.jsonl")
     assert len(rows) == 12
-    _, eval_t = images.transforms(32, augment=False, normalize=True)
+    evaluation = images.ImageTransform(32, augment=False, normalize=True)
     model = checkpoint_model(run, config)
     with torch.no_grad():
         for name, row in rows.items():
-            x = eval_t(Image.open(inputs / name).convert("RGB")).unsqueeze(0)
+            x = evaluation(Image.open(inputs / name).convert("RGB"), False, None).unsqueeze(0)
             assert row["class"] == CLASSES[int(model(x).argmax())], name
     # evaluate on the dataset's own validation split: the run's final val accuracy, if best is final
     evaluation = command("evaluate", str(run), str(tmp_path / "data"), "--output", str(tmp_path / "eval"))

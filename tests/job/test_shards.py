@@ -8,7 +8,6 @@ import signal
 import tarfile
 
 import pytest
-
 from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, wait_for, wait_for_epochs
 from test_distributed import torchrun
 from test_transfer import make_tree
@@ -48,8 +47,49 @@ def test_prepare_from_the_bucket_gives_the_same_shards(s3, flowers, prepared):
     s3.put(str(flowers / "data"), "data/flowers", recursive=True)
     result = prepare("s3://data/flowers", "s3://data/from-s3", max_bad_fraction=0.05, cache_dir=str(flowers / "prep-cache"))
     assert result.returncode == 0, result.stdout
-    assert (json.loads(s3.cat_file("data/from-s3/index.json"))["fingerprint"]
-            == json.loads((prepared / "index.json").read_text())["fingerprint"])
+    from_s3, local = json.loads(s3.cat_file("data/from-s3/index.json")), json.loads((prepared / "index.json").read_text())
+    assert from_s3["fingerprint"] == local["fingerprint"]
+    assert from_s3["bad_files"] == local["bad_files"] and len(local["bad_files"]) == 2  # named by their key, whole
+    assert all(name.startswith("train/") or name.startswith("valid/") for name, _ in from_s3["bad_files"])
+
+
+def test_prepare_keeps_one_dataset_per_destination_and_never_writes_into_its_source(s3, flowers, prepared, tmp_path):
+    from job.lease import Lease
+
+    source = str(flowers / "data")
+    for dest in (source, str(flowers / "data" / "train" / "shards")):  # the source itself, or inside it
+        refused = prepare(source, dest)
+        assert refused.returncode == 2 and "inside the source" in refused.stdout or "is the source" in refused.stdout
+        assert not (flowers / "data" / "train" / "shards").exists()
+    other = tmp_path / "other"  # another source into a destination that holds the flowers' shards
+    make_tree(str(other), per_class=10, bad=False)
+    (tmp_path / "dest").mkdir()
+    for name in ("index.json", "train-000000.json"):
+        (tmp_path / "dest" / name).write_bytes((prepared / name).read_bytes())
+    mixed = prepare(str(other), str(tmp_path / "dest"))
+    assert mixed.returncode == 2 and "holds shards prepared from another source" in mixed.stdout, mixed.stdout
+    busy = Lease(str(tmp_path / "busy"), seconds=60)  # another prepare writing there
+    busy.acquire()
+    try:
+        second = prepare(source, str(tmp_path / "busy"), lease_seconds=1, max_bad_fraction=0.05)
+    finally:
+        busy.release()
+    assert second.returncode == 75 and "another job is writing" in second.stdout, second.stdout
+    assert not list((tmp_path / "busy").glob("*.tar"))
+
+
+def test_evaluate_streams_a_sharded_dataset_as_training_read_it(s3, digits_dir, tmp_path):
+    assert prepare(str(digits_dir), str(tmp_path / "shards")).returncode == 0
+    trained = run_job(data_uri=str(tmp_path / "shards"), output_uri=str(tmp_path), run_name="r", epochs=1,
+                      num_workers=0, cache_dir=str(tmp_path / "c"), **DIGITS)
+    assert trained.returncode == 0, trained.stdout
+    result = run_job("evaluate", str(tmp_path / "r"), str(tmp_path / "shards"), "--output", str(tmp_path / "e"),
+                     cache_dir=str(tmp_path / "c"), num_workers=0)
+    assert result.returncode == 0, result.stdout
+    scored = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert scored["split"] == "test" and scored["samples"] == 359  # the digits' test set, streamed
+    assert scored["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)  # one epoch: best is last
 
 
 def test_prepare_writes_webdataset_shards_and_an_index(shard_set, s3, tmp_path):
@@ -160,8 +200,31 @@ def test_mnist_format_data_prepares_losslessly_and_trains(s3, digits_dir, tmp_pa
     streamed = run_job(data_uri="s3://data/digit-shards", run_name="s", num_workers=0, **common)
     tensors = run_job(data_uri=str(digits_dir), run_name="t", **common)
     assert streamed.returncode == 0 and tensors.returncode == 0, streamed.stdout
-    # the same images (PNG is lossless), split and classes: accuracy alike (the order differs: shard-local)
-    assert abs(read_history(tmp_path / "s")[-1]["val_accuracy"] - read_history(tmp_path / "t")[-1]["val_accuracy"]) < 0.1
+    # the same images (PNG is lossless), split and classes: accuracy alike (the order differs)
+    assert abs(read_history(tmp_path / "s")[-1]["val_accuracy"] - read_history(tmp_path / "t")[-1]["val_accuracy"]) < 0.03
+
+
+def test_shards_learn_like_the_image_folder_they_came_from(digits_arrays, tmp_path):
+    """The same images as class folders and as shards, trained by the same recipe (issue 21's:
+    resnet18 at 32 px, Adam 1e-3, batch 64, 3 epochs, no augmentation, seed 0), reach the same
+    validation accuracy. Shards written class by class reached 0.805 where the folder reached
+    0.969: a window of shards held one or two classes."""
+    import stage_dataset
+
+    stage_dataset.png_folder(digits_arrays["train_images"], digits_arrays["train_labels"],
+                             str(tmp_path / "digits" / "train"))
+    assert prepare(str(tmp_path / "digits"), str(tmp_path / "shards")).returncode == 0  # tiny shards: ~20 each
+    recipe = dict(output_uri=str(tmp_path / "runs"), model="resnet18", image_size=32, epochs=3, optimizer="adam",
+                  lr="0.001", batch_size=64, seed=0, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    for name, uri in (("folder", tmp_path / "digits"), ("shards", tmp_path / "shards")):
+        result = run_job(data_uri=str(uri), run_name=name, **recipe)
+        assert result.returncode == 0, result.stdout
+    folder, sharded = (read_history(tmp_path / "runs" / name) for name in ("folder", "shards"))
+    print("val accuracy by epoch: folder", [r["val_accuracy"] for r in folder], "shards",
+          [r["val_accuracy"] for r in sharded])
+    assert folder[-1]["val_accuracy"] > 0.9, folder[-1]  # the recipe learns the digits
+    assert abs(sharded[-1]["val_accuracy"] - folder[-1]["val_accuracy"]) < 0.03, (sharded[-1], folder[-1])
+    assert abs(sharded[-1]["train_accuracy"] - folder[-1]["train_accuracy"]) < 0.03, (sharded[-1], folder[-1])
 
 
 def test_sigterm_during_a_streamed_epoch_saves_and_resumes(shard_set, tmp_path):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import read_history, run_job
 from PIL import Image
 
-from conftest import read_history, run_job
 from job import images
 from job.models import build_model
 
@@ -80,9 +80,9 @@ def test_flowers_from_s3_with_weights_from_s3(s3, tree, tmp_path):
     model.load_state_dict(best["model"])
     model.eval()
     found = images.scan(str(tree / "data"), 1, 1 << 30, 50_000_000)
-    _, eval_t = images.transforms(32, augment=False, normalize=True)
+    evaluation = images.ImageTransform(32, augment=False, normalize=True)
     with torch.no_grad():
-        x = torch.stack([eval_t(Image.open(p).convert("RGB")) for p, _ in found["val"]])
+        x = torch.stack([evaluation(Image.open(p).convert("RGB"), False, None) for p, _ in found["val"]])
         accuracy = (model(x).argmax(1) == torch.tensor([y for _, y in found["val"]])).float().mean().item()
     assert accuracy == pytest.approx(summary["best_val_accuracy"], abs=1e-6)
 
