@@ -26,6 +26,7 @@ from job.errors import DataError
 
 log = logging.getLogger("job")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_MEAN, _STD = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))  # made once, not per image
 VAL_DIRS = ("valid", "val")
 # Over Image.MAX_IMAGE_PIXELS, PIL only warns (up to twice that): make it an error, so an image
 # over the pixel limit is refused at open, from its header, before a byte is decoded.
@@ -78,10 +79,7 @@ class ImageTransform:
 def to_float(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     """uint8 -> float in [0, 1], then (x - mean) / std with ImageNet's statistics if `normalize`."""
     x = x.float().div_(255)
-    if normalize:
-        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-        x = x.sub_(mean).div_(std)
-    return x
+    return x.sub_(_MEAN).div_(_STD) if normalize else x
 
 
 def _class_dirs(root: str, split: str) -> dict[str, list[str]]:
