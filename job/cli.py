@@ -17,15 +17,14 @@ def check(settings) -> None:
     """--check: everything the run will need, in a few seconds and without training: the dataset's
     layout, the weights (read and loaded into the model), the cache (writable, with room), the
     output location (writable), and the run's state (new, resumable, complete)."""
-    from job import checkpoint, datasets, models
+    from job import checkpoint, data, models
     from job.runtime import pick_device
 
     device = pick_device(settings.device)
     with storage.errors(settings.data_uri, DataError, "read dataset"):
-        fmt, classes = datasets.check(settings.data_uri, settings.data_format)
-        size = storage.check_cache_for(settings.data_uri, settings.cache_dir)
-    shape = (3, settings.image_size, settings.image_size) if fmt == "imagefolder" else (1, 28, 28)
-    weights = models.check_weights(settings, shape, max(2, len(classes)))
+        dataset = data.check(settings)
+    fmt, classes, size = dataset.layout, dataset.class_names, dataset.cache_bytes
+    weights = models.check_weights(settings, dataset.sample_shape, max(2, len(classes)))
     run_uri = storage.join(settings.output_uri, settings.run_name)
     with storage.errors(settings.output_uri, OutputError, "write to"):
         storage.check_writable(settings.output_uri)  # the output root: --check creates no run directory
@@ -44,7 +43,7 @@ COMMANDS = {
         "classify images (or IDX images) with an exported model -> predictions.jsonl",
         [
             ("model", "the model: a run's URI or its model/ folder"),
-            ("inputs", "a folder or prefix of images (subfolders included), or of IDX image files"),
+            ("inputs", "a folder or prefix of images (subfolders included), of IDX image files, or a sharded dataset"),
         ],
         "where to write predictions.jsonl (default: <run>/predictions/<inputs>.jsonl)",
     ),
@@ -52,7 +51,8 @@ COMMANDS = {
         "score an exported model on labelled data -> evaluation.json and confusion.png",
         [
             ("model", "the model: a run's URI or its model/ folder"),
-            ("data", "class folders, an image-folder dataset (its test/ or valid/ split), or MNIST-format IDX files"),
+            ("data", "class folders, an image-folder dataset (its test/ or valid/ split), a sharded dataset (its test "
+             "or val split), or MNIST-format IDX files"),
         ],
         "the folder to write to (default: <run>/evaluations/<data>/)",
     ),
@@ -97,9 +97,9 @@ def command(name: str, args: list[str], stop: StopRequest) -> int:
 
         runtime = setup(settings, stop)
         if name == "prepare":
-            from job import shards
+            from job import data
 
-            shards.prepare(settings, runtime, ns.source, ns.dest)
+            data.prepare(settings, runtime, ns.source, ns.dest)
         elif name == "predict":
             predict.predict(settings, runtime, ns.model, ns.inputs, ns.output)
         elif name == "evaluate":

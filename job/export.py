@@ -21,12 +21,15 @@ import os
 import re
 import time
 import warnings
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from job import __version__, images, models, storage
+from job import __version__, models, storage
+from job.data import images
 from job.errors import DataError, OutputError
 from job.settings import MAX_IMAGE_SIDE
 
@@ -57,60 +60,104 @@ MAX_CONFIG_BYTES = 16 << 20
 MAX_WEIGHT_BYTES = 16 << 30
 
 
-def _ints(values, low, high, count=None) -> bool:
-    return (isinstance(values, list) and (count is None or len(values) == count) and
-            all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values))
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # "3" is not 3; fields we do not read are kept
+
+
+class ImagePreprocessing(_Strict):
+    kind: Literal["image"]
+    center_crop: int
+    mean: list[float] | None  # required; null: not normalised
+    std: list[float] | None
+
+
+class IdxPreprocessing(_Strict):
+    kind: Literal["idx"]
+    channels: int
+    height: int
+    width: int
+
+
+class ModelConfig(_Strict):
+    """config.json, as predict and evaluate read it. A model folder may come from anyone: sizes
+    are bounded before anything is allocated, and the weights must be a file beside it."""
+
+    format: Literal["trainjob-model"]
+    format_version: int
+    weights: str
+    architecture: str
+    num_classes: int
+    class_names: list[str]
+    input_shape: list[int]
+    hidden_sizes: list[int] | None = None
+    preprocessing: ImagePreprocessing | IdxPreprocessing = Field(discriminator="kind")
+
+    @field_validator("format_version")
+    @classmethod
+    def _version(cls, version: int) -> int:
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format_version {version!r}, this job reads {FORMAT_VERSION}")
+        return version
+
+    @field_validator("weights")
+    @classmethod
+    def _beside(cls, weights: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", weights):
+            raise ValueError("weights must name a file beside config.json")
+        return weights
+
+    @field_validator("num_classes")
+    @classmethod
+    def _classes(cls, n: int) -> int:
+        if not 2 <= n <= MAX_CLASSES:
+            raise ValueError(f"num_classes must be 2 to {MAX_CLASSES}")
+        return n
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, shape: list[int]) -> list[int]:
+        if len(shape) != 3 or not all(1 <= d <= MAX_IMAGE_SIDE for d in shape):
+            raise ValueError(f"input_shape must be [channels, height, width], each 1 to {MAX_IMAGE_SIDE}")
+        return shape
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _hidden(cls, hidden: list[int] | None) -> list[int] | None:
+        if hidden is not None and not (len(hidden) <= 64 and all(1 <= h <= 65536 for h in hidden)):
+            raise ValueError("hidden_sizes must be up to 64 widths of 1 to 65536")
+        return hidden
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if len(self.class_names) != self.num_classes:
+            raise ValueError("class_names must be num_classes names")
+        widths = [math.prod(self.input_shape), *(self.hidden_sizes or []), self.num_classes]
+        if self.architecture == "mlp" and sum(a * b for a, b in itertools.pairwise(widths)) > MAX_PARAMETERS:
+            raise ValueError(f"an mlp of over {MAX_PARAMETERS} parameters")
+        prep = self.preprocessing  # what predict's transforms use must be what the model takes
+        if isinstance(prep, ImagePreprocessing) and self.input_shape != [3, prep.center_crop, prep.center_crop]:
+            raise ValueError("preprocessing center_crop must match input_shape [3, crop, crop]")
+        if isinstance(prep, IdxPreprocessing) and (
+            prep.channels not in (1, 3) or self.input_shape != [prep.channels, prep.height, prep.width]
+        ):
+            raise ValueError("preprocessing channels (1 or 3), height and width must match input_shape")
+        return self
 
 
 def config_problem(config) -> str | None:
-    """What makes a config.json unusable (None: nothing). A model folder may come from anyone:
-    sizes are bounded before anything is allocated, and the weights must be a file beside it."""
+    """What makes a config.json unusable, in one line (None: nothing)."""
     if not isinstance(config, dict) or config.get("format") != "trainjob-model":
         return "not a trainjob model config"
-    if config.get("format_version") != FORMAT_VERSION:
-        return f"format_version {config.get('format_version')!r}, this job reads {FORMAT_VERSION}"
-    if not isinstance(config.get("weights"), str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*",
-                                                                      config["weights"]):
-        return "weights must name a file beside config.json"
-    return _model_problem(config) or _preprocessing_problem(config)
-
-
-def _model_problem(config: dict) -> str | None:
-    """Architecture, classes and sizes, each bounded before the model is built."""
-    if not isinstance(config.get("architecture"), str):
-        return "architecture is missing"
-    if not _ints([config.get("num_classes")], 2, MAX_CLASSES):
-        return f"num_classes must be 2 to {MAX_CLASSES}"
-    names = config.get("class_names")
-    if not isinstance(names, list) or len(names) != config["num_classes"] or not all(isinstance(n, str) for n in names):
-        return "class_names must be num_classes names"
-    if not _ints(config.get("input_shape"), 1, MAX_IMAGE_SIDE, 3):
-        return f"input_shape must be [channels, height, width], each 1 to {MAX_IMAGE_SIDE}"
-    hidden = config.get("hidden_sizes")
-    if hidden is not None and not (_ints(hidden, 1, 65536) and len(hidden) <= 64):
-        return "hidden_sizes must be up to 64 widths of 1 to 65536"
-    widths = [math.prod(config["input_shape"]), *(hidden or []), config["num_classes"]]
-    if config["architecture"] == "mlp" and sum(a * b for a, b in itertools.pairwise(widths)) > MAX_PARAMETERS:
-        return f"an mlp of over {MAX_PARAMETERS} parameters"
-    return None
-
-
-def _preprocessing_problem(config: dict) -> str | None:
-    """What predict's transforms use must be what the model takes."""
-    prep = config.get("preprocessing")
-    if not isinstance(prep, dict) or prep.get("kind") not in ("image", "idx"):
-        return "preprocessing is missing"
-    if prep["kind"] == "image":
-        crop = prep.get("center_crop")
-        if not _ints([crop], 1, MAX_IMAGE_SIDE) or config["input_shape"] != [3, crop, crop]:
-            return "preprocessing center_crop must match input_shape [3, crop, crop]"
-        if "mean" not in prep or "std" not in prep:
-            return "preprocessing mean and std are missing (null: not normalised)"
-        return None
-    channels = prep.get("channels")
-    if not _ints([channels], 1, 3) or channels == 2 or config["input_shape"] != [channels, prep.get("height"),
-                                                                                  prep.get("width")]:
-        return "preprocessing channels (1 or 3), height and width must match input_shape"
+    try:
+        ModelConfig.model_validate(config)  # strict: the dict is exactly what was validated
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["loc"] == ("preprocessing",):  # the union's own errors name pydantic's internals
+            return "preprocessing is missing" if first["type"] == "missing" else \
+                "preprocessing must be an object whose kind is 'image' or 'idx'"
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        return f"{message} ({where})" if where else message
     return None
 
 

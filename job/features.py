@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from job import checkpoint, storage
-from job.data import TensorSource
-from job.datasets import Data
+from job.data import Data
+from job.data.sources import TensorSource
 from job.errors import OutputError
 
 log = logging.getLogger("job")

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from job import models
-from job.data import shard
-from job.datasets import Data
+from job.data import Data
+from job.data.sources import shard
 from job.errors import DivergedError, Stopped, StoppedWaitingForData
 from job.optim import lr_factor, set_lr
 from job.report import duration, format_row

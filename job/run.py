@@ -15,9 +15,11 @@ from typing import cast
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from job import __version__, checkpoint, datasets, export, features, loop, models, report, storage, tracking
+from job import __version__, checkpoint, export, features, loop, models, report, storage, tracking
 from job.checkpoint import Checkpointer
-from job.data import split_indices
+from job.data import Data
+from job.data import load as load_dataset
+from job.data.sources import split_indices
 from job.errors import DataError, JobError, OutputError, Stopped
 from job.lease import Lease, LeaseLost
 from job.optim import build_optimizer
@@ -173,14 +175,14 @@ def node_first(runtime: Runtime, fn):
     return result if runtime.local_rank == 0 else fn()
 
 
-def load_data(settings, runtime: Runtime, include=None) -> datasets.Data:
+def load_data(settings, runtime: Runtime, include=None) -> Data:
     """Each node pulls the dataset into its own cache once (node_first)."""
     normalize = settings.model not in ("mlp", "cnn")  # torchvision models expect ImageNet statistics
-    return node_first(runtime, lambda: datasets.load(settings, runtime, normalize, include))
+    return node_first(runtime, lambda: load_dataset(settings, runtime, normalize, include))
 
 
 def prepare(
-    settings, runtime: Runtime, run_uri: str, data: datasets.Data, lease: Lease | None, started: float, tracker=None
+    settings, runtime: Runtime, run_uri: str, data: Data, lease: Lease | None, started: float, tracker=None
 ):
     """The model (head replaced, weights loaded, backbone frozen as asked) and the training state,
     resumed if the run has a checkpoint; backbone features cached when they can be; wrapped for
@@ -245,7 +247,7 @@ def prepare(
 
 
 def finish(
-    settings, runtime: Runtime, model: loop.Model, data: datasets.Data, state: loop.TrainState, ckpt: Checkpointer
+    settings, runtime: Runtime, model: loop.Model, data: Data, state: loop.TrainState, ckpt: Checkpointer
 ) -> dict:
     """Score the test set if there is one, publish the final summary; returns it."""
     extra: dict = {}
@@ -290,7 +292,7 @@ def export_missing(settings, run_uri: str) -> bool:
     return missing
 
 
-def export_model(settings, runtime: Runtime, run_uri: str, dataset: datasets.Data, state: loop.TrainState) -> str:
+def export_model(settings, runtime: Runtime, run_uri: str, dataset: Data, state: loop.TrainState) -> str:
     """<run>/model/ from the best checkpoint (read back and checked against its manifest), its
     ONNX form verified on validation samples of the dataset as read (images, not features).
     An earlier config.json goes first: until the new one is written, model/ reads as unfinished."""

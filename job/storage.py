@@ -11,12 +11,10 @@ job with exit 75 (or 143 after a stop), never a hang.
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -25,15 +23,13 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from job.errors import CacheError, CredentialsError, DataError, JobError, Stopped, TransientStorageError
+from job.errors import CredentialsError, JobError, Stopped, TransientStorageError
 from job.settings import redact_uri
 from job.signals import StopRequest
 
 log = logging.getLogger("job")
-CACHE_MANIFEST = ".trainjob-cache.json"
 TMP_MARK = ".tmp-"  # local temporary files: <name>.tmp-<8 hex>; a dead writer's are removed at start
 MIN_BYTES_PER_SECOND = 1 << 20  # the time bound grows by 1 s per MB moved: big uploads are not hangs
-PULL_CHUNK_FILES, PULL_CHUNK_BYTES = 256, 256 << 20  # one bounded, concurrent fs.get per chunk
 
 
 @dataclass
@@ -47,6 +43,11 @@ class Config:
 
 _config = Config()
 _local = threading.local()  # .deadline: an end set by time_limit() for this thread's operations
+
+
+def log_every() -> float:
+    """JOB_LOG_EVERY_SECONDS, for progress lines of long storage work."""
+    return _config.log_every
 
 
 def configure(settings, stop=None) -> None:
@@ -231,7 +232,7 @@ def bounded(action: str, uri: str, fn, nbytes: int = 0):
     return box["result"]
 
 
-def _op(action: str):
+def operation(action: str):
     """Make a storage function bounded (see `bounded`) and give it one retry with fresh
     credentials: on a refusal, a new filesystem (a new botocore session) loads the credentials
     again, so keys rotated in a credentials file by a sidecar, or an expired session token, keep
@@ -267,7 +268,7 @@ def tmp_name(path: str) -> str:
     return f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
 
 
-def _write_local(path: str, data: bytes) -> None:
+def write_local(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tmp_name(path)
     try:
@@ -281,7 +282,7 @@ def _write_local(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-@_op("read")
+@operation("read")
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The object's bytes; with max_bytes, at most max_bytes + 1 of them (a ranged read: a huge
     object from an untrusted bucket is never read whole)."""
@@ -294,16 +295,16 @@ def write_bytes(uri: str, data: bytes) -> None:
     _write_bytes(uri, data, nbytes=len(data))
 
 
-@_op("write")
+@operation("write")
 def _write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
-        _write_local(path, data)
+        write_local(path, data)
     else:
         fs.pipe_file(path, data)
 
 
-@_op("create")
+@operation("create")
 def create_bytes(uri: str, data: bytes) -> None:
     """Create an object that must not exist yet; FileExistsError if it does (S3 `If-None-Match:
     *`, a local exclusive open): of several writers racing, exactly one succeeds."""
@@ -330,20 +331,20 @@ def read_json(uri: str):
     return json.loads(read_bytes(uri))
 
 
-@_op("check")
+@operation("check")
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
 
 
-@_op("remove")
+@operation("remove")
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm_file(path)
 
 
-@_op("copy")
+@operation("copy")
 def copy(src: str, dst: str) -> None:
     """Server-side copy on object stores (no re-upload); a local copy is published atomically."""
     fs, src_path = filesystem(src)
@@ -360,7 +361,7 @@ def copy(src: str, dst: str) -> None:
         fs.copy(src_path, dst_path)
 
 
-@_op("list")
+@operation("list")
 def list_names(uri: str) -> list[str]:
     """Names of the files directly under a directory URI ([] when it does not exist)."""
     fs, path = filesystem(uri)
@@ -369,7 +370,7 @@ def list_names(uri: str) -> list[str]:
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
-@_op("remove")
+@operation("remove")
 def remove_tree(uri: str) -> None:
     """Delete a directory URI and everything under it (used only for smoke outputs)."""
     fs, path = filesystem(uri)
@@ -405,207 +406,8 @@ def remove_stale_tmp(uri: str) -> int:
     return len(stale)
 
 
-# --- the dataset cache -----------------------------------------------------------------------
-
-
-def cache_root(uri: str, cache_dir: str) -> str:
-    return os.path.join(cache_dir, hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16])
-
-
-def check_cache_dir(cache_dir: str, need_bytes: int = 0) -> None:
-    """The local cache must take writes and have room: its own clear error (exit 4), never a
-    data or credentials error."""
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        _write_local(os.path.join(cache_dir, ".trainjob-probe"), b"ok")
-        os.remove(os.path.join(cache_dir, ".trainjob-probe"))
-    except OSError as exc:
-        raise CacheError(
-            f"JOB_CACHE_DIR={cache_dir} is not writable ({os.strerror(exc.errno) if exc.errno else exc}); "
-            "mount a writable volume there (docker: --tmpfs /cache; Kubernetes: an emptyDir) or set "
-            "JOB_CACHE_DIR to a writable directory"
-        ) from None
-    free = shutil.disk_usage(cache_dir).free
-    if need_bytes > free:
-        raise CacheError(
-            f"JOB_CACHE_DIR={cache_dir} has {_mb(free)} free but the dataset needs {_mb(need_bytes)} more; "
-            "give the cache volume more space (e.g. the emptyDir's sizeLimit) or point JOB_CACHE_DIR elsewhere"
-        )
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def local_path(root: str, rel: str, name: str) -> str:
-    """root/rel, proven to stay under root. `rel` comes from a remote listing that a careless or
-    hostile bucket owner controls: '..', '.' or empty segments are refused (DataError naming the
-    object `name`), and the resolved path must lie under the resolved root."""
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") or "\0" in p for p in parts):
-        raise DataError(
-            f"object {name!r} has an empty, '.' or '..' segment in its key; refusing a dataset whose keys "
-            "could write outside the cache (JOB_CACHE_DIR)"
-        )
-    path = os.path.join(root, *parts)
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
-        raise DataError(f"object {name!r} resolves outside the cache (JOB_CACHE_DIR); refusing the dataset")
-    return path
-
-
-def check_cache_for(uri: str, cache_dir: str) -> int:
-    """--check: the cache takes writes and has room for what a pull of `uri` would still fetch.
-    Returns the dataset's size in bytes (0 for a local dataset, read in place)."""
-    fs, root = filesystem(uri)
-    check_cache_dir(cache_dir)
-    if isinstance(fs, LocalFileSystem):
-        return 0
-    total = sum(int(info.get("size") or 0) for path, info in find(uri).items() if not path.endswith("/"))
-    local = cache_root(uri, cache_dir)
-    cached = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files)
-    check_cache_dir(cache_dir, total - cached)
-    return total
-
-
-def _version(info: dict) -> str:
-    """What identifies one version of a remote file: ETag on S3, etag/md5 on GCS, else mtime."""
-    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "created"):
-        if info.get(key) is not None:
-            return str(info[key])
-    return ""
-
-
-@_op("list")
-def listing_digest(uri: str) -> str:
-    """A hash of what is under `uri`: every object's name, size and version (ETag or mtime). It
-    changes when an object is added, removed or rewritten."""
-    root = filesystem(uri)[1].rstrip("/")
-    entries = sorted((path[len(root) + 1:], info.get("size"), _version(info)) for path, info in find(uri).items())
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def pull(uri: str, cache_dir: str, include=None) -> str:
-    """Make the dataset at `uri` available as a local directory and return its path.
-
-    Local datasets are read in place. Remote ones are mirrored into `cache_dir`: files whose
-    size and version match what the cache recorded are kept, the rest fetched in bounded chunks
-    (s3fs/gcsfs transfer each chunk's files concurrently), and local files the listing no longer
-    has are deleted, so the cache is exactly the listing. An interrupted pull resumes on the next
-    start. `include(relative_path) -> bool` limits the pull to the files a caller needs.
-    """
-    fs, root = filesystem(uri)
-    if isinstance(fs, LocalFileSystem):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(root)
-        return root
-    local_root = cache_root(uri, cache_dir)
-    check_cache_dir(cache_dir)
-    os.makedirs(local_root, exist_ok=True)
-    manifest_path = os.path.join(local_root, CACHE_MANIFEST)
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        manifest = {}
-    log.info(f"listing {redact_uri(uri)}")
-    listing = find(uri)
-    if not listing:
-        raise FileNotFoundError(root)
-    wanted, todo = _plan(listing, root, local_root, manifest, include)
-    _remove_unlisted(local_root, wanted)
-    need = sum(size for _, _, size in todo)
-    check_cache_dir(cache_dir, need)
-    if todo:
-        _fetch(uri, todo, len(wanted), local_root)
-    if wanted != manifest:
-        _write_local(manifest_path, json.dumps(wanted).encode())
-    return local_root
-
-
-@_op("list")
+@operation("list")
 def find(uri: str) -> dict:
     """{path: info} of every object under `uri` (fsspec's find with details)."""
     fs, root = filesystem(uri)
     return fs.find(root, detail=True)
-
-
-def _plan(listing: dict, root: str, local_root: str, manifest: dict, include):
-    """({relative name: [size, version]} of the files the cache must hold, [(remote, local, size)]
-    of those to fetch). Raises DataError for keys that cannot be mirrored safely."""
-    base = root.rstrip("/") + "/"
-    wanted, todo = {}, []
-    for path, info in sorted(listing.items()):
-        if info.get("type") == "directory" or path.endswith("/"):  # folder markers
-            continue
-        if not path.startswith(base):
-            raise DataError(f"object {path!r} is listed under {root} but is not inside it; refusing the dataset")
-        rel = path[len(base) :]
-        if include and not include(rel):
-            continue
-        dest = local_path(local_root, rel, path)
-        key = [info.get("size"), _version(info)]
-        wanted[rel] = key
-        if manifest.get(rel) == key and os.path.isfile(dest) and os.path.getsize(dest) == key[0]:
-            continue
-        todo.append((path, dest, int(info.get("size") or 0)))
-    folders = {rel.rsplit("/", 1)[0] for rel in wanted if "/" in rel}
-    clash = sorted(folders & set(wanted))
-    if clash:
-        raise DataError(f"object key {clash[0]!r} is both a file and a folder of other keys; refusing the dataset")
-    return wanted, todo
-
-
-def _remove_unlisted(local_root: str, wanted: dict) -> None:
-    """Delete cached files the listing no longer has (deleted from the bucket: never trained on)."""
-    for folder, _, files in os.walk(local_root):
-        for name in files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, local_root).replace(os.sep, "/")
-            if rel != CACHE_MANIFEST and rel not in wanted:
-                os.remove(path)
-
-
-@_op("pull")
-def _get(uri: str, remote: list[str], local: list[str]) -> None:
-    filesystem(uri)[0].get(remote, local)
-
-
-def _fetch(uri: str, todo: list, total_files: int, local_root: str) -> None:
-    """Fetch [(remote, local, size)] in chunks, each one bounded operation; progress lines."""
-    total = sum(size for _, _, size in todo)
-    log.info(f"pulling {len(todo)} of {total_files} files ({_mb(total)}) from {redact_uri(uri)} into {local_root}")
-    start, last_log, done_files, done_bytes = time.monotonic(), time.monotonic(), 0, 0
-    i = 0
-    while i < len(todo):
-        chunk: list = []
-        size = 0
-        while i < len(todo) and len(chunk) < PULL_CHUNK_FILES and (not chunk or size < PULL_CHUNK_BYTES):
-            chunk.append(todo[i])
-            size += todo[i][2]
-            i += 1
-        for _, dest, _ in chunk:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-        try:
-            _get(uri, [r for r, _, _ in chunk], [d for _, d, _ in chunk], nbytes=size)
-        except OSError as exc:
-            local_fault = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not os.access(local_root, os.W_OK)
-            if local_fault:
-                reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
-                raise CacheError(
-                    f"cannot write the dataset into JOB_CACHE_DIR ({local_root}): {reason}; "
-                    f"{_mb(total - done_bytes)} still to fetch; give the cache volume more space or "
-                    "make it writable"
-                ) from None
-            raise
-        done_files, done_bytes = done_files + len(chunk), done_bytes + size
-        now = time.monotonic()
-        if now - last_log >= _config.log_every or i == len(todo):
-            last_log = now
-            rate = done_bytes / max(now - start, 1e-9)
-            eta = (total - done_bytes) / rate if rate > 0 else 0
-            log.info(
-                f"pull {done_files}/{len(todo)} files ({100 * done_bytes / max(total, 1):.0f}%), "
-                f"{_mb(done_bytes)} of {_mb(total)}, {rate / 1e6:.2f} MB/s, elapsed {now - start:.0f} s, ETA "
-                f"{eta:.0f} s"
-            )

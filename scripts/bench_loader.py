@@ -30,7 +30,8 @@ from PIL import Image
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from job import datasets, shards  # noqa: E402
+from job.data.dataset import load_images, load_shards  # noqa: E402
+from job.data.index import find_index  # noqa: E402
 from job.runtime import Runtime  # noqa: E402
 from job.settings import Settings  # noqa: E402
 
@@ -101,10 +102,10 @@ def throughput(tmp: str, n: int) -> dict:
     settings = Settings(data_uri=os.path.join(tmp, "photos"), image_size=224, augment=True, num_workers=1,
                         cache_dir=os.path.join(tmp, "cache"), model="resnet18")
     runtime = Runtime(torch.device("cpu"), threads=1, workers=1, scan_threads=2)
-    folder = datasets.load_images(os.path.join(tmp, "photos"), settings, runtime, normalize=True)
-    index = shards.find_index(os.path.join(tmp, "photo-shards"))
+    folder = load_images(os.path.join(tmp, "photos"), settings, runtime, normalize=True)
+    index = find_index(os.path.join(tmp, "photo-shards"))
     assert index is not None, "prepare wrote no index.json"
-    sharded = datasets.load_shards(settings.model_copy(update={"data_uri": os.path.join(tmp, "photo-shards")}),
+    sharded = load_shards(settings.model_copy(update={"data_uri": os.path.join(tmp, "photo-shards")}),
                                    runtime, index, normalize=True)
     train = torch.arange(n)
     results: dict[str, list] = {"per_item": [], "shards": []}

@@ -40,8 +40,9 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from stage_dataset import from_idx, stage  # noqa: E402
 
-from job import data, loop  # noqa: E402
-from job.datasets import Data  # noqa: E402
+from job import loop  # noqa: E402
+from job.data import Data  # noqa: E402
+from job.data import sources as data  # noqa: E402
 from job.models import build_model  # noqa: E402
 from job.optim import build_optimizer  # noqa: E402
 from job.runtime import Runtime  # noqa: E402

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from stage_dataset import synthetic_images  # noqa: E402
 
-from job import datasets, loop, models, run  # noqa: E402
-from job.data import FileSource  # noqa: E402
+from job import loop, models, run  # noqa: E402
+from job.data import Data  # noqa: E402
+from job.data.dataset import load_images  # noqa: E402
+from job.data.sources import FileSource  # noqa: E402
 from job.runtime import Runtime  # noqa: E402
 from job.settings import Settings  # noqa: E402
 
@@ -46,7 +48,7 @@ class ByIndex(torch.utils.data.Dataset):
         return self.items[(i, i)]
 
 
-def tutorial(settings, dataset: datasets.Data, epochs: int) -> list[float]:
+def tutorial(settings, dataset: Data, epochs: int) -> list[float]:
     torch.manual_seed(0)
     model, head = models.build_model(settings, (3, settings.image_size, settings.image_size), dataset.num_classes)
     models.freeze(model, head, "all")
@@ -79,7 +81,7 @@ def tutorial(settings, dataset: datasets.Data, epochs: int) -> list[float]:
     return seconds
 
 
-def job_way(settings, dataset: datasets.Data, epochs: int, run_uri: str) -> list[float]:
+def job_way(settings, dataset: Data, epochs: int, run_uri: str) -> list[float]:
     torch.manual_seed(0)
     runtime = Runtime(torch.device("cpu"), threads=torch.get_num_threads())
     start = time.perf_counter()
@@ -118,7 +120,7 @@ def main() -> None:
             cache_dir=os.path.join(tmp, "cache"),
         )
         runtime = Runtime(torch.device("cpu"), threads=args.threads)
-        dataset = datasets.load_images(os.path.join(tmp, "data"), settings, runtime, normalize=True)
+        dataset = load_images(os.path.join(tmp, "data"), settings, runtime, normalize=True)
         assert dataset.split is not None  # the generated tree has train/ and valid/
         train_images, val_images = len(dataset.split[0]), len(dataset.split[1])
         tutorial_s = tutorial(settings, dataset, args.epochs)

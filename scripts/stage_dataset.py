@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from job import storage  # noqa: E402
-from job.datasets import MNIST_FILES, idx_bytes, read_idx  # noqa: E402
+from job.data.idx import idx_bytes, read_idx  # noqa: E402
+from job.data.layout import MNIST_FILES  # noqa: E402
 
 
 def digits(test_fraction: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ import gzip
 import pytest
 
 from conftest import corrupt_copy, idx_images, run_job
-from job.datasets import idx_bytes
+from job.data.idx import idx_bytes
 
 
 def assert_one_clear_error(result, code: int, *names: str) -> None:

@@ -16,8 +16,9 @@ from faultproxy import FaultProxy
 from PIL import Image
 from test_transfer import CLASSES, RECIPE, make_tree, weights_file
 
-from job import export, images
-from job.datasets import idx_bytes, read_idx
+from job import export
+from job.data import images
+from job.data.idx import idx_bytes, read_idx
 from job.errors import DataError
 
 

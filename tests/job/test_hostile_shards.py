@@ -77,10 +77,10 @@ INDEX_ATTACKS = {  # what is done to the index (and its shards) -> what the one-
         lambda f, i: i["splits"]["train"][0].update(name="../../../../escape.tar"), "is not a unique plain file name"),
     "an absolute shard name": (lambda f, i: i["splits"]["train"][0].update(name="/tmp/escape.tar"), "is not a unique plain"),
     "the same shard twice": (lambda f, i: i["splits"]["val"].append(i["splits"]["train"][0]), "is not a unique plain"),
-    "no kind": (lambda f, i: i.pop("kind"), "kind None is neither"),
-    "splits as a list": (lambda f, i: i.update(splits=[]), "splits is not a mapping"),
+    "no kind": (lambda f, i: i.pop("kind"), "kind: Field required"),
+    "splits as a list": (lambda f, i: i.update(splits=[]), "splits: Input should be a valid dictionary"),
     "zero samples": (lambda f, i: i["splits"]["train"][0].update(samples=0), "no plausible samples"),
-    "one class": (lambda f, i: i.update(class_names=["0"]), "class_names is not a list of at least 2"),
+    "one class": (lambda f, i: i.update(class_names=["0"]), "class_names: List should have at least 2 items"),
     "an IDX shape of a billion pixels": (
         lambda f, i: [s.update(shape=[1, 40000, 40000]) for s in i["splits"]["train"]], "has shape [1, 40000, 40000]"),
     "more samples in the index than in the shard": (
@@ -88,7 +88,7 @@ INDEX_ATTACKS = {  # what is done to the index (and its shards) -> what the one-
     "a label outside the classes": (
         lambda f, i: _rewrite_first_shard(f, i, relabel((f / i["splits"]["train"][0]["name"]).read_bytes(), b"77")),
         "label 77 outside the 10 classes"),
-    "bad files that are not pairs": (lambda f, i: i.update(bad_files=[1]), "bad_files is not a list of"),
+    "bad files that are not pairs": (lambda f, i: i.update(bad_files=[1]), "bad_files.0: Input should be a valid list"),
     "a trillion samples": (lambda f, i: i["splits"]["train"][0].update(samples=10**12), "no plausible samples"),
     "a test split of another shape": (
         lambda f, i: [s.update(shape=[1, 20, 20]) for s in i["splits"]["test"]], "IDX shards differ in shape"),
@@ -102,7 +102,7 @@ INDEX_ATTACKS = {  # what is done to the index (and its shards) -> what the one-
 def resign(index: dict) -> None:
     """Whoever writes a hostile index can also write its fingerprint to match the shards it lists
     (an edited index with a stale one is refused earlier: tests/unit/test_shards_in_process.py)."""
-    from job.shards import fingerprint
+    from job.data.index import fingerprint
 
     try:
         index["fingerprint"] = fingerprint(index["splits"])
@@ -128,7 +128,7 @@ def test_a_hostile_shard_index_or_shard_is_refused_in_one_line(digit_shards, tmp
     (folder / "index.json").write_text(json.dumps(index))
     if attack not in THROUGH_THE_JOB:  # refused from the index alone: find_index is the job's first read of it
         from job.errors import DataError
-        from job.shards import find_index
+        from job.data.index import find_index
 
         with pytest.raises(DataError) as refused:
             find_index(str(folder))

@@ -78,7 +78,7 @@ def test_prepare_keeps_one_dataset_per_destination_and_never_writes_into_its_sou
     assert not list((tmp_path / "busy").glob("*.tar"))
 
 
-def test_evaluate_streams_a_sharded_dataset_as_training_read_it(s3, digits_dir, tmp_path):
+def test_evaluate_and_predict_stream_a_sharded_dataset_as_training_read_it(s3, digits_dir, tmp_path):
     assert prepare(str(digits_dir), str(tmp_path / "shards")).returncode == 0
     trained = run_job(data_uri=str(tmp_path / "shards"), output_uri=str(tmp_path), run_name="r", epochs=1,
                       num_workers=0, cache_dir=str(tmp_path / "c"), **DIGITS)
@@ -90,6 +90,22 @@ def test_evaluate_streams_a_sharded_dataset_as_training_read_it(s3, digits_dir, 
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert scored["split"] == "test" and scored["samples"] == 359  # the digits' test set, streamed
     assert scored["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)  # one epoch: best is last
+    # predict streams every sample of every split, each named <shard>#<position>: its classes, checked
+    # against the labels in the test shards, score what evaluate scored
+    result = run_job("predict", str(tmp_path / "r"), str(tmp_path / "shards"), "--output", str(tmp_path / "p.jsonl"),
+                     cache_dir=str(tmp_path / "c"), num_workers=0)
+    assert result.returncode == 0, result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert len(rows) == sum(s["samples"] for shards in index["splits"].values() for s in shards) == 1797
+    predicted = {row["input"]: row["class"] for row in rows}
+    right = total = 0
+    for shard in index["splits"]["test"]:
+        with tarfile.open(tmp_path / "shards" / shard["name"]) as tar:
+            labels = [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".cls")]
+        right += sum(predicted[f"{shard['name']}#{i}"] == label for i, label in enumerate(labels))
+        total += len(labels)
+    assert total == 359 and right / total == pytest.approx(scored["accuracy"], abs=1e-6)
 
 
 def test_prepare_writes_webdataset_shards_and_an_index(shard_set, s3, tmp_path):

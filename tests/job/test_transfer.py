@@ -12,7 +12,7 @@ import torchvision
 from conftest import read_history, run_job
 from PIL import Image
 
-from job import images
+from job.data import images
 from job.models import build_model
 
 CLASSES = ("daisy", "rose", "tulip")

@@ -24,7 +24,8 @@ from job import lease, storage
 from job.checkpoint import Uploader
 from job.errors import DataError, OutputError, SettingsError, Stopped, StoppedWaitingForData, TransientStorageError
 from job.settings import Settings
-from job.shards import WINDOW, ShardCache, _tar
+from job.data.cache import WINDOW, ShardCache
+from job.data.prepare_shards import tar_shard
 from job.signals import StopRequest
 
 HANG = 30.0  # seconds: far beyond any wait here; reaching it means a hang
@@ -92,7 +93,7 @@ def write_shards(uri: str, n: int, samples: int = 2) -> list[dict]:
     """n real shards (the writer's tar layout) in the store at `uri`; their index entries."""
     metas = []
     for i in range(n):
-        blob = _tar([(f"{k:06d}-{i:06d}", bytes([i, k]) * 50, k % CLASSES) for k in range(samples)], "png")
+        blob = tar_shard([(f"{k:06d}-{i:06d}", bytes([i, k]) * 50, k % CLASSES) for k in range(samples)], "png")
         name = f"train-{i:06d}.tar"
         storage.write_bytes(storage.join(uri, name), blob)
         metas.append({"name": name, "samples": samples, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})

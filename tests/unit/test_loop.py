@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from job import data, loop
-from job.datasets import Data
+from job import loop
+from job.data import Data
+from job.data import sources as data
 from job.models import build_model
 from job.optim import build_optimizer
 from job.runtime import Runtime

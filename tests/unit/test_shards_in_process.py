@@ -5,12 +5,13 @@ import random
 
 import torch
 
-from job import augment, shards
+from job.data import augment, cache, images, prepare_shards, stream
+from job.data import index as shard_index
 
 
 def test_the_window_order_is_a_permutation_and_independent_of_processes():
     shard_list = [{"name": f"s{i}", "samples": n, "bytes": 1, "sha256": ""} for i, n in enumerate([5, 7, 3, 9, 4, 6])]
-    source = shards.ShardSource.__new__(shards.ShardSource)
+    source = stream.ShardSource.__new__(stream.ShardSource)
     source.starts = torch.tensor([0, 5, 12, 15, 24, 28, 34])
     indices = torch.arange(34)
     order = source.order(indices, seed=1, epoch=2)
@@ -19,7 +20,7 @@ def test_the_window_order_is_a_permutation_and_independent_of_processes():
     assert not torch.equal(order, source.order(indices, seed=1, epoch=3))
     shard_of, _ = source.locate(order)  # a window's samples come from at most WINDOW shards
     first = set(shard_of[:int(sum(shard_list[i]["samples"] for i in set(shard_of[:1].tolist())))].tolist())
-    assert len(first) <= shards.WINDOW
+    assert len(first) <= cache.WINDOW
 
 
 def test_rotation_matches_torchvisions_nearest_rotation_on_the_interior():
@@ -56,8 +57,7 @@ def test_folders_and_shards_augment_an_image_alike_for_the_same_seed(tmp_path):
     """One augmentation for both paths: an image read from a class folder (PIL, in a worker) and
     the same image read from a shard (torchvision.io) become the same pixels for the same seed,
     with JOB_AUGMENT on (training) and off (evaluation)."""
-    from job import images
-    from job.augment import sample_seed
+    from job.data.augment import sample_seed
 
     path, blob = png_image(tmp_path)
     for train in (True, False):
@@ -65,7 +65,7 @@ def test_folders_and_shards_augment_an_image_alike_for_the_same_seed(tmp_path):
                                    max_pixels=10**6)
         for seed in (sample_seed(0, 0, 0), sample_seed(0, 1, 0), sample_seed(5, 2, 17)):
             from_folder, _ = folder[(0, seed)]
-            from_shard = shards.decode(torch.frombuffer(bytearray(blob), dtype=torch.uint8), "image", 48, train, seed)
+            from_shard = stream.decode(torch.frombuffer(bytearray(blob), dtype=torch.uint8), "image", 48, train, seed)
             assert torch.equal(from_folder, from_shard.float().div(255)), (train, seed)
 
 
@@ -73,8 +73,7 @@ def test_image_folders_augment_each_sample_by_seed_epoch_and_index(tmp_path):
     """Folders, like shards, draw a sample's augmentation from (JOB_SEED, epoch, sample): the same
     epoch reads the same pixels again (a resumed run trains on what an uninterrupted one would),
     another epoch other pixels."""
-    from job import images
-    from job.data import FileSource
+    from job.data.sources import FileSource
 
     pairs = [(png_image(tmp_path, seed)[0], seed % 2) for seed in range(6)]
     items = images.ImageItems(pairs, images.ImageTransform(32, True, normalize=True), max_pixels=10**6)
@@ -102,12 +101,12 @@ def test_many_classes_in_tiny_shards_give_batches_as_mixed_as_folders():
     holding as many classes as a full shuffle of the folder path does."""
     per_class, classes, per_shard, batch = 30, 200, 10, 64
     entries = [(f"c{c}/{k}.png", c) for c in range(classes) for k in range(per_class)]  # as _plan lists them
-    written = shards._shuffled(entries, seed=0)
+    written = prepare_shards.shuffled(entries, seed=0)
     labels = torch.tensor([label for _, label in written])
-    source = shards.ShardSource.__new__(shards.ShardSource)
+    source = stream.ShardSource.__new__(stream.ShardSource)
     source.starts = torch.arange(0, len(written) + 1, per_shard)
     indices = torch.arange(len(written))
-    from job.data import epoch_order
+    from job.data.sources import epoch_order
 
     folders = distinct_classes_per_batch(torch.tensor([label for _, label in entries]),
                                          epoch_order(indices, 0, 0), batch)
@@ -134,13 +133,13 @@ def test_training_recomputes_the_fingerprint_from_the_shards_the_index_lists(tmp
 
     splits = {"train": [entry("train-000000.tar", "a")], "val": [entry("val-000000.tar", "b")],
               "test": [entry("test-000000.tar", "c")]}
-    index = {"format": "trainjob-shards", "format_version": shards.FORMAT_VERSION, "kind": "image",
+    index = {"format": "trainjob-shards", "format_version": shard_index.FORMAT_VERSION, "kind": "image",
              "class_names": ["a", "b"], "files": 3, "bad_files": [], "splits": splits, "order": "shuffled",
-             "fingerprint": shards.fingerprint(splits)}
+             "fingerprint": shard_index.fingerprint(splits)}
     storage.write_json(str(tmp_path / "ok" / "index.json"), index)
     assert list(json.loads((tmp_path / "ok" / "index.json").read_text())["splits"]) == ["test", "train", "val"]
-    assert shards.find_index(str(tmp_path / "ok"))["fingerprint"] == index["fingerprint"]
+    assert shard_index.find_index(str(tmp_path / "ok"))["fingerprint"] == index["fingerprint"]
     splits["val"][0]["sha256"] = "d" * 64  # another shard under the same name: the fingerprint no longer says it
     storage.write_json(str(tmp_path / "edited" / "index.json"), index)
     with pytest.raises(DataError, match="fingerprint that does not match"):
-        shards.find_index(str(tmp_path / "edited"))
+        shard_index.find_index(str(tmp_path / "edited"))

@@ -10,7 +10,9 @@ import uuid
 import pytest
 import torch
 
-from job import checkpoint, data, lease, storage
+from job import checkpoint, lease, storage
+from job.data import mirror
+from job.data import sources as data
 from job.errors import DataError
 from job.optim import lr_factor
 from job.report import printable
@@ -88,14 +90,14 @@ def test_pull_mirrors_the_listing_and_refetches_only_what_changed(tmp_path):
     remote = fresh_uri() + "/ds"
     for name, body in {"a.txt": b"1", "sub/b.txt": b"22", "sub/c.txt": b"333"}.items():
         storage.write_bytes(storage.join(remote, name), body)
-    root = storage.pull(remote, str(tmp_path))
+    root = mirror.pull(remote, str(tmp_path))
     assert open(os.path.join(root, "sub", "c.txt"), "rb").read() == b"333"
-    manifest = json.load(open(os.path.join(root, storage.CACHE_MANIFEST)))
+    manifest = json.load(open(os.path.join(root, mirror.CACHE_MANIFEST)))
     assert sorted(manifest) == ["a.txt", "sub/b.txt", "sub/c.txt"]
     os.utime(os.path.join(root, "a.txt"), (0, 0))  # unchanged remote: the local file is kept as it is
     storage.remove(storage.join(remote, "sub/b.txt"))
     storage.write_bytes(storage.join(remote, "sub/c.txt"), b"4444")
-    storage.pull(remote, str(tmp_path))
+    mirror.pull(remote, str(tmp_path))
     assert os.stat(os.path.join(root, "a.txt")).st_mtime == 0
     assert not os.path.exists(os.path.join(root, "sub", "b.txt"))  # deleted remotely: gone from the cache
     assert open(os.path.join(root, "sub", "c.txt"), "rb").read() == b"4444"
@@ -104,7 +106,7 @@ def test_pull_mirrors_the_listing_and_refetches_only_what_changed(tmp_path):
 @pytest.mark.parametrize("rel", ["../x", "a/../../x", "a//b", "./a", "a/."])
 def test_local_paths_from_keys_stay_under_their_root(tmp_path, rel):
     with pytest.raises(DataError, match="refusing"):
-        storage.local_path(str(tmp_path), rel, rel)
+        mirror.local_path(str(tmp_path), rel, rel)
 
 
 def test_one_writer_per_run():
@@ -131,14 +133,14 @@ def test_tiny_epochs_checkpoint_at_most_once_per_interval_and_keep_the_best(monk
     is snapshotted and becomes best.pt with the next commit; the last epoch always commits."""
     from job import loop
     from job.checkpoint import Checkpointer
-    from job.datasets import Data
+    from job.data import Data
     from job.runtime import Runtime
 
     settings = Settings(data_uri="/x", epochs=3, checkpoint_min_seconds=1000)
     module = torch.nn.Linear(4, 2)
     state = loop.TrainState(torch.optim.SGD(module.parameters(), lr=0.1), None, torch.arange(8), torch.arange(8, 10))
     run = fresh_uri()
-    from job.data import TensorSource
+    from job.data.sources import TensorSource
 
     samples = TensorSource(torch.zeros(10, 4), torch.zeros(10, dtype=torch.int64))
     ckpt = Checkpointer(settings, Runtime(torch.device("cpu")), run, module, state, Data(samples, None, ["a", "b"], "fp"),

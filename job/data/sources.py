@@ -3,16 +3,17 @@
 A source is asked for an epoch's order and for batches of given sample indices, and the loop
 never looks inside it. Three implement it: samples held as tensors (MNIST-format data, cached
 backbone features), gathered by index with no per-item work; image files decoded by DataLoader
-workers; and shards streamed from object storage (job.shards). Also here: the seeded train/val
+workers; and shards streamed from object storage (job.data.stream). Also here: the seeded train/val
 split, the default epoch order and each rank's share of it.
 """
 
 import math
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import torch
+from torch.utils.data import DataLoader
 
-from job.augment import sample_seed
+from job.data.augment import sample_seed
 from job.errors import DataError
 
 GATHER_BYTES = 2 << 20  # gather this much at a time: one op for several batches, and the chunk stays in cache
@@ -76,7 +77,7 @@ class FileSource:
 
     def batches(self, indices: torch.Tensor, batch_size: int, train: bool, epoch: int = 0) -> Batches:
         loader, sampler = self.items.loader(train, batch_size, self.workers, pin_memory=self.device.type == "cuda")
-        sampler.indices = [(i, sample_seed(self.seed, epoch, i)) for i in indices.tolist()]
+        sampler.give([(i, sample_seed(self.seed, epoch, i)) for i in indices.tolist()], len(indices))
         for xb, yb in loader:
             yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 
@@ -130,3 +131,39 @@ def shard(order: torch.Tensor, batch_size: int, rank: int, world_size: int) -> t
         per = math.ceil(len(tail) / world_size)
         tail = torch.cat([tail, order[:per * world_size - len(tail)]]).view(world_size, per)[rank]
     return torch.cat([head, tail])
+
+
+class Feed(torch.utils.data.Sampler):
+    """A DataLoader's sampler that yields whatever it was last given (indices, or items of known
+    length): one DataLoader, and its persistent workers, serves every epoch's freshly shuffled
+    and sharded order."""
+
+    def __init__(self):
+        self.items: Iterable = ()
+        self.length = 0
+
+    def give(self, items: Iterable, length: int) -> None:
+        self.items, self.length = items, length
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def fed_loader(dataset, batch_size: int, workers: int, pin_memory: bool, collate_fn=None) -> tuple[DataLoader, Feed]:
+    """A DataLoader that reads what its Feed is given, in that order (the caller shuffles and
+    shards). Workers persist across epochs and start with forkserver: fsspec's event loop is not
+    fork-safe (fsspec/s3fs#914)."""
+    feed = Feed()
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=feed,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        multiprocessing_context="forkserver" if workers else None,
+    ), feed

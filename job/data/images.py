@@ -1,10 +1,8 @@
-"""Photos laid out as class folders: scan, check, transform and load them.
+"""Image files: check, scan, transform and read them through DataLoader workers.
 
-<root>/train/<class>/**  and optionally  <root>/valid/<class>/** (or val/)  and  <root>/test/<class>/**
-Class names are the sorted folder names of train/; files in subfolders of a class folder belong
-to it, as in torchvision's ImageFolder. Every file is decoded once before training: anything that
-is not a regular file, too large, over the pixel limit (a decompression bomb), corrupt, truncated
-or not an image is skipped and named, and too many of them fail the job.
+An image folder (job.data.layout) is decoded file by file once before training: anything that is
+not a regular file, too large, over the pixel limit (a decompression bomb), corrupt, truncated or
+not an image is skipped and named, and too many of them fail the job.
 """
 
 import hashlib
@@ -19,15 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from job import augment
-from job.errors import DataError
+from job.data import augment, layout
+from job.data.sources import fed_loader
 
 log = logging.getLogger("job")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _MEAN, _STD = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))  # made once, not per image
-VAL_DIRS = ("valid", "val")
 # Over Image.MAX_IMAGE_PIXELS, PIL only warns (up to twice that): make it an error, so an image
 # over the pixel limit is refused at open, from its header, before a byte is decoded.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -57,12 +54,12 @@ class ImageItems(Dataset):
         key = (train, batch_size)
         if key not in self._loaders:
             view = ImageItems(self.items, self.transform, train, max_pixels=self.max_pixels)
-            self._loaders[key] = loader(view, batch_size, workers, pin_memory)
+            self._loaders[key] = fed_loader(view, batch_size, workers, pin_memory)
         return self._loaders[key]
 
 
 class ImageTransform:
-    """PIL RGB image -> the model's input: job.augment's preprocessing on uint8 (shards use the
+    """PIL RGB image -> the model's input: job.data.augment's preprocessing on uint8 (shards use the
     same), then float in [0, 1], normalised with ImageNet's mean/std (what torchvision's
     pretrained weights expect) when `normalize`. Picklable, for DataLoader workers."""
 
@@ -82,29 +79,6 @@ def to_float(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return x.sub_(_MEAN).div_(_STD) if normalize else x
 
 
-def _class_dirs(root: str, split: str) -> dict[str, list[str]]:
-    """{class folder name: its files, subfolders included}; hidden files and folders are skipped.
-    Symlinked folders are not followed (a link loop cannot hang the scan); symlinked files are
-    read if they lead to a regular file."""
-    folder = os.path.join(root, split)
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-    found = {}
-    for c in classes:
-        try:
-            c.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(
-                f"class folder {c!r} in {split}/ is not valid UTF-8; class names become labels in every "
-                "output: rename it"
-            ) from None
-        files = []
-        for here, dirs, names in os.walk(os.path.join(folder, c)):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files += [os.path.join(here, n) for n in sorted(names) if not n.startswith(".")]
-        found[c] = files
-    return found
-
-
 def read_regular(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
     """(the file's bytes, None), or (None, why not): only a regular file of at most max_bytes is
     read, in one bounded read."""
@@ -121,7 +95,7 @@ def read_regular(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
         return f.read(max_bytes + 1), None
 
 
-def _check(path: str, max_bytes: int, max_pixels: int) -> tuple[str | None, bytes]:
+def check_file(path: str, max_bytes: int, max_pixels: int) -> tuple[str | None, bytes]:
     """(None if the file is a regular file that decodes as an image within the limits, else why
     not; the sha256 of its bytes), from one bounded read."""
     blob, reason = read_regular(path, max_bytes)
@@ -151,30 +125,13 @@ def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: fl
     each split is a list of (path, label); digests maps each file's name (class/relative path)
     to its sha256. Raises DataError for a layout that cannot be trained on."""
     Image.MAX_IMAGE_PIXELS = max_pixels
-    train_dirs = _class_dirs(root, "train")
-    classes = list(train_dirs)
-    if len(classes) < 2:
-        raise DataError(f"{root}/train holds {len(classes)} class folder(s); a classifier needs at least 2")
-    empty = [c for c, files in train_dirs.items() if not files]
-    if empty:
-        raise DataError(
-            f"empty class folder(s) in {root}/train: {', '.join(map(repr, empty))}; add images or remove the folder"
-        )
-    splits, folders = {"train": train_dirs}, {"train": "train"}
-    for name, key in [(d, "val") for d in VAL_DIRS] + [("test", "test")]:
-        if key not in splits and os.path.isdir(os.path.join(root, name)):
-            found = _class_dirs(root, name)
-            unknown = sorted(set(found) - set(classes))
-            if unknown:
-                raise DataError(f"{root}/{name} has classes that train/ lacks: {', '.join(map(repr, unknown[:10]))}")
-            splits[key], folders[key] = found, name
-    items = {k: [(p, classes.index(c)) for c, files in v.items() for p in files] for k, v in splits.items()}
+    classes, items, folders = layout.image_splits(layout.local_folders(root), root)
     every = [p for split in items.values() for p, _ in split]
     log.info(f"checking {len(every)} image files in {root} ({threads} threads)")
     checked, start = {}, time.monotonic()
     last = start
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL decodes without the GIL
-        for path, result in zip(every, pool.map(lambda p: _check(p, max_bytes, max_pixels), every), strict=True):
+        for path, result in zip(every, pool.map(lambda p: check_file(p, max_bytes, max_pixels), every), strict=True):
             checked[path] = result
             if time.monotonic() - last >= log_every:
                 last = time.monotonic()
@@ -199,33 +156,3 @@ def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: fl
         # a file's name in the fingerprint: class/[subfolders/]file
         "names": {p: os.path.relpath(p, os.path.join(root, folders[k])) for k, v in items.items() for p, _ in v},
     }
-
-
-class IndexSampler(torch.utils.data.Sampler):
-    """Yields whatever indices it was last given: one DataLoader (and its persistent workers)
-    serves every epoch's freshly shuffled and sharded order."""
-
-    def __init__(self):
-        self.indices: list = []
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def loader(dataset: ImageItems, batch_size: int, workers: int, pin_memory: bool) -> tuple[DataLoader, IndexSampler]:
-    """A DataLoader that reads the indices its sampler holds, in that order (the caller shuffles
-    and shards). Workers persist across epochs and start with forkserver: fsspec's event loop is
-    not fork-safe (fsspec/s3fs#914)."""
-    sampler = IndexSampler()
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        multiprocessing_context="forkserver" if workers else None,
-    ), sampler
