@@ -3,7 +3,7 @@ import logging
 import os
 import sys
 
-from job.signals import StopRequest
+from job.stop import StopRequest
 
 stop = StopRequest().install()  # before the slow imports: no signal may meet Python's default action
 

@@ -10,9 +10,10 @@ Commit protocol (object stores have no rename and no symlinks):
   4. checkpoints/latest.json              the pointer; only now is the checkpoint "last"
 A kill at any point leaves the previous pointer and checkpoint valid. Resume verifies the sha256
 and falls back to older checkpoints, moving one that fails verification to checkpoints/corrupt/;
-a signal or a storage error while reading moves nothing. The pointer never moves to an older
-step than the one it names (unless that one is gone), and every commit first renews the run's
-lease, so a second writer cannot turn the run back.
+a signal or a storage error while reading moves nothing. A pointer or manifest names a plain
+file in its own folder; one that names anything else is refused, never followed. The pointer
+never moves to an older step than the one it names (unless that one is gone), and every commit
+first renews the run's lease, so a second writer cannot turn the run back.
 """
 
 import hashlib
@@ -24,6 +25,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # the builtin only from Python 3.11
 from dataclasses import asdict
 from types import SimpleNamespace
+from typing import NoReturn
 
 import torch
 
@@ -34,6 +36,16 @@ from job.optim import lr_factor
 
 FORMAT_VERSION = 1
 log = logging.getLogger("job")
+# Resume policy by kind of setting. These shape the model, its inputs or its optimizer state: a
+# checkpoint cannot continue under other values (a changed image size or freeze would fail deep in
+# load_state_dict), so a change is refused, named. The split is the checkpoint's, so a changed
+# val_fraction could not take effect either. image_size only for image data, pretrained only for
+# torchvision models: elsewhere they change nothing.
+FIXED_ON_RESUME = ("model", "hidden_sizes", "optimizer", "freeze", "image_size", "pretrained", "val_fraction")
+# These may change between segments of a run (the MNIST recipe continues at lr 0.1 after 5 epochs
+# at 0.5): each change is logged and recorded in the checkpoint and the summary (settings_changes).
+SCHEDULE_SETTINGS = ("epochs", "lr", "lr_schedule", "lr_milestones", "lr_gamma", "momentum", "weight_decay",
+                     "batch_size", "backbone_lr_scale", "augment", "seed")
 
 
 def _dir(run_uri: str) -> str:
@@ -80,8 +92,10 @@ def _advance_pointer(ckpt_dir: str, manifest: dict) -> None:
     pointer = storage.join(ckpt_dir, "latest.json")
     try:
         current = storage.read_json(pointer)
-        newer = current["global_step"] > manifest["global_step"] and storage.exists(
-            storage.join(ckpt_dir, current["file"])
+        newer = (
+            current["global_step"] > manifest["global_step"]
+            and storage.plain_name(current["file"])
+            and storage.exists(storage.join(ckpt_dir, current["file"]))
         )
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         newer = False
@@ -99,6 +113,19 @@ def _step_names(run_uri: str) -> list[str]:
     return sorted(n[:-5] for n in names if n.startswith("step-") and n.endswith(".json"))
 
 
+def _own_file(run_uri: str, record: str, file, suffix: str = "") -> str:
+    """The file a record (a pointer or a manifest) names, which must be a plain file beside it:
+    a name read from storage is never a path. A resume once followed `../other-run/...` and
+    moved another run's best.pt into this run as "corrupt"; `export` followed one to /dev/zero."""
+    if not storage.plain_name(file) or not file.endswith(suffix):
+        shown = repr(file)[:120]  # repr: one line, whatever the record holds
+        raise DataError(
+            f"checkpoints/{record} in {storage.redact_uri(run_uri)} names {shown}, not a{suffix and ' ' + suffix} "
+            "file in its own folder; refusing to follow it. Fix or delete that record"
+        )
+    return file
+
+
 class Corrupt(Exception):
     """A checkpoint failed verification: its manifest is unreadable or its bytes do not match it."""
 
@@ -111,9 +138,13 @@ def read(run_uri: str, name: str) -> dict:
     try:
         manifest = storage.read_json(storage.join(ckpt_dir, f"{name}.json"))
         size, sha256, file = int(manifest["size"]), manifest["sha256"], manifest["file"]
+        if not isinstance(file, str):
+            raise TypeError(file)
     except (ValueError, KeyError, TypeError) as exc:
         raise Corrupt(f"its manifest is unreadable ({exc.__class__.__name__})") from None
-    blob = storage.read_bytes(storage.join(ckpt_dir, file), nbytes=size)
+    _own_file(run_uri, f"{name}.json", file)
+    # never more than the manifest says (a step file that grew, or a link to a device, is not read whole)
+    blob = storage.read_bytes(storage.join(ckpt_dir, file), max_bytes=max(size, 0), nbytes=max(size, 0))
     if len(blob) != size or hashlib.sha256(blob).hexdigest() != sha256:
         raise Corrupt(f"size {len(blob)} / sha256 differ from its manifest (expected {size} bytes)")
     try:
@@ -144,7 +175,10 @@ def load_latest(run_uri: str) -> tuple[dict | None, str | None]:
     ckpt_dir = _dir(run_uri)
     candidates = list(reversed(_step_names(run_uri)))
     try:
-        pointed = storage.read_json(storage.join(ckpt_dir, "latest.json"))["file"][:-3]
+        file = storage.read_json(storage.join(ckpt_dir, "latest.json"))["file"]
+        if not isinstance(file, str):
+            raise TypeError(file)
+        pointed = _own_file(run_uri, "latest.json", file, ".pt")[:-3]
         candidates = [pointed] + [c for c in candidates if c != pointed]
     except FileNotFoundError:
         pass
@@ -259,6 +293,7 @@ def contents(settings, runtime, module: torch.nn.Module, state, data) -> dict:
         "val_confusion": state.val_confusion,  # the last evaluation's, for the final report
         "input_shape": list(data.samples.sample_shape),  # what the model takes (data as read, not cached features)
         "input_kind": "idx" if data.samples.in_memory else "image",
+        "settings_changes": list(state.settings_changes),
     }
 
 
@@ -276,9 +311,9 @@ def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, da
     from job.loop import Progress
 
     problems = []
-    for key in ("model", "hidden_sizes", "optimizer"):
-        if saved["settings"].get(key) != getattr(settings, key):
-            problems.append(f"JOB_{key.upper()} was {saved['settings'].get(key)}, now {getattr(settings, key)}")
+    fixed, changes = settings_changes(saved, settings)
+    for key, (old, new) in fixed.items():
+        problems.append(f"JOB_{key.upper()} was {old}, now {new}")
     if saved["class_names"] != data.class_names:
         problems.append(f"classes {saved['class_names']} != {data.class_names}")
     if saved["dataset_fingerprint"] != data.fingerprint:
@@ -292,13 +327,27 @@ def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, da
             f"{'; '.join(problems)}; use a new JOB_RUN_NAME to start a separate run"
         )
     module.load_state_dict(saved["model"])
+    current = [{k: v for k, v in group.items() if k != "params"} for group in state.optimizer.param_groups]
     state.optimizer.load_state_dict(saved["optimizer"])
+    for group, settings_now in zip(state.optimizer.param_groups, current, strict=True):
+        group.update(settings_now)  # load_state_dict restores the saved momentum, weight decay, lr scales
     state.progress = Progress(**saved["progress"])
     state.history = list(saved["history"])
     state.best_epoch, state.best_val_accuracy = saved["best_epoch"], saved["best_val_accuracy"]
     state.train_idx, state.val_idx = split["train"], split["val"]
     state.val_confusion = saved.get("val_confusion")  # absent from checkpoints of trainjob <= 0.1
     torch.set_rng_state(saved["rng"])
+    state.settings_changes = list(saved.get("settings_changes") or [])
+    if changes:
+        p = state.progress
+        state.settings_changes.append(
+            {"epoch": p.epoch, "seen": p.seen, "global_step": p.global_step,
+             "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}
+        )
+        log.info(
+            f"settings changed since the checkpoint, from {position(p, len(state.train_idx))} on: "
+            + ", ".join(f"JOB_{k.upper()} {old} -> {new}" for k, (old, new) in changes.items())
+        )
     log.info(
         f"resumed from checkpoints/{name}.pt ({position(state.progress, len(state.train_idx))}; "
         f"global step {state.progress.global_step}, written by {saved['world_size']} process(es)); "
@@ -306,25 +355,42 @@ def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, da
     )
 
 
+def settings_changes(saved: dict, settings) -> tuple[dict, dict]:
+    """({setting: (old, new)} that a resume refuses, {setting: (old, new)} that it records): this
+    run's settings against the checkpoint's, by kind (FIXED_ON_RESUME, SCHEDULE_SETTINGS). A
+    setting the checkpoint does not record (an older trainjob) is not compared."""
+    old, new = saved["settings"], settings.public_dict()
+    changed = {k: (old[k], new[k]) for k in (*FIXED_ON_RESUME, *SCHEDULE_SETTINGS) if k in old and old[k] != new[k]}
+    if saved.get("input_kind") == "idx":
+        changed.pop("image_size", None)  # IDX images keep their own size
+    if old.get("model") in ("mlp", "cnn") and new["model"] in ("mlp", "cnn"):
+        changed.pop("pretrained", None)  # only torchvision models load pretrained weights
+    fixed = {k: v for k, v in changed.items() if k in FIXED_ON_RESUME}
+    return fixed, {k: v for k, v in changed.items() if k in SCHEDULE_SETTINGS}
+
+
 def run_state(run_uri: str, epochs: int) -> str:
     """--check: what a run would do with this run directory, from its pointer and summary (the
     checkpoint itself is verified when the run resumes)."""
     try:
         latest = storage.read_json(storage.join(_dir(run_uri), "latest.json"))
-        epoch, seen = int(latest["epoch"]), int(latest["seen"])
+        epoch, seen, file = int(latest["epoch"]), int(latest["seen"]), latest["file"]
+        if not isinstance(file, str):
+            raise TypeError(file)
     except FileNotFoundError:
         return (
             "new" if not storage.exists(storage.join(run_uri, "history.jsonl")) else "has a history but no checkpoint"
         )
     except (ValueError, KeyError, TypeError):
         return "resumable from its newest good checkpoint (latest.json is unreadable)"
+    _own_file(run_uri, "latest.json", file, ".pt")  # as the run would refuse it
     try:
         status = storage.read_json(storage.join(run_uri, "summary.json")).get("status")
     except (FileNotFoundError, ValueError, AttributeError):
         status = None
     if status == "completed" and epoch >= epochs:
         return f"complete ({epoch} epochs)"
-    return f"resumable from checkpoints/{latest.get('file')} ({position(SimpleNamespace(epoch=epoch, seen=seen))})"
+    return f"resumable from checkpoints/{file} ({position(SimpleNamespace(epoch=epoch, seen=seen))})"
 
 
 def load_resume_state(settings, run_uri: str) -> tuple[dict | None, str | None]:
@@ -417,7 +483,7 @@ class Checkpointer:
 
         return self.uploader.submit(publish)
 
-    def stop(self, signum: int, saving: bool) -> None:
+    def stop(self, signum: int, saving: bool) -> NoReturn:
         """Wait for the stop checkpoint within the grace period, then end every rank with
         128+signal, saying truthfully which checkpoint is the valid one. The other ranks wait for
         rank 0's upload: a rank that left early would make torchrun kill rank 0 in the middle of it."""

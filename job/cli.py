@@ -8,7 +8,7 @@ from job import __version__, storage
 from job.errors import DataError, JobError, OutputError, Stopped
 from job.report import setup_logging
 from job.settings import help_text, load_settings
-from job.signals import StopRequest
+from job.stop import StopRequest
 
 log = logging.getLogger("job")
 
@@ -95,7 +95,9 @@ def command(name: str, args: list[str], stop: StopRequest) -> int:
         from job import predict
         from job.runtime import setup
 
+        stop.check()  # a signal during the imports: exit 143 now, with this line
         runtime = setup(settings, stop)
+        stop.check()
         if name == "prepare":
             from job import data
 
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         settings = load_settings()
         setup_logging(settings.log_level)
         storage.configure(settings, stop)
+        stop.check()
         if "--check" in argv:
             check(settings)
             return 0
@@ -148,7 +151,9 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         settings = resolve_run_name(settings)
 
         run = smoke if settings.smoke else train
+        stop.check()  # a signal during the imports (PyTorch: seconds): exit 143 now, with this line
         runtime = setup(settings, stop)
+        stop.check()
         if not runtime.distributed:
             run(settings, runtime)
             return 0

@@ -16,7 +16,7 @@ class JobError(Exception):
 
 
 class SettingsError(JobError):
-    exit_code, meaning, action = 2, "invalid settings, or credentials the store refuses", "fail at once"
+    exit_code, meaning, action = 2, "invalid settings, or credentials missing or refused by the store", "fail at once"
 
 
 class CredentialsError(SettingsError):
@@ -43,8 +43,8 @@ class DivergedError(JobError):
 
 class TransientStorageError(JobError):
     exit_code, action = 75, "retry"
-    meaning = ("transient failure: storage after retries or its time bound, a lost peer process, or another job "
-               "writing the run")
+    meaning = ("transient failure: the store unreachable, timing out, throttling or failing (5xx) after retries or "
+               "its time bound, a lost peer process, or another job writing the run")
 
 
 class PeerLostError(TransientStorageError):
@@ -58,7 +58,7 @@ class Stopped(JobError):
 
     def __init__(self, signum: int, detail: str = "before training: nothing to save"):
         super().__init__(f"stopped by signal {signum} {detail}")
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code = signum, 128 + signum
 
 
 class StoppedWaitingForData(Stopped):

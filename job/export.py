@@ -13,7 +13,6 @@ why). load() rebuilds a PyTorch model from model.safetensors + config.json for p
 """
 
 import io
-import itertools
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from safetensors.torch import save as save_safetensors
 from job import __version__, models, storage
 from job.data import images
 from job.errors import DataError, OutputError
-from job.settings import MAX_IMAGE_SIDE
+from job.settings import MAX_HIDDEN_LAYERS, MAX_IMAGE_SIDE, MAX_MLP_PARAMETERS, mlp_parameters
 
 log = logging.getLogger("job")
 FORMAT_VERSION = 1
@@ -55,7 +54,6 @@ def preprocessing(model_name: str, sample_shape: tuple[int, ...], image_size: in
 
 
 MAX_CLASSES = 100_000
-MAX_PARAMETERS = 2_000_000_000  # an mlp's, from its config, before it is built
 MAX_CONFIG_BYTES = 16 << 20
 MAX_WEIGHT_BYTES = 16 << 30
 
@@ -123,8 +121,8 @@ class ModelConfig(_Strict):
     @field_validator("hidden_sizes")
     @classmethod
     def _hidden(cls, hidden: list[int] | None) -> list[int] | None:
-        if hidden is not None and not (len(hidden) <= 64 and all(1 <= h <= 65536 for h in hidden)):
-            raise ValueError("hidden_sizes must be up to 64 widths of 1 to 65536")
+        if hidden is not None and not (len(hidden) <= MAX_HIDDEN_LAYERS and all(1 <= h <= 65536 for h in hidden)):
+            raise ValueError(f"hidden_sizes must be up to {MAX_HIDDEN_LAYERS} widths of 1 to 65536")
         return hidden
 
     @model_validator(mode="after")
@@ -132,8 +130,8 @@ class ModelConfig(_Strict):
         if len(self.class_names) != self.num_classes:
             raise ValueError("class_names must be num_classes names")
         widths = [math.prod(self.input_shape), *(self.hidden_sizes or []), self.num_classes]
-        if self.architecture == "mlp" and sum(a * b for a, b in itertools.pairwise(widths)) > MAX_PARAMETERS:
-            raise ValueError(f"an mlp of over {MAX_PARAMETERS} parameters")
+        if self.architecture == "mlp" and mlp_parameters(widths) > MAX_MLP_PARAMETERS:
+            raise ValueError(f"an mlp of over {MAX_MLP_PARAMETERS:,} parameters")
         prep = self.preprocessing  # what predict's transforms use must be what the model takes
         if isinstance(prep, ImagePreprocessing) and self.input_shape != [3, prep.center_crop, prep.center_crop]:
             raise ValueError("preprocessing center_crop must match input_shape [3, crop, crop]")
@@ -264,6 +262,8 @@ def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: boo
         "onnx": None,
     }
     with storage.errors(out_uri, OutputError, "write the model to"):
+        # an earlier export's ONNX file must never sit beside other weights, whatever ends this one
+        storage.remove(storage.join(out_uri, "model.onnx"))
         storage.write_bytes(
             storage.join(out_uri, "model.safetensors"),
             save_safetensors(state, metadata={"format": "pt", "architecture": config["architecture"]}),
@@ -313,6 +313,27 @@ def _regular(uri: str) -> None:
         raise DataError(f"{storage.redact_uri(uri)} is not a regular file")
 
 
+def _fitted(config: dict, blob: bytes) -> torch.nn.Module:
+    """The model `config` describes with the weights of `blob` (safetensors) loaded. The weights'
+    tensors are compared with the architecture's shapes first, on a model without storage: a
+    config naming a huge torchvision model beside small weights is refused before it is built
+    (vit_h_14 would take 2.5 GB). Raises ValueError saying what does not fit."""
+    tensors = load_safetensors(blob)
+    with models.shapes_only():
+        wanted = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != wanted:
+        first = min(k for k in wanted.keys() | got.keys() if wanted.get(k) != got.get(k))
+        raise ValueError(
+            f"{config['architecture']} has {sum(map(math.prod, wanted.values())):,} parameters in {len(wanted)} "
+            f"tensors, the weights {sum(map(math.prod, got.values())):,} in {len(got)}; first difference: "
+            f"{first} {wanted.get(first, 'absent')} against {got.get(first, 'absent')}"
+        )
+    model = build(config)
+    model.load_state_dict(tensors)
+    return model
+
+
 def load(model_uri: str) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode on the CPU, config) from an exported model: `<run>/model/` or the run
     directory itself."""
@@ -337,8 +358,7 @@ def load(model_uri: str) -> tuple[torch.nn.Module, dict]:
                     f"{storage.redact_uri(storage.join(uri, config['weights']))} is over {MAX_WEIGHT_BYTES} bytes"
                 )
         try:
-            model = build(config)
-            model.load_state_dict(load_safetensors(blob))
+            model = _fitted(config, blob)
         except Exception as exc:
             raise DataError(
                 f"the weights in {storage.redact_uri(uri)} do not fit its config.json "

@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from job import checkpoint, storage
+from job import checkpoint, stop, storage
 from job.data import Data
 from job.data.sources import TensorSource
 from job.errors import OutputError
@@ -47,6 +47,7 @@ def compute(model: nn.Module, head: str, source, batch_size: int, autocast, what
     start = last = time.monotonic()
     try:
         for xb, yb in source.batches(torch.arange(total), batch_size, train=False):
+            stop.check("while computing the feature cache: nothing to save yet")
             with autocast():
                 out.append(model(xb).float().cpu())
             labels.append(yb.cpu())

@@ -75,6 +75,7 @@ class TrainState:
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
     val_confusion: torch.Tensor | None = None  # of the last evaluation: rows true classes, columns predictions
+    settings_changes: list = field(default_factory=list)  # schedule settings changed at a resume, and where
 
 
 def train_one_epoch(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> tuple[float, float, float]:
@@ -150,7 +151,7 @@ def stop_if_stalled(batches, rt: Runtime, p: Progress, sums: "StepSums", ckpt):
         log.warning(f"{stopped}: saving the last step")
         add_sums(rt, p, sums)
         check_finite(p.loss_sum, p)
-        ckpt.stop(stopped.exit_code - 128, ckpt.save())
+        ckpt.stop(stopped.signum, ckpt.save())
 
 
 def alone_in_stall(rt: Runtime, stopped: Stopped) -> bool:
@@ -225,6 +226,7 @@ def evaluate(s, rt: Runtime, model: Model, source, idx: torch.Tensor, num_classe
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=rt.device)
     start = last_log = time.monotonic()
     for i, (xb, yb) in enumerate(source.batches(mine, batch_size, train=False)):
+        rt.stop.check("while evaluating: nothing written")  # `python -m job evaluate`; training polls below
         if rt.stop.signum or i == s.limit_val_batches > 0:  # a local signal (ranks agree below), or the limit
             break
         with rt.autocast():
@@ -276,7 +278,7 @@ def fit(s, rt: Runtime, model: Model, data: Data, state: TrainState, ckpt) -> li
         except Stopped as stopped:
             if alone_in_stall(rt, stopped):
                 raise
-            ckpt.stop(stopped.exit_code - 128, ckpt.save())  # position: this epoch trained, not yet evaluated
+            ckpt.stop(stopped.signum, ckpt.save())  # position: this epoch trained, not yet evaluated
         now = time.monotonic()
         row = {
             "epoch": p.epoch + 1,

@@ -1,24 +1,32 @@
 """Models: our small nets and any torchvision classifier, its head replaced to fit the classes,
 initial weights loaded, and the backbone frozen as asked."""
 
+import contextlib
 import io
 import logging
+import math
 import os
 
 import torch
 from torch import nn
 
 from job import storage
-from job.errors import DataError
+from job.errors import DataError, SettingsError
+from job.settings import MAX_MLP_PARAMETERS, mlp_parameters
 
 log = logging.getLogger("job")
 
 
 def mlp(settings, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """flatten -> Linear/ReLU per hidden size -> Linear (the tutorial's net with JOB_HIDDEN_SIZES=32)."""
-    in_features = 1
-    for d in input_shape:
-        in_features *= d
+    in_features = math.prod(input_shape)
+    total = mlp_parameters([in_features, *settings.hidden_sizes, num_classes])
+    if total > MAX_MLP_PARAMETERS:  # refused before a byte is allocated: the input's size comes from the data
+        raise SettingsError(
+            f"JOB_HIDDEN_SIZES={','.join(map(str, settings.hidden_sizes))} makes an mlp of {total:,} parameters for "
+            f"inputs of {tuple(input_shape)} and {num_classes} classes, over the bound of {MAX_MLP_PARAMETERS:,}; "
+            "use narrower layers (or a smaller JOB_IMAGE_SIZE)"
+        )
     layers: list[nn.Module] = [nn.Flatten()]
     for width in settings.hidden_sizes:
         layers += [nn.Linear(in_features, width), nn.ReLU()]
@@ -33,6 +41,26 @@ def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         nn.Conv2d(input_shape[0], 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Inside the block, parameters live on the meta device: a model's shapes without its storage
+    (each tensor is made, then dropped, one at a time), to know its size before building it. As
+    accelerate's init_empty_weights; the meta device as the default device would break
+    torchvision's regnets, which compute their widths with tensors."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def head_name(model: nn.Module) -> str:

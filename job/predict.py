@@ -21,7 +21,7 @@ import time
 import torch
 
 from job import data, export, loop, report, storage
-from job.errors import DataError, OutputError
+from job.errors import DataError, OutputError, SettingsError
 from job.settings import dataset_name
 
 log = logging.getLogger("job")
@@ -32,8 +32,25 @@ def run_dir(model_uri: str) -> str:
     return model_uri.rstrip("/")[:-len("/model")] if model_uri.rstrip("/").endswith("/model") else model_uri.rstrip("/")
 
 
+def _refuse_output_in_model(model_uri: str, output_uri: str | None) -> None:
+    """An --output inside the model's folder (the one holding its config.json, as export.load looks
+    for it) is refused: predictions or an evaluation must never overwrite model.safetensors,
+    config.json or model.onnx."""
+    if output_uri is None:
+        return
+    with storage.errors(model_uri, DataError, "read the model from"):
+        has_config = storage.exists(storage.join(model_uri, "config.json"))
+    folder = model_uri if has_config else storage.join(model_uri, "model")
+    if storage.within(output_uri, folder):
+        raise SettingsError(
+            f"--output {storage.redact_uri(output_uri)} is inside the model folder {storage.redact_uri(folder)}, "
+            "where it could overwrite the model's files; choose an --output outside it"
+        )
+
+
 @torch.no_grad()
 def predict(settings, runtime, model_uri: str, inputs_uri: str, output_uri: str | None) -> dict:
+    _refuse_output_in_model(model_uri, output_uri)
     model, config = export.load(model_uri)
     model.to(runtime.device)
     names_of = config["class_names"]
@@ -52,6 +69,7 @@ def predict(settings, runtime, model_uri: str, inputs_uri: str, output_uri: str 
     start = last = time.monotonic()
     k = min(5, len(names_of))
     for x, _ in source.batches(torch.arange(len(names)), settings.batch_size, train=False):
+        runtime.stop.check("while predicting: no predictions written")
         with runtime.autocast():
             probs = torch.softmax(model(x).float(), 1)
         top_p, top_i = probs.topk(k, 1)
@@ -79,6 +97,7 @@ def predict(settings, runtime, model_uri: str, inputs_uri: str, output_uri: str 
 
 
 def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str | None) -> dict:
+    _refuse_output_in_model(model_uri, output_uri)
     module, config = export.load(model_uri)
     module.to(runtime.device)
     found = data.labelled(settings, runtime, data_uri, config)

@@ -14,14 +14,12 @@ from job.errors import Stopped
 from job.settings import redact_text
 
 log = logging.getLogger("job")
-# Control characters and line separators, as visible escapes: one record is one line, whatever a
-# class folder or file name holds (a newline in a name must not forge a log line).
-_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127, 0x85] if c != 9} | {
-    10: "\\n",
-    13: "\\r",
-    0x2028: "\\u2028",
-    0x2029: "\\u2029",
-}
+# Control characters (C0, DEL, C1: U+009B is a terminal's CSI), line separators and bidi controls
+# (U+202E shows the rest of a line reversed), as visible escapes: one record is one line that reads
+# as it is, whatever a class folder or file name holds (a newline in a name must not forge a log line).
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)] if c != 9} | {
+    c: f"\\u{c:04x}" for c in [0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+} | {10: "\\n", 13: "\\r"}
 
 
 def printable(text: str) -> str:
@@ -121,6 +119,7 @@ def summary(settings, runtime, data, state, status: str, started: float, **extra
         "status": status,
         "run_name": settings.run_name,
         "recipe": recipe(settings),
+        "settings_changes": state.settings_changes,  # the recipe holds from the last of these on
         "epochs_completed": len(state.history),
         "best_epoch": state.best_epoch or None,
         "best_val_accuracy": state.best_val_accuracy if state.history else None,

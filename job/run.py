@@ -33,10 +33,16 @@ def plain_step(name: str, fn):
     return fn()
 
 
-def run(settings, runtime: Runtime, step=plain_step, sanity=None, include=None) -> dict:
-    """One run; returns its summary. `include` limits the dataset pull (smoke mode's sample)."""
+def run(settings, runtime: Runtime, timed=plain_step, sanity=None, include=None) -> dict:
+    """One run; returns its summary. `include` limits the dataset pull (smoke mode's sample);
+    `timed(name, fn)` runs each phase (smoke mode times them)."""
     started = time.monotonic()
     run_uri = storage.join(settings.output_uri, settings.run_name)
+
+    def step(name: str, fn):  # each phase starts at a stop point (a no-op once training saves on a stop)
+        runtime.stop.check()
+        return timed(name, fn)
+
     lease = step("output location", lambda: begin(settings, runtime, run_uri))
     tracker = tracking.Tracker(settings, runtime, run_uri)
     with Ending(settings, runtime, run_uri, lease, tracker) as ending:
@@ -260,7 +266,7 @@ def finish(
         except Stopped as stopped:  # every epoch is saved (or on its way): wait for it, then stop
             if loop.alone_in_stall(runtime, stopped):
                 raise
-            ckpt.stop(stopped.exit_code - 128, saving=True)
+            ckpt.stop(stopped.signum, saving=True)
         extra = {
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from job.errors import JobError, PeerLostError, SettingsError
-from job.signals import StopRequest
+from job.stop import StopRequest
 
 
 @dataclass

@@ -9,6 +9,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -37,6 +38,10 @@ CONTINUOUS_SCHEDULES = ("cosine", "onecycle")
 # Bound of a hidden layer width or an lr milestone: 784 x 65536 floats is already 200 MB.
 MAX_LIST_INT = 65536
 MAX_IMAGE_SIDE = 4096  # the largest model input side (JOB_IMAGE_SIZE, IDX shapes, exported configs)
+# An mlp's bound, checked before it is built (settings, the model, exported configs): 8 GB of
+# float32 weights, before gradients and optimizer state; 64 layers, as an exported config allows.
+MAX_MLP_PARAMETERS = 2_000_000_000
+MAX_HIDDEN_LAYERS = 64
 # Transfer learning from a torchvision backbone starts from these unless set: the flowers recipe
 # this job exists for (Adam at 1e-3, batch 32, constant lr). The MNIST MLP's SGD at lr 0.5 with
 # batch 100 leaves a pretrained head at chance on a small dataset.
@@ -346,6 +351,17 @@ class Settings(BaseSettings):
             raise ValueError(f"every entry must be an integer from 1 to {MAX_LIST_INT}")
         return value
 
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _mlp_bound(cls, value: list[int]):
+        if len(value) > MAX_HIDDEN_LAYERS:
+            raise ValueError(f"at most {MAX_HIDDEN_LAYERS} hidden layers")
+        between = mlp_parameters(value)  # the input and output layers come from the data: checked when built
+        if between > MAX_MLP_PARAMETERS:
+            raise ValueError(f"{between:,} parameters between the hidden layers alone, over the bound of "
+                             f"{MAX_MLP_PARAMETERS:,}; use fewer or narrower layers")
+        return value
+
     @field_validator("data_uri", "output_uri")
     @classmethod
     def _uri(cls, value: str):
@@ -438,6 +454,11 @@ class Settings(BaseSettings):
         return out
 
 
+def mlp_parameters(widths: list[int]) -> int:
+    """Weights and biases of the Linear layers between consecutive widths (Python ints: no overflow)."""
+    return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
 def dataset_name(uri: str) -> str:
     """The last segment of a dataset URI, fit for a run name: s3://bucket/data/flowers -> flowers."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1]).strip(".-_")
@@ -493,17 +514,25 @@ def check_uri(value: str) -> str:
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# A URI in free text, tried only where a run of scheme characters starts, so each run is scanned
+# once (forward, then back one step per character at most): `[A-Za-z][A-Za-z0-9+.-]*://` tried at
+# every letter of a 1 MB name was quadratic (133 s). Group 1 is the run's lead before its first letter.
+_URI_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])([0-9+.-]*)([A-Za-z][A-Za-z0-9+.-]*://\S+)")
 
 
 def _userinfo(uri: str) -> str | None:
-    """The `user:password` part of scheme://user:password@host/..., or None. A secret may hold
-    '/' (AWS secret keys do), so a first segment with ':' before an '@' counts too; an '@' deeper
-    in a path (s3://bucket/a@b) does not."""
+    """The `user:password` part of scheme://user:password@host/..., or None. A password may hold
+    '/' (AWS secret keys do) and '@': in the user:password form everything up to the URI's last
+    '@' is masked (a key's own '@' after credentials too: the safe side); without a ':' only an
+    '@' in the first segment counts, so s3://bucket/a@b is not a credential."""
     match = _SCHEME.match(uri)
-    if not match or "@" not in uri[match.end() :]:
+    rest = uri[match.end() :] if match else ""
+    if "@" not in rest:
         return None
-    before = uri[match.end() :].split("@", 1)[0]
-    return before if "/" not in before or ":" in before.split("/", 1)[0] else None
+    if ":" in rest.split("@", 1)[0].split("/", 1)[0]:
+        return rest[: rest.rindex("@")]
+    first = rest.split("/", 1)[0]
+    return first[: first.rindex("@")] if "@" in first else None
 
 
 def redact_uri(uri: str) -> str:
@@ -516,7 +545,7 @@ def redact_text(text: str) -> str:
     """Mask what must never be shown, inside free text (a log line, an error message, a summary's
     reason): any URI's user:password@, and the values of secret-looking environment variables
     (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, *PASSWORD*, ...) should a library echo one."""
-    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact_uri(m.group(0)), text)
+    text = _URI_IN_TEXT.sub(lambda m: m.group(1) + redact_uri(m.group(2)), text)
     for value in _secret_values():
         text = text.replace(value, "***")
     return text

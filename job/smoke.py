@@ -158,7 +158,7 @@ def main(settings, runtime: Runtime) -> dict:
         if runtime.is_main:
             with storage.errors(run_uri, OutputError, "write to"):
                 storage.remove_tree(run_uri)  # a fresh smoke run; only ever under <run>/smoke
-        summary = run.run(s, runtime, step=steps.step, sanity=loss_sanity, include=lambda rel: sample(rel, counts))
+        summary = run.run(s, runtime, timed=steps.step, sanity=loss_sanity, include=lambda rel: sample(rel, counts))
         images, built = steps.results["dataset pulled and read"], steps.results["model built with its weights"]
         if runtime.is_main:
             steps.step(

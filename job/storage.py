@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import posixpath
+import re
 import threading
 import time
 import uuid
@@ -25,10 +27,15 @@ from fsspec.implementations.local import LocalFileSystem
 
 from job.errors import CredentialsError, JobError, Stopped, TransientStorageError
 from job.settings import redact_uri
-from job.signals import StopRequest
+from job.stop import StopRequest
 
 log = logging.getLogger("job")
 TMP_MARK = ".tmp-"  # local temporary files: <name>.tmp-<8 hex>; a dead writer's are removed at start
+# Exactly what tmp_name() makes: the sweep must never take a user's `predictions.tmp-final.jsonl`.
+TMP_NAME = re.compile(r".+\.tmp-[0-9a-f]{8}")
+# A name a record (a checkpoint pointer, a manifest, a model config) may give a file beside it:
+# no separator, no `..`, no leading dot, so a name read from storage can never be a path.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 MIN_BYTES_PER_SECOND = 1 << 20  # the time bound grows by 1 s per MB moved: big uploads are not hangs
 
 
@@ -54,6 +61,8 @@ def configure(settings, stop=None) -> None:
     global _config
     _config = Config(settings.storage_retries, settings.storage_timeout_seconds, settings.log_every_seconds,
                      stop, settings.stop_grace_seconds)
+    if stop is not None:
+        stop.grace = settings.stop_grace_seconds  # the watchdog's, and every wait's, grace period
 
 
 def _options(protocol: str) -> dict:
@@ -84,49 +93,75 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
-@contextlib.contextmanager
-def errors(uri: str, error: type[JobError], action: str):
-    """Turn storage exceptions into one-line errors naming the URI.
+# What may succeed if the job simply runs again (exit 75, "retry"): an allowlist. Everything else
+# is permanent: retrying a name that is too long, a symlink loop or a FIFO only burns the
+# scheduler's backoff. s3fs turns S3 codes into errnos (s3fs/errors.py): SlowDown, 503 and
+# OperationAborted are EBUSY, 500 is EREMOTEIO, a code it does not know is EIO.
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE}
+TRANSIENT_REMOTE_ERRNOS = {errno.EIO}  # an unknown answer from a store; on a local disk, EIO is a failing device
+TRANSIENT_CLASSES = {  # connection failures and timeouts of the libraries under fsspec
+    "botocore.exceptions": {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                            "ConnectTimeoutError", "ResponseStreamingError", "HTTPClientError", "ConnectionError"},
+    "aiohttp.client_exceptions": {"ClientConnectionError", "ClientConnectorError", "ClientOSError",
+                                  "ServerDisconnectedError", "ServerTimeoutError", "ConnectionTimeoutError",
+                                  "SocketTimeoutError", "ClientPayloadError", "ClientConnectionResetError"},
+}
+MISSING_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                       "UnknownCredentialError", "DefaultCredentialsError"}
+STORAGE_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "gcsfs", "google", "fsspec", "s3fs", "adlfs", "azure")
 
-    Missing, or a local path we may not write -> `error` (a data or output error: fail at once);
-    credentials the store refuses -> exit 2 wherever it happens (the fix is the same). Anything
-    else that survived botocore's retries (5xx, throttling, resets, timeouts) -> exit 75.
-    """
+
+def _transient_class(exc: BaseException) -> bool:
+    return any(c.__name__ in TRANSIENT_CLASSES.get(c.__module__, ()) for c in type(exc).__mro__)
+
+
+def classify(exc: BaseException, uri: str, error: type[JobError], action: str) -> BaseException:
+    """The one-line JobError for a storage exception (`exc` itself when it is not one): missing ->
+    `error`; refused or missing credentials -> 2 with the fix; an allowlisted transient condition
+    -> 75; any other storage error -> `error` (3 for data, 4 for outputs): permanent."""
     shown = redact_uri(uri)
-    try:
-        yield
-    except JobError:
-        raise
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-        raise error(f"cannot {action} {shown}: not found ({exc.__class__.__name__}); check the URI") from None
-    except OSError as exc:
-        if not refused(exc):
-            raise _storage_error(exc, uri, error, action) from None
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return error(f"cannot {action} {shown}: not found ({exc.__class__.__name__}); check the URI")
+    if type(exc).__name__ in MISSING_CREDENTIALS:
+        return CredentialsError(
+            f"cannot {action} {shown}: no credentials found ({_short(exc)}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's service account for IRSA / Workload Identity)"
+        )
+    if isinstance(exc, OSError) and refused(exc):
         if is_local(uri):
-            raise error(
-                f"cannot {action} {shown}: permission denied (a local path: check its owner and mode)"
-            ) from None
-        raise CredentialsError(
+            return error(f"cannot {action} {shown}: permission denied (a local path: check its owner and mode)")
+        return CredentialsError(
             f"cannot {action} {shown}: the store refused our credentials ({_short(exc)}); check the "
             "AWS_* variables, profile or service account, and the bucket policy"
-        ) from None
-    except Exception as exc:  # botocore/aiohttp errors that s3fs did not translate
-        if exc.__class__.__module__.split(".")[0] in (
-            "botocore",
-            "aiobotocore",
-            "aiohttp",
-            "gcsfs",
-            "google",
-            "fsspec",
-        ):
-            raise TransientStorageError(f"cannot {action} {shown} after retries: {_short(exc)}") from None
-        raise
+        )
+    transient = (
+        _transient_class(exc)
+        or isinstance(exc, (TimeoutError, ConnectionError))
+        or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
+        or (isinstance(exc, OSError) and exc.errno in TRANSIENT_REMOTE_ERRNOS and not is_local(uri))
+    )
+    if transient:
+        return TransientStorageError(f"cannot {action} {shown} after retries: {_short(exc)}")
+    if isinstance(exc, OSError):
+        return error(f"cannot {action} {shown}: {exc.strerror or os.strerror(exc.errno) if exc.errno else _short(exc)}")
+    if exc.__class__.__module__.split(".")[0] in STORAGE_LIBRARIES:
+        return error(f"cannot {action} {shown}: {_short(exc)}")
+    return exc
 
 
-def _storage_error(exc: OSError, uri: str, error: type[JobError], action: str) -> JobError:
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.ENOSPC):
-        return error(f"cannot {action} {redact_uri(uri)}: {os.strerror(exc.errno)}")
-    return TransientStorageError(f"cannot {action} {redact_uri(uri)} after retries: {_short(exc)}")
+@contextlib.contextmanager
+def errors(uri: str, error: type[JobError], action: str):
+    """Turn storage exceptions into one-line errors naming the URI (see `classify`)."""
+    try:
+        yield
+    except Exception as exc:
+        found = classify(exc, uri, error, action)
+        if found is exc:
+            raise
+        raise found from None
 
 
 def refused(exc: BaseException) -> bool:
@@ -146,7 +181,7 @@ def refused(exc: BaseException) -> bool:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = " ".join(str(exc).split())  # one line: botocore's messages run over several
     return f"{exc.__class__.__name__}: {text}"[:300]
 
 
@@ -192,7 +227,7 @@ def _wait_slice(end: float, stop) -> float:
     """How long to wait before looking again: at most 0.5 s, and never past `end` or, after a
     stop signal, the end of the grace period."""
     if stop is not None and stop.signum:
-        end = min(end, stop.deadline(_config.grace))
+        end = min(end, time.monotonic() if stop.ends_waits() else stop.deadline(_config.grace))
     return max(0.0, min(0.5, end - time.monotonic()))
 
 
@@ -214,6 +249,9 @@ def bounded(action: str, uri: str, fn, nbytes: int = 0):
     stop = _config.stop if threading.current_thread() is threading.main_thread() else None
     while not done.wait(timeout=_wait_slice(start + limit, stop)):
         now = time.monotonic()
+        if stop is not None and stop.ends_waits():  # before training: nothing to save, stop now
+            stop.raised = True
+            raise Stopped(stop.signum, f"before training (nothing to save), while trying to {action} {redact_uri(uri)}")
         if stop is not None and stop.signum and now >= stop.deadline(_config.grace):
             raise Stopped(stop.signum, f"when the grace period ran out, still trying to {action} {redact_uri(uri)}")
         if now >= start + limit:
@@ -287,6 +325,9 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The object's bytes; with max_bytes, at most max_bytes + 1 of them (a ranged read: a huge
     object from an untrusted bucket is never read whole)."""
     fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem) and os.path.exists(path) and not os.path.isfile(path) and \
+            not os.path.isdir(path):  # a FIFO would block the read for ever, a device never end it
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a socket)")
     return fs.cat_file(path) if max_bytes is None else fs.cat_file(path, start=0, end=max_bytes + 1)
 
 
@@ -386,6 +427,22 @@ def remove_empty_dir(uri: str) -> None:
             os.rmdir(path)
 
 
+def plain_name(name) -> bool:
+    """`name` is a file name and nothing more (see PLAIN_NAME): a record's name is never a path."""
+    return isinstance(name, str) and PLAIN_NAME.fullmatch(name) is not None
+
+
+def within(uri: str, folder: str) -> bool:
+    """`uri` is `folder` or lies under it (local paths compared with links and `..` resolved)."""
+    fs, path = filesystem(uri)
+    folder_fs, root = filesystem(folder)
+    if type(fs) is not type(folder_fs):
+        return False
+    norm = os.path.realpath if isinstance(fs, LocalFileSystem) else posixpath.normpath
+    path, root = norm(path), norm(root).rstrip("/")
+    return path == root or path.startswith(root + "/")
+
+
 def check_writable(uri: str) -> None:
     """Write and delete a probe object, so a bad output location fails before any training."""
     probe = join(uri, f".trainjob-probe-{uuid.uuid4().hex[:8]}")
@@ -399,7 +456,7 @@ def remove_stale_tmp(uri: str) -> int:
     fs, root = filesystem(uri)
     if not isinstance(fs, LocalFileSystem) or not os.path.isdir(root):
         return 0
-    stale = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if TMP_MARK in f]
+    stale = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if TMP_NAME.fullmatch(f)]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)

@@ -137,8 +137,13 @@ class ShardCache:
         meta = self.meta[name]
         uri = storage.join(self.uri, name)
         for attempt in (1, 2):  # a shard whose bytes do not match the index is fetched once more
-            with storage.errors(uri, DataError, "read shard"):
-                blob = storage.read_bytes(uri, nbytes=meta["bytes"])
+            with storage.errors(uri, DataError, "read shard"):  # never more than the index says, plus one byte
+                blob = storage.read_bytes(uri, max_bytes=meta["bytes"], nbytes=meta["bytes"])
+            if len(blob) > meta["bytes"]:  # replaced or appended to: no second read will make it fit
+                raise DataError(
+                    f"shard {storage.redact_uri(uri)} is larger than the {meta['bytes']} bytes its entry in {INDEX} "
+                    "says: replaced, or not this dataset's; prepare the dataset again"
+                )
             if len(blob) == meta["bytes"] and hashlib.sha256(blob).hexdigest() == meta["sha256"]:
                 path = os.path.join(self.folder, name)
                 tmp = storage.tmp_name(path)

@@ -3,6 +3,7 @@ bounded, and written (the inverse, for prepare's tests and the staging script)."
 
 import gzip
 import io
+import math
 import os
 import zlib
 
@@ -11,6 +12,7 @@ import numpy as np
 from job.data import images
 from job.data.layout import MNIST_FILES
 from job.errors import DataError
+from job.settings import MAX_IMAGE_SIDE
 
 IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes, the only one MNIST uses
 Pair = tuple[np.ndarray, np.ndarray, list[str]]  # images, labels, their two files
@@ -52,7 +54,9 @@ def read_idx(path: str, ndim: int, max_bytes: int) -> np.ndarray:
         )
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # Python ints: numpy's int64 product wraps (2^31 x 2^31 x 4 is 0)
+    if not all(1 <= d <= MAX_IMAGE_SIDE for d in dims[1:]):  # as IDX shards and exported configs allow
+        raise DataError(f"{name}: header says images of {dims[1:]} pixels; each side must be 1 to {MAX_IMAGE_SIDE}")
     if len(raw) - offset != expected:
         raise DataError(
             f"{name}: header says {dims} ({expected} bytes) but the file holds {len(raw) - offset}; "

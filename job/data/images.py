@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from job import stop
 from job.data import augment, layout
 from job.data.sources import fed_loader
 
@@ -105,7 +106,9 @@ def check_file(path: str, max_bytes: int, max_pixels: int) -> tuple[str | None, 
 
 
 def check_blob(blob: bytes, max_pixels: int) -> str | None:
-    """None if the bytes decode as an image within the pixel limit, else why not."""
+    """None if the bytes decode as an image within the pixel limit, else why not. An animation
+    (GIF, APNG, WebP) is checked and read as its first frame alone: PIL decodes one frame at a
+    time, so 200 frames cost what one does (shards refuse animations: job.data.stream)."""
     try:
         with Image.open(io.BytesIO(blob)) as img:  # refuses more than Image.MAX_IMAGE_PIXELS from the header
             img.load()  # a full decode: verify() misses truncated JPEGs
@@ -133,6 +136,7 @@ def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: fl
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL decodes without the GIL
         for path, result in zip(every, pool.map(lambda p: check_file(p, max_bytes, max_pixels), every), strict=True):
             checked[path] = result
+            stop.check("while checking images: nothing to save")
             if time.monotonic() - last >= log_every:
                 last = time.monotonic()
                 done, rate = len(checked), len(checked) / (last - start)

@@ -32,6 +32,9 @@ SHARD_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}\.tar"  # a plain file name: jo
 MAX_SHARD_BYTES = 1 << 36
 MAX_INDEX_BYTES = 64 << 20  # ~100k shards; read whole, so bounded
 MAX_CLASSES = 100_000  # as an exported model's config allows
+# Samples in all splits together: training holds index tensors of this length (8 bytes a sample,
+# several of them) before any shard is read; 100M is 7x ImageNet-21k.
+MAX_SAMPLES = 100_000_000
 IDX_SHAPE = [1, 28, 28]  # an IDX shard's sample shape when its entry names none (the first prepares)
 
 
@@ -90,9 +93,12 @@ class ShardIndex(BaseModel):
 
     @model_validator(mode="after")
     def _shards(self) -> "ShardIndex":
+        total = sum(s.samples for shards in self.splits.values() for s in shards)
+        if total > MAX_SAMPLES:
+            raise ValueError(f"its shards hold {total:,} samples in all, over the bound of {MAX_SAMPLES:,}")
         names = [s.name for shards in self.splits.values() for s in shards]
         if len(set(names)) != len(names):
-            twice = next(n for n in names if names.count(n) > 1)
+            twice = _first_repeat(names)
             raise ValueError(f"shard name {twice!r} is not a unique plain file name ending in .tar")
         if self.kind == "idx":
             shapes = {str(s.shape or IDX_SHAPE) for shards in self.splits.values() for s in shards}
@@ -103,6 +109,16 @@ class ShardIndex(BaseModel):
             if len(shapes) > 1:
                 raise ValueError("its IDX shards differ in shape")
         return self
+
+
+def _first_repeat(names: list[str]) -> str:
+    """The first name seen twice, in one pass (names.count() per name is quadratic over 100k shards)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return ""
 
 
 def problem(error: ValidationError) -> str:

@@ -12,7 +12,7 @@ import time
 
 from fsspec.implementations.local import LocalFileSystem
 
-from job import storage
+from job import stop, storage
 from job.errors import CacheError, DataError
 
 log = logging.getLogger("job")
@@ -185,6 +185,7 @@ def _fetch(uri: str, todo: list, total_files: int, local_root: str) -> None:
     start, last_log, done_files, done_bytes = time.monotonic(), time.monotonic(), 0, 0
     i = 0
     while i < len(todo):
+        stop.check("while pulling the dataset: the files fetched are kept for the next start")
         chunk: list = []
         size = 0
         while i < len(todo) and len(chunk) < PULL_CHUNK_FILES and (not chunk or size < PULL_CHUNK_BYTES):

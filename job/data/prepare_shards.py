@@ -10,11 +10,11 @@ import logging
 import os
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from job import __version__, storage
+from job import __version__, stop, storage
 from job.data import idx, images, layout, mirror
 from job.data.index import FORMAT_VERSION, INDEX, SPLITS, fingerprint
 from job.data.sources import split_indices
@@ -141,7 +141,7 @@ def prepare(settings, runtime, source_uri: str, dest_uri: str) -> dict:
             storage.write_json(storage.join(dest_uri, INDEX), index)  # last: its presence means the dataset is complete
     except Stopped as stopped:  # the shards written are kept: a rerun continues after them
         raise Stopped(
-            stopped.exit_code - 128,
+            stopped.signum,
             f"while preparing shards: every finished shard is kept ({writer.written} written by "
             "this run); run python -m job prepare again to continue",
         ) from None
@@ -256,6 +256,14 @@ def _check_bad_fraction(settings, source_uri: str, bad: list, total: int) -> Non
         )
 
 
+def _awaited(future: Future):
+    """The future's result, waited for in slices: the main thread stays at a stop point while a
+    reader thread is stuck on a frozen store (the stop's exit must not wait for it)."""
+    while not wait([future], timeout=0.5).done:
+        stop.check("while preparing shards")
+    return future.result()
+
+
 class _ShardWriter:
     """Writes one split after another as shards of about JOB_SHARD_BYTES, keeping the shards an
     interrupted prepare of the same plan already wrote, with a progress line per interval."""
@@ -314,7 +322,8 @@ class _ShardWriter:
 
         for lo in range(start, len(entries), self.step):
             chunk = entries[lo:lo + self.step]
-            yield from zip(range(lo, lo + len(chunk)), chunk, self.pool.map(encode, chunk), strict=True)
+            futures = [self.pool.submit(encode, entry) for entry in chunk]
+            yield from zip(range(lo, lo + len(chunk)), chunk, map(_awaited, futures), strict=True)
 
     def _fill(self, stream, n: int, i: int) -> tuple[list, list, int]:
         """Samples for shard n until it reaches JOB_SHARD_BYTES: (samples, bad files, next position)."""

@@ -25,6 +25,7 @@ from job.errors import DataError, SettingsError
 
 log = logging.getLogger("job")
 Size = int | tuple[int, ...]  # an image's side, or an IDX sample's (height, width)
+JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"  # what prepare writes; a decoder reads one frame of each
 
 
 class ShardItems(Dataset):
@@ -52,17 +53,26 @@ class ShardItems(Dataset):
                 return blob, label, key
             return decode(blob, self.kind, self.size, train, seed), label, key
         except Exception as exc:  # a corrupt sample: the batch takes another in its place (collate)
-            return None, label, f"{key} ({exc.__class__.__name__})"
+            why = f": {str(exc)[:160]}" if isinstance(exc, NotReadable) else ""
+            return None, label, f"{key} ({exc.__class__.__name__}{why})"
+
+
+class NotReadable(ValueError):
+    """A sample refused before decoding; its message says why (the skip line shows it)."""
 
 
 def check_header(raw: bytes, max_pixels: int) -> None:
-    """Refuse an image whose header says it is over JOB_MAX_IMAGE_PIXELS before it is decoded (a
-    shard written by someone else may hold a decompression bomb); PIL reads the header alone."""
+    """Refuse, before it is decoded, an image whose header says it is over JOB_MAX_IMAGE_PIXELS (a
+    shard written by someone else may hold a decompression bomb), or that is not a JPEG or PNG:
+    torchvision decodes every frame of a GIF, so 200 frames that each pass the pixel check would
+    take 200 times the memory. PIL reads the header alone."""
     from PIL import Image
 
+    if not raw.startswith(JPEG_MAGIC) and not raw.startswith(PNG_MAGIC):  # APNG: libpng decodes one frame
+        raise NotReadable("not a JPEG or PNG, as prepare writes (an animated GIF's every frame would be decoded)")
     with Image.open(io.BytesIO(raw)) as img:
         if img.width * img.height > max_pixels:
-            raise ValueError("over JOB_MAX_IMAGE_PIXELS")
+            raise NotReadable(f"{img.width}x{img.height} pixels, over JOB_MAX_IMAGE_PIXELS={max_pixels}")
 
 
 def decode(blob: torch.Tensor, kind: str, size: Size, train: bool, seed: int) -> torch.Tensor:

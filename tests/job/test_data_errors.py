@@ -1,10 +1,12 @@
 """A missing or broken dataset, or an unwritable output, is one clear line and a meaningful exit code."""
 
 import gzip
+import subprocess
+import sys
 
 import pytest
 
-from conftest import corrupt_copy, idx_images, run_job
+from conftest import ROOT, corrupt_copy, idx_images, job_env, run_job
 from job.data.idx import idx_bytes
 
 
@@ -27,6 +29,28 @@ def test_missing_files_exit_3(tmp_path):
     (tmp_path / "empty" / "README").write_text("not a dataset")
     result = run_job(data_uri=str(tmp_path / "empty"), output_uri=str(tmp_path / "out"))
     assert_one_clear_error(result, 3, "train-images-idx3-ubyte")
+
+
+def test_what_a_rerun_cannot_fix_is_not_exit_75(s3, tmp_path):
+    """A name too long, a symlink loop, a FIFO where index.json should be: permanent (3), where
+    every OSError used to be 75 and Kubernetes retried what can never work. No credentials at
+    all is 2 with the fix, not 75."""
+    import os
+
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "index.json")
+    for uri, words in ((str(tmp_path / ("x" * 300) / "data"), "too long"), (str(tmp_path / "a"), str(tmp_path / "a")),
+                       (str(tmp_path / "fifo"), "not a regular file")):
+        assert_one_clear_error(run_job(data_uri=uri, output_uri=str(tmp_path / "out")), 3, words)
+    env = {k: v for k, v in job_env(data_uri="s3://data/mnist", output_uri=str(tmp_path / "out")).items()
+           if not k.startswith("AWS_") or k == "AWS_ENDPOINT_URL"}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")  # nowhere to find credentials, as on a pod without its Secret
+    anonymous = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert_one_clear_error(anonymous, 2, "no credentials found", "AWS_ACCESS_KEY_ID")
 
 
 def test_missing_labels_file_exit_3(tmp_path, digits_dir):

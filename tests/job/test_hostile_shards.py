@@ -90,6 +90,8 @@ INDEX_ATTACKS = {  # what is done to the index (and its shards) -> what the one-
         "label 77 outside the 10 classes"),
     "bad files that are not pairs": (lambda f, i: i.update(bad_files=[1]), "bad_files.0: Input should be a valid list"),
     "a trillion samples": (lambda f, i: i["splits"]["train"][0].update(samples=10**12), "no plausible samples"),
+    "a billion samples over its shards": (  # each entry plausible (64 GiB), together index tensors of 8 GB
+        lambda f, i: [s.update(samples=1 << 26, bytes=1 << 36) for s in i["splits"]["train"]], "samples in all, over"),
     "a test split of another shape": (
         lambda f, i: [s.update(shape=[1, 20, 20]) for s in i["splits"]["test"]], "IDX shards differ in shape"),
     "a gzipped shard": (lambda f, i: _gzip_first_shard(f, i), "is not a readable trainjob shard"),
@@ -223,3 +225,60 @@ def test_sigterm_while_prepare_reads_a_frozen_store_ends_at_once(s3, s3_server, 
     assert proc.returncode == 143 and took < 3 * unit < grace, (took, unit, grace, out)
     last = out.strip().splitlines()[-1]
     assert "while preparing shards" in last and "run python -m job prepare again" in last, out
+
+
+def _prepared_copy(digit_shards, tmp_path):
+    """A copy of the digit shards to attack: (folder, index, the first train shard's path)."""
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(digit_shards, folder)
+    index = json.loads((folder / "index.json").read_text())
+    return folder, index, folder / index["splits"]["train"][0]["name"]
+
+
+def _train_once(folder, tmp_path, **settings):
+    return run_job(data_uri=str(folder), output_uri=str(tmp_path / "out"), run_name="r", epochs=1, num_workers=0,
+                   cache_dir=str(tmp_path / "cache"), **DIGITS, **settings)
+
+
+def test_an_animated_gif_in_a_shard_is_refused_before_its_frames_are_decoded(digit_shards, tmp_path):
+    """200 frames, each within JOB_MAX_IMAGE_PIXELS (the header's check): torchvision would decode
+    every one (200 times the memory); a shard holds JPEG or PNG as prepare writes, the GIF is skipped."""
+    import io
+
+    folder, index, first = _prepared_copy(digit_shards, tmp_path)
+    frames = [Image.new("L", (500, 500), color=i) for i in range(200)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=10)
+    _rewrite_first_shard(folder, index, rewrite(first.read_bytes(), "png", gif.getvalue()))
+    resign(index)
+    (folder / "index.json").write_text(json.dumps(index))
+    result = _train_once(folder, tmp_path, max_image_pixels=10**6)
+    assert result.returncode == 0 and "Traceback" not in result.stdout, result.stdout
+    skipped = [line for line in result.stdout.splitlines() if "skipping a corrupt sample" in line]
+    assert len(skipped) == 1 and "not a JPEG or PNG" in skipped[0], result.stdout
+
+
+def test_a_shard_larger_than_its_index_entry_is_refused_without_reading_it_whole(digit_shards, tmp_path):
+    folder, index, first = _prepared_copy(digit_shards, tmp_path)
+    with open(first, "ab") as f:
+        f.truncate(first.stat().st_size + (1 << 30))  # 1 GiB more, sparse: read whole, it would be held twice
+    result = _train_once(folder, tmp_path)
+    assert result.returncode == 3 and "Traceback" not in result.stdout, result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert f"is larger than the {index['splits']['train'][0]['bytes']} bytes its entry in index.json says" in last
+    assert "fetching it again" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("kind", ["a link to /dev/zero", "a FIFO"])
+def test_a_local_shard_that_is_not_a_regular_file_is_refused(digit_shards, tmp_path, kind):
+    folder, index, first = _prepared_copy(digit_shards, tmp_path)
+    first.unlink()
+    if kind == "a FIFO":
+        os.mkfifo(first)  # a plain open waits for a writer for ever
+    else:
+        os.symlink("/dev/zero", first)  # a plain read never ends
+    result = _train_once(folder, tmp_path)
+    assert result.returncode == 3 and "Traceback" not in result.stdout, result.stdout
+    assert "not a regular file" in result.stdout.strip().splitlines()[-1], result.stdout

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, wait_for_epochs
+from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, time_unit, wait_for_epochs
 
 EPOCHS = 12
 # Mid-epoch checkpoints every 5 of the 12 steps per epoch, so kills land on every kind of position.
@@ -121,6 +121,26 @@ def test_nan_loss_exits_65_and_keeps_the_last_good_checkpoint(tmp_path, digits_d
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["exit_code"] == 65
     assert json.loads((tmp_path / "r" / "failure.json").read_text())["exit_code"] == 65
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.15, 0.35, 0.6, 1.0])
+def test_sigterm_anywhere_in_start_up_is_exit_143_without_a_traceback(tmp_path, digits_dir, fraction):
+    """The signal lands at a fraction of a time unit (a bare `import torch`) after the first line:
+    inside the imports of torch, numpy or torchvision, a settings or logging call, the dataset's
+    load. The handler only records it and the job stops at its next stop point: 143 and one line,
+    never a traceback from inside an import nor a stop swallowed by a library's `except Exception`."""
+    unit = time_unit()
+    proc = start_job(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", **DIGITS)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "loading PyTorch" in line:
+            break
+    time.sleep(fraction * unit)
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out
+    assert "Traceback" not in out and "stopped by signal 15" in out.strip().splitlines()[-1], out
 
 
 def test_sigterm_before_training_exits_143_at_once(tmp_path, digits_dir):

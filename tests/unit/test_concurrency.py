@@ -26,7 +26,7 @@ from job.errors import DataError, OutputError, SettingsError, Stopped, StoppedWa
 from job.settings import Settings
 from job.data.cache import WINDOW, ShardCache
 from job.data.prepare_shards import tar_shard
-from job.signals import StopRequest
+from job.stop import StopRequest
 
 HANG = 30.0  # seconds: far beyond any wait here; reaching it means a hang
 CLASSES = 3
@@ -213,7 +213,7 @@ def test_a_reader_waiting_on_a_stalled_download_gives_up_at_half_the_grace_perio
     try:
         reader = Background(lambda: cache.get(name))
         assert entered.wait(HANG)  # the download has started, and hangs
-        stop.handler(signal.SIGTERM, None)
+        stop.record(signal.SIGTERM)
         with pytest.raises(StoppedWaitingForData, match=f"waiting for shard {name}") as info:
             reader.join()  # while the download still hangs: the gate is not open yet
         assert info.value.exit_code == 128 + signal.SIGTERM
@@ -344,7 +344,7 @@ def test_after_a_stop_wait_gives_up_when_the_grace_period_ends():
     gate, started = threading.Event(), []
     try:
         up.submit(gate.wait, HANG)
-        stop.handler(signal.SIGTERM, None)
+        stop.record(signal.SIGTERM)
         waiter = Background(up.wait)  # no deadline of its own: only the grace period ends it
         assert waiter.join() is False
         assert waiter.ended >= stop.deadline(0.3)
@@ -402,7 +402,7 @@ def test_after_a_stop_a_frozen_call_ends_with_the_grace_period(store_config):
     gate = threading.Event()
 
     def signal_then_hang():  # SIGTERM arrives while bounded() waits
-        stop.handler(signal.SIGTERM, None)
+        stop.record(signal.SIGTERM)
         gate.wait(HANG)
 
     try:
@@ -495,3 +495,46 @@ def test_release_does_not_wait_for_a_renewal_in_flight(monkeypatch, caplog):
     second.acquire()  # nothing renews the old lease after that: it expires on its own
     assert time.time() >= late_expiry
     second.release()
+
+
+def test_a_stop_never_outlives_its_grace_period():
+    """The handler only records a signal; a main thread stuck where no stop point is reached (here
+    a 10-minute sleep) is ended by the watchdog shortly after the grace period, with exit 143 and
+    a line saying so. (A real process: the watchdog ends the interpreter.)"""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time\nfrom job.stop import StopRequest\n"
+              "StopRequest(grace=1.0).install()\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(600)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)  # hang guard
+    assert done.returncode == 143, done
+    assert "stopped by signal 15: still running" in done.stdout and "exit 143" in done.stdout, done.stdout
+
+
+def test_before_training_a_stop_is_raised_at_the_next_stop_point_only():
+    stop = StopRequest()
+    stop.check()  # no signal: nothing
+    stop.record(signal.SIGTERM)
+    assert stop.ends_waits()  # before training a storage wait gives way at once
+    with pytest.raises(Stopped) as stopped:
+        stop.check("while checking images: nothing to save")
+    assert stopped.value.exit_code == 143 and stopped.value.signum == signal.SIGTERM
+    assert not stop.ends_waits()  # raised: the records and the lease's release may use the grace period
+    stop.deferred = True  # training saves first: the loop polls, check() leaves it be
+    stop.check()
+    assert stop.deadline(20) > time.monotonic() + 10
+
+
+def test_a_signal_is_recorded_where_it_lands_never_raised_into_the_code_it_interrupts():
+    """A library's broad `except Exception` around the point a signal lands (an import, a retry
+    loop) used to swallow the stop raised from the handler: the job ran on. Now the handler only
+    records it, and the job's next stop point sees it. (A real signal, so a real process.)"""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time\nfrom job.stop import StopRequest\nstop = StopRequest().install()\n"
+              "try:\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(0.5)\n    seen = 'recorded'\n"
+              "except Exception as exc:\n    seen = 'swallowed ' + type(exc).__name__\n"
+              "print(seen, stop.signum, flush=True)\nos._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "recorded 15", done
