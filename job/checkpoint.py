@@ -21,6 +21,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # the builtin only from Python 3.11
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from typing import NoReturn
 
 import torch
 
-from job import report, storage
+from job import storage
 from job.errors import DataError, OutputError, Stopped
 from job.lease import LeaseLost
 from job.optim import lr_factor
@@ -419,15 +420,17 @@ class Checkpointer:
     """When and how a run saves, called by the loop at step and epoch edges.
 
     Rank 0 snapshots the state (a few milliseconds: serialize()) and commits it in the background
-    (Uploader); the history, summary and plots are published after the checkpoint that holds
-    them, so no history row ever runs ahead of a checkpoint. Epoch-end checkpoints are taken at
+    (Uploader); the run's records (the `records` callback: run.py's history, summary, plots and
+    tracking) are published after the checkpoint that holds them, so no history row ever runs
+    ahead of a checkpoint; what to publish is not this class's business. Epoch-end checkpoints are taken at
     most once per JOB_CHECKPOINT_MIN_SECONDS: tiny epochs would otherwise spend their time
     publishing (scripts/bench_mlp.py measured the job at 0.24x its loop's speed when every 40 ms
     epoch was published). The last epoch, a stop and JOB_CHECKPOINT_EVERY_STEPS always save; a
     new best epoch between two checkpoints is snapshotted and written as best.pt with the next."""
 
     def __init__(
-        self, settings, runtime, run_uri: str, module: torch.nn.Module, state, data, lease, started: float, tracker=None
+        self, settings, runtime, run_uri: str, module: torch.nn.Module, state, data, lease, started: float,
+        records: Callable[[], Callable[[], None]] | None = None,
     ):
         self.settings, self.rt, self.run_uri, self.module, self.state, self.data = (
             settings,
@@ -437,7 +440,9 @@ class Checkpointer:
             state,
             data,
         )
-        self.lease, self.started, self.tracker = lease, started, tracker
+        # records() is called when a checkpoint is taken and returns what publishes the run's records
+        # as they are then (history, summary, plots, tracking: run.py's), run after the commit
+        self.lease, self.started, self.records = lease, started, records
         self.uploader = Uploader(run_uri, runtime.stop, settings.stop_grace_seconds, settings.log_every_seconds)
         self.valid = "no checkpoint saved"  # the newest committed checkpoint, for the last log line
         self.last_save = time.monotonic()
@@ -470,16 +475,15 @@ class Checkpointer:
         best_blob, self.pending_best = (None if best else self.pending_best), None
         name = f"step-{p.global_step:09d}"
         where = f"checkpoints/{name}.pt ({position(p, len(self.state.train_idx))})"
-        history, confusion = list(self.state.history), self.state.val_confusion
-        summary = report.summary(s, self.rt, self.data, self.state, "running", self.started)
+        epochs = len(self.state.history)
+        after = self.records() if self.records is not None else None
 
         def publish():
             commit(self.run_uri, name, blob, meta, best, s.keep_checkpoints, self.lease, best_blob)
             self.valid = where
-            report.publish(self.run_uri, history, summary, {"val": confusion})
-            self.published_epochs = len(history)
-            if self.tracker is not None:
-                self.tracker.epochs(history)
+            if after is not None:
+                after()
+            self.published_epochs = epochs
 
         return self.uploader.submit(publish)
 

@@ -210,7 +210,8 @@ def prepare(
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
     train_idx, val_idx = data.split or split_indices(len(data.samples), settings.val_fraction, settings.seed)
     state = loop.TrainState(optimizer, scaler, train_idx, val_idx)
-    ckpt = Checkpointer(settings, runtime, run_uri, module, state, data, lease, started, tracker)
+    ckpt = Checkpointer(settings, runtime, run_uri, module, state, data, lease, started,
+                        lambda: records(settings, runtime, run_uri, data, state, started, tracker))
     if saved is not None:
         checkpoint.restore(saved, name, settings, module, state, data, run_uri)
         ckpt.resumed(name)
@@ -250,6 +251,20 @@ def prepare(
     if runtime.stop.signum:
         raise Stopped(runtime.stop.signum, f"before training; the valid checkpoint is {ckpt.valid}")
     return model, data, state, ckpt
+
+
+def records(settings, runtime: Runtime, run_uri: str, data: Data, state: loop.TrainState, started: float, tracker):
+    """What a checkpoint publishes once committed, as the run is when it is taken: the history,
+    summary.json, the curves and the validation confusion matrix, and the tracker's epochs."""
+    history, confusion = list(state.history), state.val_confusion
+    summary = report.summary(settings, runtime, data, state, "running", started)
+
+    def publish() -> None:
+        report.publish(run_uri, history, summary, {"val": confusion})
+        if tracker is not None:
+            tracker.epochs(history)
+
+    return publish
 
 
 def finish(

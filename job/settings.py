@@ -572,7 +572,10 @@ def unknown_variables(environ) -> list[str]:
     known = [_env_name(f) for f in Settings.model_fields]
     messages = []
     for name in sorted(k for k in environ if k.upper().startswith(ENV_PREFIX)):
-        if name.upper() in known:
+        if name in known:
+            continue
+        if name.upper() in known:  # read case-blind by pydantic-settings: it would override JOB_* silently
+            messages.append(f"{name} is not a setting: settings are upper case ({name.upper()})")
             continue
         synonym = SYNONYMS.get(name.upper().removeprefix(ENV_PREFIX))
         close = [ENV_PREFIX + synonym] if synonym else difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
@@ -594,7 +597,10 @@ def load_settings(**given) -> Settings:
             field = str(err["loc"][0]) if err["loc"] else ""
             name = _env_name(field) if field else "settings"
             value = environ.get(name)
-            shown = f"={redact_text(value)}" if value is not None else ""
+            shown = ""
+            if value is not None:  # a value pasted by mistake (a whole file) must not become the log line
+                masked = redact_text(value)  # whole, then cut: a cut first could split a secret out of its mask
+                shown = "=" + (masked[:200] + f"... ({len(value):,} characters)" if len(masked) > 200 else masked)
             reason = err["msg"].removeprefix("Value error, ")
             if err["type"] == "missing":
                 reason = f"is required: {Settings.model_fields[field].description}"

@@ -34,3 +34,34 @@ def test_readme_documents_every_setting_and_exit_code():
         assert row.endswith(f"| {info.description} |"), name  # the table says what --help says
     for code, (meaning, action) in EXIT_CODES.items():
         assert f"| {code} | {meaning} | {action} |" in readme, code
+
+
+def test_a_lower_case_setting_is_refused_not_read_over_the_upper_case_one(monkeypatch):
+    """pydantic-settings reads variables case-blind: `job_epochs=1` beside `JOB_EPOCHS=40` trained
+    one epoch without a word. Settings are upper case; any other spelling is an error naming both."""
+    import pytest
+
+    from job.errors import SettingsError
+    from job.settings import load_settings
+
+    monkeypatch.setenv("JOB_DATA_URI", "s3://bucket/mnist")
+    monkeypatch.setenv("JOB_EPOCHS", "40")
+    monkeypatch.setenv("job_epochs", "1")
+    with pytest.raises(SettingsError, match=r"job_epochs is not a setting: settings are upper case \(JOB_EPOCHS\)"):
+        load_settings()
+
+
+def test_a_huge_setting_is_refused_at_once_in_a_short_line(monkeypatch):
+    """A whole file pasted into a variable (120 KB) took ~100 s to be refused (the masking was
+    quadratic) and then became a 120 KB log line."""
+    import pytest
+
+    from job.errors import SettingsError
+    from job.settings import load_settings
+
+    monkeypatch.setenv("JOB_DATA_URI", "s3://bucket/mnist")
+    monkeypatch.setenv("JOB_RUN_NAME", "a" * 120_000)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "JOB_RUN_NAME=" in str(refused.value) and "(120,000 characters)" in str(refused.value)
+    assert len(str(refused.value)) < 1000

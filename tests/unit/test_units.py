@@ -157,3 +157,32 @@ def test_tiny_epochs_checkpoint_at_most_once_per_interval_and_keep_the_best(monk
     assert load("best.pt")["progress"]["epoch"] == 1 and float(load("best.pt")["model"]["weight"][0, 0]) == 1.0
     assert load("last.pt")["progress"]["epoch"] == 3
     assert storage.read_json(storage.join(run, "checkpoints", "best.json"))["epoch"] == 1
+
+
+def test_a_checkpoints_records_are_published_after_its_commit_as_they_were_when_it_was_taken():
+    """The Checkpointer publishes nothing of its own: it calls the run's `records` at the snapshot
+    and runs what that returns after the commit (so no history row runs ahead of a checkpoint)."""
+    from job import loop
+    from job.checkpoint import Checkpointer
+    from job.data import Data
+    from job.data.sources import TensorSource
+    from job.runtime import Runtime
+
+    module = torch.nn.Linear(4, 2)
+    state = loop.TrainState(torch.optim.SGD(module.parameters(), lr=0.1), None, torch.arange(8), torch.arange(8, 10))
+    run = fresh_uri()
+    seen = []
+
+    def records():
+        taken = len(state.history)  # the run as it is when the checkpoint is taken
+        return lambda: seen.append((taken, storage.exists(storage.join(run, "checkpoints", "latest.json"))))
+
+    samples = TensorSource(torch.zeros(10, 4), torch.zeros(10, dtype=torch.int64))
+    ckpt = Checkpointer(Settings(data_uri="s3://b/d"), Runtime(torch.device("cpu")), run, module, state,
+                        Data(samples, None, ["a", "b"], "fp"), None, started=0.0, records=records)
+    state.history.append({"epoch": 1})
+    state.progress = loop.Progress(epoch=1, global_step=10)
+    assert ckpt.save()
+    state.history.append({"epoch": 2})  # after the snapshot: not in what this checkpoint publishes
+    ckpt.uploader.wait()
+    assert seen == [(1, True)] and ckpt.published_epochs == 1
