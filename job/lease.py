@@ -6,9 +6,12 @@ Object stores have no locks, but they have exclusive creation (S3 `If-None-Match
 `open(..., "x")`), so the lease is a numbered series of objects, `<run>/lease/<generation>.json`:
 the newest generation is the lease. A writer takes it by *creating* the next generation, which
 only one writer can do, when the newest is expired or held by a process that is gone from this
-machine (or there is none). The holder rewrites its own generation to renew it (in a background
-thread and before every commit) and deletes it at exit, which releases it. A second writer waits up to
-JOB_LEASE_SECONDS for it, then exits 75 so that the scheduler tries again later.
+machine (or there is none). Expired means *seen unchanged* for its JOB_LEASE_SECONDS on the
+waiter's own monotonic clock: every renewal writes a new `renewal` id, and no two nodes' wall
+clocks are compared (a node whose clock ran 2 h ahead took a live run's lease at once). The
+holder rewrites its own generation to renew it (in a background thread and before every commit)
+and deletes it at exit, which releases it. A second writer waits up to JOB_LEASE_SECONDS for it,
+then exits 75 so that the scheduler tries again later.
 """
 
 import logging
@@ -61,6 +64,15 @@ def _gone(holder: dict) -> bool:
     return False
 
 
+def _lease_seconds(holder: dict, ours: float) -> float:
+    """How long the holder's lease lasts unrenewed: its own JOB_LEASE_SECONDS when it recorded a
+    plausible one, else ours."""
+    theirs = holder.get("lease_seconds")
+    if isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and 0 < theirs < 86400:
+        return float(theirs)
+    return ours
+
+
 class Lease:
     def __init__(self, run_uri: str, seconds: float):
         self.dir = storage.join(run_uri, "lease")
@@ -75,8 +87,9 @@ class Lease:
         return storage.join(self.dir, f"{generation:012d}.json")
 
     def _record(self) -> dict:
+        # "expires" is for people reading the file; waiters judge by `renewal` changing (see above)
         return {"owner": self.owner, **_process_identity(), "expires": time.time() + self.seconds,
-                "lease_seconds": self.seconds}
+                "lease_seconds": self.seconds, "renewal": uuid.uuid4().hex[:12]}
 
     def _generations(self) -> list[int]:
         return sorted(int(n[:-5]) for n in storage.list_names(self.dir) if n.endswith(".json") and n[:-5].isdigit())
@@ -95,9 +108,12 @@ class Lease:
         to expire; raise LeaseLost (exit 75) if it does not."""
         give_up = time.monotonic() + self.seconds + 5
         announced = False
+        first_seen: dict[tuple, float] = {}  # (generation, renewal) -> when this process first saw it
         while True:
             generation, holder = self._newest()
-            if holder is None or time.time() > holder.get("expires", 0) or _gone(holder):  # free
+            seen = first_seen.setdefault((generation, (holder or {}).get("renewal")), time.monotonic())
+            unchanged = time.monotonic() - seen
+            if holder is None or unchanged > _lease_seconds(holder, self.seconds) or _gone(holder):  # free
                 try:
                     storage.create_json(self._uri(generation + 1), self._record())
                 except FileExistsError:
@@ -107,15 +123,14 @@ class Lease:
                 threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
                 return
             who = f"host {holder.get('host')} pid {holder.get('pid')}"
-            left = holder.get("expires", 0) - time.time()
             if time.monotonic() > give_up:
                 run = storage.redact_uri(self.dir.rsplit('/', 1)[0])
-                raise LeaseLost(f"another job is writing {run} ({who}, lease "
-                                f"renewed until {left:.0f} s from now); a run has one writer. Exit 75 so the scheduler "
-                                "retries later; if that job is gone, its lease expires within JOB_LEASE_SECONDS")
+                raise LeaseLost(f"another job is writing {run} ({who}, its lease renewed {unchanged:.0f} s ago); "
+                                "a run has one writer. Exit 75 so the scheduler retries later; if that job is gone, "
+                                "its lease expires within JOB_LEASE_SECONDS")
             if not announced:
-                log.warning(f"the run is held by another job ({who}; lease good for {left:.0f} s more); "
-                            f"waiting up to {self.seconds:.0f} s (JOB_LEASE_SECONDS) for it to finish or expire")
+                log.warning(f"the run is held by another job ({who}); waiting up to {self.seconds:.0f} s "
+                            "(JOB_LEASE_SECONDS) for it to finish or for its lease to go unrenewed that long")
                 announced = True
             time.sleep(min(1.0, max(0.1, self.seconds / 10)))
 

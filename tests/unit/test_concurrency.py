@@ -426,15 +426,32 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_stops_writing(monkeyp
     run = fresh_uri()
     old = lease.Lease(run, seconds=1)
     old.acquire()
-    old_expiry = expires(old)
+    taken = time.monotonic()
     new = lease.Lease(run, seconds=1)
-    new.acquire()  # waits for the expiry (its own hang guard: it gives up after seconds + 5)
-    assert time.time() >= old_expiry  # never before
+    new.acquire()  # waits to see the lease unrenewed for its seconds (its own hang guard: seconds + 5)
+    assert time.monotonic() - taken >= 1  # never before
     with pytest.raises(lease.LeaseLost, match="lost the run's lease"):
         old.renew()
     old.release()  # after losing it: the new holder's generation is left alone
     new.renew()
     new.release()
+
+
+def test_a_node_whose_clock_runs_ahead_does_not_take_a_live_lease(monkeypatch):
+    """Expiry is judged by seeing the lease unrenewed, on the waiter's own monotonic clock: a
+    waiter whose wall clock runs 2 h ahead of the holder's used to take the lease at once."""
+    run = fresh_uri()
+    holder = lease.Lease(run, seconds=1)  # renewed by its heartbeat every 0.25 s
+    holder.acquire()
+    try:
+        real = time.time
+        monkeypatch.setattr(lease.time, "time", lambda: real() + 7200)  # the waiter's clock (and only its records)
+        with pytest.raises(lease.LeaseLost, match="another job is writing"):
+            lease.Lease(run, seconds=1).acquire()
+        monkeypatch.undo()
+        holder.renew()  # still the holder
+    finally:
+        holder.release()
 
 
 def test_a_live_holder_keeps_a_second_writer_out():
