@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from job.errors import JobError, PeerLostError, SettingsError
+from job.settings import ENV_PREFIX
 from job.stop import StopRequest
 
 
@@ -226,7 +227,7 @@ def setup(settings, stop: StopRequest) -> Runtime:
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=settings.dist_timeout_seconds)
         )
-    return Runtime(
+    runtime = Runtime(
         device=device,
         threads=threads,
         workers=workers,
@@ -237,6 +238,30 @@ def setup(settings, stop: StopRequest) -> Runtime:
         local_rank=local_rank,
         world_size=world_size,
     )
+    if runtime.distributed:
+        same_settings(settings, runtime)
+    return runtime
+
+
+# what may differ between nodes: where and how each reads, not what is trained
+NODE_LOCAL_SETTINGS = {"cache_dir", "device", "num_workers", "threads", "log_level", "shard_cache_bytes", "decode"}
+
+
+def same_settings(settings, runtime: Runtime) -> None:
+    """Every rank trains what rank 0 trains: settings that differ (a node given other JOB_*
+    variables) end every rank with exit 2 naming them, before any work; they used to surface as a
+    failure on one node (1) and a lost peer on the others (75)."""
+    ours = {k: v for k, v in settings.public_dict().items() if k not in NODE_LOCAL_SETTINGS}
+    theirs = runtime.broadcast(ours)
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    error = None
+    if differ:
+        error = SettingsError(
+            f"rank {runtime.rank} has other settings than rank 0: "
+            + ", ".join(f"{ENV_PREFIX}{k.upper()}" for k in differ)
+            + "; every node must get the same JOB_* variables"
+        )
+    runtime.all_ok(error)
 
 
 def teardown() -> None:

@@ -82,6 +82,26 @@ def test_two_nodes_rendezvous_through_pet_variables(tmp_path, digits_dir):
     assert json.loads((tmp_path / "nodes" / "summary.json").read_text())["world_size"] == 2
 
 
+def test_nodes_given_different_settings_all_exit_2_naming_them(tmp_path, digits_dir):
+    """A node given another JOB_LR used to fail with 1 on one node and 75 (a lost peer) on the
+    other: a retry loop for a mistake. Now every rank refuses at the start, naming the setting;
+    where each node caches (JOB_CACHE_DIR) may differ."""
+    port = _free_port()
+    settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="nodes", epochs=2, **DIGITS)
+    agents = []
+    for node, lr in enumerate(("0.1", "0.2")):
+        env = {**job_env(**{**settings, "lr": lr}), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1",
+               "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}", "PET_RDZV_ID": "nodes",
+               "JOB_CACHE_DIR": str(tmp_path / f"cache-{node}")}
+        agents.append(subprocess.Popen([sys.executable, "-m", "job.launch"], env=env, cwd=ROOT, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # the manifests' launcher
+    outputs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [2, 2], outputs
+    assert "rank 1 has other settings than rank 0: JOB_LR" in outputs[1], outputs[1]
+    assert all("Traceback" not in out for out in outputs), outputs
+    assert not (tmp_path / "nodes" / "checkpoints").exists()
+
+
 def test_a_killed_worker_fails_the_job_in_bounded_time_and_the_rerun_resumes(tmp_path, digits_dir):
     settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", epochs=40,
                     dist_timeout_seconds=20, **DIGITS)
