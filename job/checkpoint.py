@@ -308,7 +308,19 @@ def position(progress, train_samples: int | None = None) -> str:
 def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, data, run_uri: str) -> None:
     """Continue from a checkpoint after checking it belongs to this experiment and data. Every
     rank loads the same state: the partial-epoch sums in it are all ranks' together, and every
-    rank keeps them so (loop.add_sums adds the all-reduced sums of later steps on every rank)."""
+    rank keeps them so (loop.add_sums adds the all-reduced sums of later steps on every rank).
+    A checkpoint whose fields are malformed (it verified against its manifest: written so, or
+    edited and re-signed by hand) is exit 3 naming it, never a traceback."""
+    try:
+        _restore(saved, name, settings, module, state, data, run_uri)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise DataError(
+            f"checkpoints/{name}.pt in {storage.redact_uri(run_uri)} cannot be resumed: {exc.__class__.__name__}: "
+            f"{' '.join(str(exc).split())[:200]}; use a new JOB_RUN_NAME to start a separate run"
+        ) from None
+
+
+def _restore(saved: dict, name: str, settings, module: torch.nn.Module, state, data, run_uri: str) -> None:
     from job.loop import Progress
 
     problems = []
@@ -333,6 +345,9 @@ def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, da
     for group, settings_now in zip(state.optimizer.param_groups, current, strict=True):
         group.update(settings_now)  # load_state_dict restores the saved momentum, weight decay, lr scales
     state.progress = Progress(**saved["progress"])
+    for key, value in vars(state.progress).items():  # a dataclass checks nothing: a hand edit may put text here
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"progress.{key} is {value!r}, not a number of at least 0")
     state.history = list(saved["history"])
     state.best_epoch, state.best_val_accuracy = saved["best_epoch"], saved["best_val_accuracy"]
     state.train_idx, state.val_idx = split["train"], split["val"]

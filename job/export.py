@@ -313,12 +313,11 @@ def _regular(uri: str) -> None:
         raise DataError(f"{storage.redact_uri(uri)} is not a regular file")
 
 
-def _fitted(config: dict, blob: bytes) -> torch.nn.Module:
-    """The model `config` describes with the weights of `blob` (safetensors) loaded. The weights'
-    tensors are compared with the architecture's shapes first, on a model without storage: a
-    config naming a huge torchvision model beside small weights is refused before it is built
-    (vit_h_14 would take 2.5 GB). Raises ValueError saying what does not fit."""
-    tensors = load_safetensors(blob)
+def fitted(config: dict, tensors: dict) -> torch.nn.Module:
+    """The model `config` describes with the weights `tensors` loaded. The weights' tensors are
+    compared with the architecture's shapes first, on a model without storage: a config (or a
+    checkpoint) naming a huge torchvision model beside small weights is refused before it is
+    built (vit_h_14 would take 2.5 GB). Raises ValueError saying what does not fit."""
     with models.shapes_only():
         wanted = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -358,7 +357,7 @@ def load(model_uri: str) -> tuple[torch.nn.Module, dict]:
                     f"{storage.redact_uri(storage.join(uri, config['weights']))} is over {MAX_WEIGHT_BYTES} bytes"
                 )
         try:
-            model = _fitted(config, blob)
+            model = fitted(config, load_safetensors(blob))
         except Exception as exc:
             raise DataError(
                 f"the weights in {storage.redact_uri(uri)} do not fit its config.json "

@@ -161,10 +161,35 @@ def export_checkpoint(settings, checkpoint_uri: str, output_uri: str | None) -> 
     with storage.errors(checkpoint_uri, DataError, "read the checkpoint"):
         if folder.endswith("/checkpoints") and storage.exists(storage.join(folder, f"{name}.json")):
             state = checkpoint.read(run, name)  # checked against its manifest
-        else:
-            state = torch.load(io.BytesIO(storage.read_bytes(checkpoint_uri)), map_location="cpu", weights_only=True)
+        else:  # a checkpoint file on its own: bounded, as an exported model's weights are
+            blob = storage.read_bytes(checkpoint_uri, max_bytes=export.MAX_WEIGHT_BYTES)
+            if len(blob) > export.MAX_WEIGHT_BYTES:
+                raise DataError(f"{storage.redact_uri(checkpoint_uri)} is over {export.MAX_WEIGHT_BYTES} bytes")
+            try:
+                state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            except Exception as exc:  # not a checkpoint at all (or one from a format this version cannot read)
+                raise DataError(f"{storage.redact_uri(checkpoint_uri)} is not a trainjob checkpoint "
+                                f"({exc.__class__.__name__})") from None
     if not isinstance(state, dict) or "model" not in state or "settings" not in state:
         raise DataError(f"{storage.redact_uri(checkpoint_uri)} is not a trainjob checkpoint")
+    try:
+        module, config = _from_checkpoint(state, checkpoint_uri)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        # it verified against its manifest (or has none): written so, or edited by hand
+        raise DataError(f"{storage.redact_uri(checkpoint_uri)} is not a usable trainjob checkpoint: "
+                        f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}") from None
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.rand(16, *config["input_shape"], generator=generator)]
+    output_uri = output_uri or storage.join(run, "model")
+    config = export.write(output_uri, module, config, batches, onnx=settings.export != "safetensors")
+    if config.get("verification"):
+        config["verification"]["inputs"] = "random"
+    return config
+
+
+def _from_checkpoint(state: dict, checkpoint_uri: str) -> tuple[torch.nn.Module, dict]:
+    """(the model with the checkpoint's weights, its export config), the weights' shapes checked
+    against the architecture before it is built."""
     saved = state["settings"]
     trained = type(
         "Settings",
@@ -183,15 +208,11 @@ def export_checkpoint(settings, checkpoint_uri: str, output_uri: str | None) -> 
         "dataset_fingerprint": state.get("dataset_fingerprint"),
     }
     config = export.config_for(trained, state["class_names"], shape, from_images=kind == "image", source=source)
-    module = export.build(config)
-    module.load_state_dict(state["model"])
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.rand(16, *shape, generator=generator)]
-    output_uri = output_uri or storage.join(run, "model")
-    config = export.write(output_uri, module, config, batches, onnx=settings.export != "safetensors")
-    if config.get("verification"):
-        config["verification"]["inputs"] = "random"
-    return config
+    problem = export.config_problem({**config, "format": "trainjob-model", "format_version": export.FORMAT_VERSION,
+                                     "weights": "model.safetensors"})  # the bounds an exported config gets
+    if problem:
+        raise ValueError(problem)
+    return export.fitted(config, state["model"]), config
 
 
 def input_of(state: dict) -> tuple[tuple[int, ...], str]:

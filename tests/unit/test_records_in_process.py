@@ -179,3 +179,40 @@ def test_a_checkpoint_file_is_read_no_further_than_its_manifest_says(tmp_path):
     os.symlink("/dev/zero", step)
     with pytest.raises(DataError, match="not a regular file"), storage.errors(run, DataError, "read"):
         checkpoint.read(run, "step-000000005")
+
+
+@pytest.mark.parametrize("field, value", [("settings", "not a dict"), ("progress", {"epoch": "two"}),
+                                          ("history", 7), ("split", {"train": None}), ("rng", "x" * 8),
+                                          ("model", {"1.weight": torch.zeros(3)}), ("class_names", None)])
+def test_a_hand_edited_checkpoint_with_a_malformed_field_is_exit_3_naming_it(field, value):
+    """A checkpoint verifies against its manifest when whoever edited it re-signed it: each field
+    it holds is still data, and a malformed one is one line (exit 3), never a traceback (exit 1)."""
+    saved = _saved()
+    saved[field] = value
+    settings = Settings(**BASE)
+    module, state = _state(settings)
+    with pytest.raises(DataError, match=r"^(checkpoints/step-000000020\.pt in /out/r cannot be resumed|the checkpoint)"):
+        checkpoint.restore(saved, "step-000000020", settings, module, state, DATA, "/out/r")
+
+
+@pytest.mark.parametrize("edit", ["a huge architecture", "weights of another shape", "no class names", "not a dict"])
+def test_export_of_a_hostile_checkpoint_is_one_line(tmp_path, edit):
+    """`python -m job export` on a checkpoint file without a manifest: whatever it declares is
+    checked before a model is built (vit_h_14 beside a tiny state would take 2.5 GB)."""
+    from job.predict import export_checkpoint
+
+    saved = _saved()
+    saved["input_kind"], saved["input_shape"] = "idx", [1, 2, 2]
+    if edit == "a huge architecture":
+        saved["settings"] = {**saved["settings"], "model": "vit_h_14"}
+    elif edit == "weights of another shape":
+        saved["model"] = {k: torch.zeros(5, 5) for k in saved["model"]}
+    elif edit == "no class names":
+        del saved["class_names"]
+    else:
+        saved = ["not", "a", "dict"]
+    path = tmp_path / "lone.pt"
+    torch.save(saved, path)
+    with pytest.raises(DataError, match="lone.pt is not a (usable )?trainjob checkpoint"):
+        export_checkpoint(Settings(**BASE), str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
