@@ -28,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from job import __version__, models, storage
-from job.data import images
+from job.data import images, layout
 from job.errors import DataError, OutputError
 from job.settings import MAX_HIDDEN_LAYERS, MAX_IMAGE_SIDE, MAX_MLP_PARAMETERS, mlp_parameters
 
@@ -53,7 +53,7 @@ def preprocessing(model_name: str, sample_shape: tuple[int, ...], image_size: in
             "scale": 1 / 255, "mean": None, "std": None}
 
 
-MAX_CLASSES = 100_000
+MAX_CLASSES = layout.MAX_CLASSES  # what training can produce
 MAX_CONFIG_BYTES = 16 << 20
 MAX_WEIGHT_BYTES = 16 << 30
 

@@ -232,7 +232,8 @@ def evaluate(s, rt: Runtime, model: Model, source, idx: torch.Tensor, num_classe
         with rt.autocast():
             logits = model.trainable(xb)
         loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-        confusion += torch.bincount(yb * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        # counted in place: a bincount with minlength allocated the whole matrix again every batch
+        confusion.index_add_(0, yb * num_classes + logits.argmax(1), torch.ones_like(yb))
         if time.monotonic() - last_log >= s.log_every_seconds:
             last_log = time.monotonic()
             elapsed = last_log - start

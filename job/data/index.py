@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from job import storage
+from job.data.layout import MAX_CLASSES
 from job.errors import DataError
 from job.settings import MAX_IMAGE_SIDE
 
@@ -31,7 +32,6 @@ SPLITS = ("train", "val", "test")  # as prepare writes them
 SHARD_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}\.tar"  # a plain file name: joined to the cache folder
 MAX_SHARD_BYTES = 1 << 36
 MAX_INDEX_BYTES = 64 << 20  # ~100k shards; read whole, so bounded
-MAX_CLASSES = 100_000  # as an exported model's config allows
 # Samples in all splits together: training holds index tensors of this length (8 bytes a sample,
 # several of them) before any shard is read; 100M is 7x ImageNet-21k.
 MAX_SAMPLES = 100_000_000
