@@ -262,8 +262,10 @@ def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: boo
         "onnx": None,
     }
     with storage.errors(out_uri, OutputError, "write the model to"):
-        # an earlier export's ONNX file must never sit beside other weights, whatever ends this one
-        storage.remove(storage.join(out_uri, "model.onnx"))
+        # an earlier export's config and ONNX file must never sit beside other weights, whatever ends
+        # this one: config.json, written last, says the folder is complete
+        for name in ("config.json", "model.onnx"):
+            storage.remove(storage.join(out_uri, name))
         storage.write_bytes(
             storage.join(out_uri, "model.safetensors"),
             save_safetensors(state, metadata={"format": "pt", "architecture": config["architecture"]}),

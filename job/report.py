@@ -10,7 +10,6 @@ import sys
 import time
 
 from job import storage
-from job.errors import Stopped
 from job.settings import redact_text
 
 log = logging.getLogger("job")
@@ -39,18 +38,6 @@ class _Formatter(logging.Formatter):
         return redact_text(super().formatException(ei)).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-class _StopAwareHandler(logging.StreamHandler):
-    """A stop signal's handler raises Stopped wherever the main thread is, a log line's write
-    included; logging would print that as a "Logging error" traceback and swallow it, and the
-    job would carry on. Here the stop goes on its way: out of the log call, to the job's exit."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        error = sys.exc_info()[1]
-        if isinstance(error, Stopped):
-            raise error
-        super().handleError(record)
-
-
 def setup_logging(level: str = "info", rank: int | None = None) -> None:
     """Plain timestamped lines on stdout for `kubectl logs`. Under torchrun only rank 0 speaks
     (other ranks: warnings and errors, and everything at debug), each line naming its rank."""
@@ -58,7 +45,7 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
         level = level if level == "debug" else "warning"
     if hasattr(sys.stdout, "reconfigure"):  # a C locale's ASCII stdout must not fail on a name from the data
         sys.stdout.reconfigure(errors="backslashreplace")
-    handler = _StopAwareHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)  # a stop never raises into a write (job/stop.py)
     prefix = f"rank {rank} " if rank is not None else ""
     handler.setFormatter(_Formatter(f"%(asctime)s.%(msecs)03d %(levelname)s {prefix}%(message)s", "%Y-%m-%dT%H:%M:%S"))
     log.handlers[:] = [handler]
