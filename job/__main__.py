@@ -1,5 +1,6 @@
 import gc
 import logging
+import multiprocessing
 import os
 import sys
 
@@ -13,6 +14,12 @@ code = main(stop=stop)
 # Everything is written and flushed by now. Leave without the interpreter's teardown of torch's
 # modules (~1 s a run); the collection first shuts DataLoader workers down with their loaders.
 gc.collect()
+# A worker still alive (its loader held by an error's frames) would outlive us for ever: forkserver
+# workers are the forkserver's children and never notice that we are gone, and they keep the
+# forkserver, the resource tracker and our stdout open (a caller reading the pipe waits for ever).
+for child in multiprocessing.active_children():  # any left: ended the hard way
+    child.terminate()
+    child.join(timeout=2)
 logging.shutdown()
 sys.stdout.flush()
 sys.stderr.flush()

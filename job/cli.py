@@ -189,4 +189,12 @@ def report_failure(exc: BaseException) -> int:
         log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
         code = 1
     logging.disable(logging.CRITICAL)
+    # An exception may be kept by a thread still running (the shard prefetcher keeps its error):
+    # its traceback would keep every frame, and the DataLoader workers they hold, alive past exit.
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__context__ or link.__cause__
     return code

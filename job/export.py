@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from job import __version__, models, storage
 from job.data import images, layout
-from job.errors import DataError, OutputError
+from job.errors import DataError, JobError, OutputError
 from job.settings import MAX_HIDDEN_LAYERS, MAX_IMAGE_SIDE, MAX_MLP_PARAMETERS, mlp_parameters
 
 log = logging.getLogger("job")
@@ -282,7 +282,7 @@ def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: boo
                     f"model exported to {storage.redact_uri(out_uri)} (ONNX verified on "
                     f"{config['verification']['samples']} samples in {time.monotonic() - start:.1f} s)"
                 )
-            except OutputError:
+            except JobError:  # a storage error or a stop (Stopped): not a reason to go on without ONNX
                 raise
             except Exception as exc:  # the weights and config still serve; say why there is no ONNX
                 config["onnx_error"] = str(exc)[:500]

@@ -34,17 +34,23 @@ def run_dir(model_uri: str) -> str:
 
 def _refuse_output_in_model(model_uri: str, output_uri: str | None) -> None:
     """An --output inside the model's folder (the one holding its config.json, as export.load looks
-    for it) is refused: predictions or an evaluation must never overwrite model.safetensors,
-    config.json or model.onnx."""
+    for it) is refused, and inside the run it belongs to except its predictions/ and evaluations/:
+    predictions or an evaluation must never overwrite the model's files or the run's checkpoints."""
     if output_uri is None:
         return
     with storage.errors(model_uri, DataError, "read the model from"):
         has_config = storage.exists(storage.join(model_uri, "config.json"))
     folder = model_uri if has_config else storage.join(model_uri, "model")
-    if storage.within(output_uri, folder):
+    run = run_dir(folder) if folder.rstrip("/").endswith("/model") else None
+    outputs = [storage.join(run, d) for d in ("predictions", "evaluations")] if run else []
+    inside = folder if storage.within(output_uri, folder) else (
+        run if run and storage.within(output_uri, run) and not any(storage.within(output_uri, o) for o in outputs)
+        else None)
+    if inside:
         raise SettingsError(
-            f"--output {storage.redact_uri(output_uri)} is inside the model folder {storage.redact_uri(folder)}, "
-            "where it could overwrite the model's files; choose an --output outside it"
+            f"--output {storage.redact_uri(output_uri)} is inside {storage.redact_uri(inside)}, where it could "
+            "overwrite the model's or the run's files; choose an --output outside it (or under the run's "
+            "predictions/ or evaluations/)"
         )
 
 
@@ -54,8 +60,15 @@ def predict(settings, runtime, model_uri: str, inputs_uri: str, output_uri: str 
     model, config = export.load(model_uri)
     model.to(runtime.device)
     names_of = config["class_names"]
+    runtime.stop.check("while loading the model: no predictions written")
     found = data.inputs(settings, runtime, inputs_uri, config)
     source, names, bad = found.source, found.names, found.bad_files
+    if names and list(source.sample_shape) != config["input_shape"]:
+        raise DataError(
+            f"{storage.redact_uri(inputs_uri)} holds samples of shape {list(source.sample_shape)}; this model "
+            f"takes {config['input_shape']}"
+        )
+    runtime.stop.check("while reading the inputs: no predictions written")
     if not names:
         raise DataError(
             f"no readable input under {storage.redact_uri(inputs_uri)}{f' ({len(bad)} bad files)' if bad else ''}"
@@ -100,7 +113,9 @@ def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str |
     _refuse_output_in_model(model_uri, output_uri)
     module, config = export.load(model_uri)
     module.to(runtime.device)
+    runtime.stop.check("while loading the model: nothing written")
     found = data.labelled(settings, runtime, data_uri, config)
+    runtime.stop.check("while reading the labelled data: nothing written")
     source, indices, data_classes, bad, split = found.source, found.indices, found.class_names, found.bad_files, \
         found.split
     if list(source.sample_shape) != config["input_shape"]:
@@ -160,7 +175,11 @@ def export_checkpoint(settings, checkpoint_uri: str, output_uri: str | None) -> 
     run, name = folder.removesuffix("/checkpoints"), file.removesuffix(".pt")
     with storage.errors(checkpoint_uri, DataError, "read the checkpoint"):
         if folder.endswith("/checkpoints") and storage.exists(storage.join(folder, f"{name}.json")):
-            state = checkpoint.read(run, name)  # checked against its manifest
+            try:
+                state = checkpoint.read(run, name)  # checked against its manifest
+            except checkpoint.Corrupt as exc:  # truncated by a crash, or edited: the run's other checkpoints may serve
+                raise DataError(f"{storage.redact_uri(checkpoint_uri)} fails verification: {exc}; export another "
+                                "checkpoint of the run (best.pt, last.pt or a step-*.pt)") from None
         else:  # a checkpoint file on its own: bounded, as an exported model's weights are
             blob = storage.read_bytes(checkpoint_uri, max_bytes=export.MAX_WEIGHT_BYTES)
             if len(blob) > export.MAX_WEIGHT_BYTES:

@@ -251,7 +251,7 @@ def bounded(action: str, uri: str, fn, nbytes: int = 0):
         now = time.monotonic()
         if stop is not None and stop.ends_waits():  # before training: nothing to save, stop now
             stop.raised = True
-            raise Stopped(stop.signum, f"before training (nothing to save), while trying to {action} {redact_uri(uri)}")
+            raise Stopped(stop.signum, f"while trying to {action} {redact_uri(uri)}")
         if stop is not None and stop.signum and now >= stop.deadline(_config.grace):
             raise Stopped(stop.signum, f"when the grace period ran out, still trying to {action} {redact_uri(uri)}")
         if now >= start + limit:

@@ -89,8 +89,7 @@ def inputs(settings, runtime, uri: str, config: dict) -> Inputs:
         index = find_index(uri)
         if index is None:
             root = mirror.pull(uri, settings.cache_dir)
-    if index is not None:
-        _same_classes(uri, index, config)
+    if index is not None:  # unlabelled here: the dataset's own classes do not matter
         shards = [s for split in SPLITS for s in split_shards(index, split)]
         source = _shard_reader(settings, runtime, uri, index, shards, config)
         names = [f"{s['name']}#{i}" for s in shards for i in range(s["samples"])]
@@ -116,9 +115,14 @@ def inputs(settings, runtime, uri: str, config: dict) -> Inputs:
 
 
 def _same_classes(uri: str, index: dict, config: dict) -> None:
-    if index["class_names"] != config["class_names"]:
-        raise DataError(f"{storage.redact_uri(uri)} has the classes {index['class_names'][:10]}; the model was "
-                        f"trained on {config['class_names'][:10]}, in that order")
+    ours, theirs = index["class_names"], config["class_names"]
+    if ours != theirs:
+        pairs = enumerate(zip(ours, theirs, strict=False))
+        at = next((i for i, (a, b) in pairs if a != b), min(len(ours), len(theirs)))
+        found = repr(ours[at]) if at < len(ours) else "nothing"
+        wanted = repr(theirs[at]) if at < len(theirs) else "nothing"
+        raise DataError(f"{storage.redact_uri(uri)} has {len(ours)} classes, the model {len(theirs)}: class {at} is "
+                        f"{found} there and {wanted} in the model (the same classes, in the same order, are needed)")
 
 
 def _shard_reader(settings, runtime, uri: str, index: dict, shards: list[dict], config: dict) -> Source:

@@ -98,14 +98,16 @@ def test_export_refuses_a_manifest_that_climbs_out(runs, tmp_path):
     ("predict", "r", "r/model/config.json"),  # the run's URI: its model/ folder is the model's
     ("predict", "r/model", "r/model/sub/../predictions.jsonl"),
     ("evaluate", "r/model", "r/model"),
+    ("predict", "r", "r/checkpoints/best.pt"),  # the run the model came from: its checkpoints too
+    ("evaluate", "r/model", "r/checkpoints"),
 ])
 def test_predict_and_evaluate_refuse_an_output_inside_the_model(runs, command, model, output):
     out, settings = runs
-    before = files(out / "r" / "model")
+    before = files(out / "r")
     result = run_job(command, str(out / model), settings["data_uri"], "--output", str(out / output))
     assert result.returncode == 2, result.stdout
-    assert "inside the model folder" in error_line(result)
-    assert files(out / "r" / "model") == before
+    assert "is inside" in error_line(result) and "could overwrite" in error_line(result)
+    assert files(out / "r") == before
 
 
 def test_a_changed_learning_rate_continues_logged_and_recorded(runs):

@@ -298,3 +298,30 @@ def test_throttled_reads_while_streaming_change_nothing(shard_set, s3_server, tm
     assert clean.returncode == 0 and throttled.returncode == 0, throttled.stdout
     assert proxy.counts["slowdown"] >= 3
     assert_same_history(read_history(tmp_path / "throttled" / "r"), read_history(tmp_path / "clean" / "r"))
+
+
+def test_an_error_reading_shards_leaves_no_process_holding_the_callers_pipe(digits_dir, prepared, tmp_path):
+    """A shard that disagrees with its index ended evaluate with exit 3, but its DataLoader worker
+    (a forkserver child, which never notices its parent is gone), the forkserver and the resource
+    tracker stayed alive holding stdout: a caller reading the pipe waited for ever. And predict on
+    image shards with a model of IDX digits was exit 1 with a shape traceback; it is exit 3."""
+    import shutil
+
+    trained = run_job(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", epochs=1, **DIGITS)
+    assert trained.returncode == 0, trained.stdout
+    shards = tmp_path / "digit-shards"
+    assert prepare(str(digits_dir), str(shards)).returncode == 0
+    index = json.loads((shards / "index.json").read_text())
+    index["splits"]["test"][0]["samples"] += 1  # the count is not in the fingerprint: the shard disagrees at read
+    (shards / "index.json").write_text(json.dumps(index))
+    result = run_job("evaluate", str(tmp_path / "r"), str(shards), "--output", str(tmp_path / "e"), num_workers=1,
+                     timeout=300)  # the hang guard: the pipe closes when the job is gone, and only then
+    assert result.returncode == 3, result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert "its index says" in last and "(exit 3)" in last, result.stdout  # nothing after the outcome line
+    images = run_job("predict", str(tmp_path / "r"), str(prepared), "--output", str(tmp_path / "p.jsonl"),
+                     num_workers=0, cache_dir=str(tmp_path / "c"))
+    assert images.returncode == 3 and "this model takes [1, 28, 28]" in images.stdout.strip().splitlines()[-1], \
+        images.stdout
+    assert "Traceback" not in images.stdout
+    shutil.rmtree(shards)

@@ -216,3 +216,44 @@ def test_export_of_a_hostile_checkpoint_is_one_line(tmp_path, edit):
     with pytest.raises(DataError, match="lone.pt is not a (usable )?trainjob checkpoint"):
         export_checkpoint(Settings(**BASE), str(path), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stop_during_the_onnx_step_ends_the_export_it_is_not_a_reason_to_skip_onnx(tmp_path, monkeypatch):
+    """`python -m job export` stopped while writing model.onnx exited 0 with "no ONNX model written"
+    (the stop was caught as an ONNX failure) and a model.onnx the config disowned."""
+    import signal
+
+    from job import export
+    from job.errors import Stopped
+    from job.stop import StopRequest
+
+    stop = StopRequest()
+    storage.configure(Settings(**BASE), stop)
+    real = export._onnx_bytes
+
+    def signal_during_onnx(model, example):
+        blob = real(model, example)
+        stop.record(signal.SIGTERM)  # as the handler does: recorded, seen at the next storage write
+        return blob
+
+    monkeypatch.setattr(export, "_onnx_bytes", signal_during_onnx)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    config = {"architecture": "mlp", "num_classes": 2, "class_names": ["a", "b"], "input_shape": [1, 2, 2]}
+    try:
+        with pytest.raises(Stopped):
+            export.write(str(tmp_path / "model"), module, config, [torch.rand(4, 1, 2, 2)])
+    finally:
+        storage.configure(Settings(**BASE))
+    assert not (tmp_path / "model" / "config.json").exists()  # written last: the folder is not a model
+
+
+def test_export_of_a_checkpoint_that_fails_verification_is_exit_3(tmp_path):
+    """A step file truncated by a crash (or one byte longer) is refused in one line naming it, and
+    the run's other checkpoints suggested; it was exit 1 with a traceback."""
+    from job.predict import export_checkpoint
+
+    run = str(tmp_path / "r")
+    blob = _committed_run(run, 5)
+    (tmp_path / "r" / "checkpoints" / "step-000000005.pt").write_bytes(blob[:-10])
+    with pytest.raises(DataError, match="step-000000005.pt fails verification.*export another checkpoint"):
+        export_checkpoint(Settings(**BASE), str(tmp_path / "r" / "checkpoints" / "step-000000005.pt"), None)
