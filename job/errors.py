@@ -5,6 +5,8 @@ Kubernetes podFailurePolicy is generated from it (tests import it from here rath
 the numbers).
 """
 
+from pydantic import AfterValidator, ValidationError
+
 
 class JobError(Exception):
     """An error with a one-line message for the person on call and an exit code for the scheduler."""
@@ -76,3 +78,20 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     130: ("stopped by SIGINT, after saving a checkpoint if storage took it within the grace period", Stopped.action),
     143: ("stopped by SIGTERM, after saving a checkpoint if storage took it within the grace period", Stopped.action),
 }
+
+
+def format_version(expected: int) -> AfterValidator:
+    """A record's `format_version` field (index.json, config.json): this job reads `expected` only."""
+
+    def check(version: int) -> int:
+        if version != expected:
+            raise ValueError(f"format_version {version!r}, this job reads {expected}")
+        return version
+
+    return AfterValidator(check)
+
+
+def one_line(error: ValidationError) -> tuple[str, str]:
+    """(where, what) of a record's first problem, for a one-line message."""
+    first = error.errors()[0]
+    return ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")

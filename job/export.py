@@ -20,7 +20,7 @@ import os
 import re
 import time
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from job import __version__, models, storage
 from job.data import images, layout
-from job.errors import DataError, JobError, OutputError
+from job.errors import DataError, JobError, OutputError, format_version, one_line
 from job.settings import MAX_HIDDEN_LAYERS, MAX_IMAGE_SIDE, MAX_MLP_PARAMETERS, mlp_parameters
 
 log = logging.getLogger("job")
@@ -81,7 +81,7 @@ class ModelConfig(_Strict):
     are bounded before anything is allocated, and the weights must be a file beside it."""
 
     format: Literal["trainjob-model"]
-    format_version: int
+    format_version: Annotated[int, format_version(FORMAT_VERSION)]
     weights: str
     architecture: str
     num_classes: int
@@ -89,13 +89,6 @@ class ModelConfig(_Strict):
     input_shape: list[int]
     hidden_sizes: list[int] | None = None
     preprocessing: ImagePreprocessing | IdxPreprocessing = Field(discriminator="kind")
-
-    @field_validator("format_version")
-    @classmethod
-    def _version(cls, version: int) -> int:
-        if version != FORMAT_VERSION:
-            raise ValueError(f"format_version {version!r}, this job reads {FORMAT_VERSION}")
-        return version
 
     @field_validator("weights")
     @classmethod
@@ -153,8 +146,7 @@ def config_problem(config) -> str | None:
         if first["loc"] == ("preprocessing",):  # the union's own errors name pydantic's internals
             return "preprocessing is missing" if first["type"] == "missing" else \
                 "preprocessing must be an object whose kind is 'image' or 'idx'"
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
+        where, message = one_line(exc)
         return f"{message} ({where})" if where else message
     return None
 

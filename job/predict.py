@@ -63,11 +63,6 @@ def predict(settings, runtime, model_uri: str, inputs_uri: str, output_uri: str 
     runtime.stop.check("while loading the model: no predictions written")
     found = data.inputs(settings, runtime, inputs_uri, config)
     source, names, bad = found.source, found.names, found.bad_files
-    if names and list(source.sample_shape) != config["input_shape"]:
-        raise DataError(
-            f"{storage.redact_uri(inputs_uri)} holds samples of shape {list(source.sample_shape)}; this model "
-            f"takes {config['input_shape']}"
-        )
     runtime.stop.check("while reading the inputs: no predictions written")
     if not names:
         raise DataError(

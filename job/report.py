@@ -83,10 +83,30 @@ def duration(seconds: float) -> str:
     return f"{seconds} s"
 
 
+RECIPE_SETTINGS = ("model", "optimizer", "lr", "batch_size", "lr_schedule")
+
+
 def recipe(settings) -> str:
     """The settings a person compares runs by, in a few words."""
-    s = settings
-    return f"{s.model}, {s.optimizer} lr {s.lr:g}, batch {s.batch_size}, {s.lr_schedule} schedule"
+    return _recipe({k: getattr(settings, k) for k in RECIPE_SETTINGS})
+
+
+def _recipe(v: dict) -> str:
+    return f"{v['model']}, {v['optimizer']} lr {v['lr']:g}, batch {v['batch_size']}, {v['lr_schedule']} schedule"
+
+
+def recipe_segments(settings, changes: list[dict]) -> list[dict]:
+    """[{"from_epoch", "recipe"}] of a run resumed with other schedule settings, oldest first: the
+    current settings, walked back through each recorded change (job.checkpoint.settings_changes)."""
+    values = {k: getattr(settings, k) for k in RECIPE_SETTINGS}
+    segments = []
+    for change in reversed(changes):
+        segments.append({"from_epoch": change["epoch"] + 1, "recipe": _recipe(values)})
+        for key, step in change["changes"].items():
+            if key in values:
+                values[key] = step["old"]
+    segments.append({"from_epoch": 1, "recipe": _recipe(values)})
+    return segments[::-1]
 
 
 def per_class(confusion, class_names: list[str]) -> dict[str, float | None]:
@@ -102,11 +122,15 @@ def per_class(confusion, class_names: list[str]) -> dict[str, float | None]:
 def summary(settings, runtime, data, state, status: str, started: float, **extra) -> dict:
     """summary.json: how the run stands (status running, completed, failed or stopped)."""
     last = state.history[-1] if state.history else {}
+    segments = recipe_segments(settings, state.settings_changes)
+    best = [s for s in segments if s["from_epoch"] <= (state.best_epoch or 1)][-1]
     return {
         "status": status,
         "run_name": settings.run_name,
-        "recipe": recipe(settings),
-        "settings_changes": state.settings_changes,  # the recipe holds from the last of these on
+        "recipe": recipe(settings),  # the settings now; earlier epochs may have run under others:
+        "recipe_segments": segments,  # each recipe and the epoch it began with
+        "best_epoch_recipe": best["recipe"],
+        "settings_changes": state.settings_changes,
         "epochs_completed": len(state.history),
         "best_epoch": state.best_epoch or None,
         "best_val_accuracy": state.best_val_accuracy if state.history else None,
@@ -176,6 +200,10 @@ def plot_png(history: list[dict], metric: str, summary: dict) -> bytes:
     best = summary.get("best_epoch")
     if best:
         ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best})")
+    for segment in summary.get("recipe_segments", [])[1:]:  # a resume with other settings: where each began
+        ax.axvline(segment["from_epoch"] - 0.5, color="orange", linestyle=":", linewidth=1)
+        ax.annotate(segment["recipe"].split(", ", 1)[1], (segment["from_epoch"] - 0.5, 1),
+                    xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7, color="orange")
     values = [row[f"{split}_{metric}"] for row in history for split in ("train", "val")]
     if metric == "loss" and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")

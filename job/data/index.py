@@ -16,13 +16,13 @@ import hashlib
 import json
 import logging
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from job import storage
 from job.data.layout import MAX_CLASSES
-from job.errors import DataError
+from job.errors import DataError, format_version, one_line
 from job.settings import MAX_IMAGE_SIDE
 
 log = logging.getLogger("job")
@@ -68,7 +68,7 @@ class ShardIndex(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
     format: Literal["trainjob-shards"]
-    format_version: int
+    format_version: Annotated[int, format_version(FORMAT_VERSION)]
     kind: Literal["image", "idx"]
     class_names: list[str] = Field(min_length=2, max_length=MAX_CLASSES)
     fingerprint: str
@@ -76,13 +76,6 @@ class ShardIndex(BaseModel):
     bad_files: list[list[str]]
     splits: dict[str, list[Shard]]
     order: str | None = None  # "shuffled": each split written in a seeded permutation
-
-    @field_validator("format_version")
-    @classmethod
-    def _version(cls, version: int) -> int:
-        if version != FORMAT_VERSION:
-            raise ValueError(f"format_version {version!r}, this job reads {FORMAT_VERSION}")
-        return version
 
     @field_validator("bad_files")
     @classmethod
@@ -123,9 +116,7 @@ def _first_repeat(names: list[str]) -> str:
 
 def problem(error: ValidationError) -> str:
     """A validation error as one line: where, and what is wrong (the first problem found)."""
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
+    where, message = one_line(error)
     return f"{where}: {message}" if where else message
 
 

@@ -92,6 +92,9 @@ def inputs(settings, runtime, uri: str, config: dict) -> Inputs:
     if index is not None:  # unlabelled here: the dataset's own classes do not matter
         shards = [s for split in SPLITS for s in split_shards(index, split)]
         source = _shard_reader(settings, runtime, uri, index, shards, config)
+        if list(source.sample_shape) != config["input_shape"]:  # shards are decoded as prepared: no conversion
+            raise DataError(f"{storage.redact_uri(uri)} holds samples of shape {list(source.sample_shape)}; this "
+                            f"model takes {config['input_shape']}")
         names = [f"{s['name']}#{i}" for s in shards for i in range(s["samples"])]
         return Inputs(source, names, [tuple(b) for b in index["bad_files"]])
     found = [n for n in sorted(os.listdir(root)) if not n.startswith(".")]

@@ -122,6 +122,11 @@ def test_a_changed_learning_rate_continues_logged_and_recorded(runs):
     [segment] = summary["settings_changes"]
     assert segment["epoch"] == 2 and segment["seen"] == 0
     assert segment["changes"] == {"epochs": {"old": 2, "new": 3}, "lr": {"old": 0.01, "new": 0.02}}
+    # the recipe of each segment, and of the best epoch: not the last settings for every epoch
+    assert [(r["from_epoch"], r["recipe"].split(", ")[1]) for r in summary["recipe_segments"]] == \
+        [(1, "adam lr 0.01"), (3, "adam lr 0.02")], summary["recipe_segments"]
+    assert summary["best_epoch_recipe"] == next(r["recipe"] for r in reversed(summary["recipe_segments"])
+                                                if r["from_epoch"] <= summary["best_epoch"])
     assert [row["lr"] for row in read_history(out / "r")] == [0.01, 0.01, 0.02]
 
 
