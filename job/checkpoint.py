@@ -31,7 +31,7 @@ from typing import NoReturn
 import torch
 
 from job import storage
-from job.errors import DataError, OutputError, Stopped
+from job.errors import MALFORMED, DataError, OutputError, Stopped
 from job.lease import LeaseLost
 from job.optim import lr_factor
 
@@ -313,7 +313,7 @@ def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, da
     edited and re-signed by hand) is exit 3 naming it, never a traceback."""
     try:
         _restore(saved, name, settings, module, state, data, run_uri)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+    except MALFORMED as exc:
         raise DataError(
             f"checkpoints/{name}.pt in {storage.redact_uri(run_uri)} cannot be resumed: {exc.__class__.__name__}: "
             f"{' '.join(str(exc).split())[:200]}; use a new JOB_RUN_NAME to start a separate run"

@@ -80,6 +80,11 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
 }
 
 
+# What reading a record's fields raises when one is malformed (a checkpoint edited and re-signed):
+# a DataError naming the record, never a traceback.
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError)
+
+
 def format_version(expected: int) -> AfterValidator:
     """A record's `format_version` field (index.json, config.json): this job reads `expected` only."""
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from job import data, export, loop, report, storage
-from job.errors import DataError, OutputError, SettingsError
+from job.errors import MALFORMED, DataError, OutputError, SettingsError
 from job.settings import dataset_name
 
 log = logging.getLogger("job")
@@ -188,7 +188,7 @@ def export_checkpoint(settings, checkpoint_uri: str, output_uri: str | None) -> 
         raise DataError(f"{storage.redact_uri(checkpoint_uri)} is not a trainjob checkpoint")
     try:
         module, config = _from_checkpoint(state, checkpoint_uri)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+    except MALFORMED as exc:
         # it verified against its manifest (or has none): written so, or edited by hand
         raise DataError(f"{storage.redact_uri(checkpoint_uri)} is not a usable trainjob checkpoint: "
                         f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}") from None

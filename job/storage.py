@@ -44,8 +44,7 @@ class Config:
     retries: int = 10  # botocore attempts per request
     timeout: float = 300.0  # seconds one operation may take, retries included
     log_every: float = 10.0
-    stop: StopRequest | None = None  # the StopRequest: after a signal, waits end with the grace period
-    grace: float = 25.0
+    stop: StopRequest | None = None  # the StopRequest: after a signal, waits end with its grace period
 
 
 _config = Config()
@@ -59,8 +58,7 @@ def log_every() -> float:
 
 def configure(settings, stop=None) -> None:
     global _config
-    _config = Config(settings.storage_retries, settings.storage_timeout_seconds, settings.log_every_seconds,
-                     stop, settings.stop_grace_seconds)
+    _config = Config(settings.storage_retries, settings.storage_timeout_seconds, settings.log_every_seconds, stop)
     if stop is not None:
         stop.grace = settings.stop_grace_seconds  # the watchdog's, and every wait's, grace period
 
@@ -203,7 +201,7 @@ def stop_pending(share: float = 1.0) -> tuple[int, float]:
     stop = _config.stop
     if stop is None or not stop.signum:
         return 0, math.inf
-    return stop.signum, stop.deadline(_config.grace * share)
+    return stop.signum, stop.deadline(stop.grace * share)
 
 
 def _in_thread(fn, name: str) -> tuple[threading.Event, dict]:
@@ -227,7 +225,7 @@ def _wait_slice(end: float, stop) -> float:
     """How long to wait before looking again: at most 0.5 s, and never past `end` or, after a
     stop signal, the end of the grace period."""
     if stop is not None and stop.signum:
-        end = min(end, time.monotonic() if stop.ends_waits() else stop.deadline(_config.grace))
+        end = min(end, time.monotonic() if stop.ends_waits() else stop.deadline())
     return max(0.0, min(0.5, end - time.monotonic()))
 
 
@@ -252,7 +250,7 @@ def bounded(action: str, uri: str, fn, nbytes: int = 0):
         if stop is not None and stop.ends_waits():  # before training: nothing to save, stop now
             stop.raised = True
             raise Stopped(stop.signum, f"while trying to {action} {redact_uri(uri)}")
-        if stop is not None and stop.signum and now >= stop.deadline(_config.grace):
+        if stop is not None and stop.signum and now >= stop.deadline():
             raise Stopped(stop.signum, f"when the grace period ran out, still trying to {action} {redact_uri(uri)}")
         if now >= start + limit:
             raise TransientStorageError(
