@@ -14,6 +14,9 @@ as Kubeflow Trainer and our manifests set them), its agent and its rendezvous
   to the workers and waits for them (they checkpoint and exit 143 within JOB_STOP_GRACE_SECONDS),
   then 128 + the signal: 143 or 130;
 - the rendezvous failed (a peer never came, or went away): 75;
+- SIGTERM or SIGINT while the rendezvous waits (no worker started): 143 or 130 at once, with
+  nothing to save, though torchrun's rendezvous may be blocked in C++ where Python handlers cannot
+  run (a static rendezvous waiting for its master or its peers retries for 15 minutes);
 - torchrun's options are invalid: 2.
 
     python -m job.launch [torchrun options]      # or: trainjob-launch [torchrun options]
@@ -22,8 +25,11 @@ as Kubeflow Trainer and our manifests set them), its agent and its rendezvous
 import logging
 import math
 import os
+import select
 import signal
 import sys
+import threading
+import time
 from collections.abc import Mapping
 
 from job.errors import EXIT_CODES, JobError, PeerLostError, SettingsError
@@ -46,6 +52,78 @@ class _Stopped(BaseException):
 
 def _stop_before_start(signum, frame):
     raise _Stopped(signum)
+
+
+class _RendezvousWatch(threading.Thread):
+    """Sees stop signals and progress while torchrun's rendezvous blocks the main thread.
+
+    A static rendezvous connects to its master, and waits for its peers, inside C++ (TCPStore),
+    which retries on EINTR and never returns to the interpreter: the Python handler of a SIGTERM
+    then runs 15 minutes later, and the wait says nothing meanwhile. The interpreter's C handler
+    still writes each signal's number to the wakeup fd at once; this thread reads it there. With no
+    worker started (this process has no child) there is nothing to save: it logs and exits
+    128 + the signal. Once workers run, torchrun's own handler (in the main thread, which is then in
+    Python) forwards the signal and waits for them, and this thread leaves it alone."""
+
+    SETTLE_SECONDS = 1.0  # the main thread's own handler goes first, when it can run at all
+
+    def __init__(self, every: float):
+        super().__init__(name="rendezvous-watch", daemon=True)
+        self.every = every
+        self.waiting_since: float | None = None  # set while torchrun.run may be in its rendezvous
+        self.endpoint = ""  # the rendezvous endpoint, for the log
+        self.read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def run(self) -> None:
+        last_log = time.monotonic()
+        while True:
+            ready, _, _ = select.select([self.read_fd], [], [], min(self.every, 5.0))
+            if ready:
+                for signum in os.read(self.read_fd, 64):
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        time.sleep(self.SETTLE_SECONDS)
+                        if self.waiting_since is not None and not _children():
+                            self._exit(signum)
+            elif self.waiting_since is not None and time.monotonic() - last_log >= self.every and not _children():
+                last_log = time.monotonic()
+                log.info(f"launcher: waiting {last_log - self.waiting_since:.0f} s so far for the rendezvous at "
+                         f"{self.endpoint} (the master node's endpoint, or the other nodes to join)")
+
+    @staticmethod
+    def _exit(signum: int) -> None:
+        code = 128 + signum
+        log.warning(f"launcher stopped by signal {signum} while waiting for the rendezvous, before the workers "
+                    f"started: nothing to save (exit {code})")
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)  # the main thread is inside C++ and would not return for minutes
+
+
+def _children() -> bool:
+    """Whether this process has a child (torchrun starts workers as children)."""
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    # pid (comm) state ppid ...: comm may hold spaces and parentheses
+                    if f.read().rsplit(b")", 1)[1].split()[1].decode() == me:
+                        return True
+            except (OSError, IndexError):
+                continue
+    return False
+
+
+def log_every_seconds(env: Mapping[str, str]) -> float:
+    """JOB_LOG_EVERY_SECONDS as the workers read it (its default when unset or refused)."""
+    every = Settings.model_fields["log_every_seconds"].default
+    try:
+        every = float(env.get("JOB_LOG_EVERY_SECONDS", every))
+    except ValueError:
+        pass
+    return every if math.isfinite(every) and every > 0 else Settings.model_fields["log_every_seconds"].default
 
 
 def shutdown_timeout(env: Mapping[str, str]) -> int:
@@ -90,9 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop_before_start)
     setup_logging()
+    watch = _RendezvousWatch(log_every_seconds(os.environ))
+    watch.start()
     try:
         args = parse_args(argv)
-        return launch(args)
+        watch.endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
+        watch.waiting_since = time.monotonic()
+        try:
+            return launch(args)
+        finally:
+            watch.waiting_since = None
     except _Stopped as stop:
         code = 128 + stop.signum
         log.warning(

@@ -184,7 +184,7 @@ def wait_for(condition, proc=None, timeout: float = 300, what: str = "the condit
     deadline = time.monotonic() + timeout
     while not condition():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()}")
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read() if proc.stdout else ''}")
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout} s")
         time.sleep(0.02)

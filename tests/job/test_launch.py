@@ -94,14 +94,32 @@ def test_a_rendezvous_that_never_completes_is_a_lost_peer_exit_75(tmp_path):
     assert "the rendezvous failed (RendezvousTimeoutError)" in result.stdout
 
 
-def test_sigterm_while_waiting_for_peers_exits_143_with_nothing_to_save(tmp_path):
+@pytest.mark.parametrize("node", ["c10d-host", "static-master", "static-node-1"])
+def test_sigterm_while_waiting_for_the_rendezvous_exits_143_with_nothing_to_save(tmp_path, node):
+    """A static rendezvous (Kubeflow Trainer's PET_MASTER_*) waits inside C++, where the Python
+    handler does not run: the stop was seen only after torchrun's 15 minutes and the wait logged
+    nothing. Node 1 here has no master to reach; the master and the c10d host have no peer."""
     port = _free_port()
-    agent = start_launcher(*rendezvous_of_two(port), data_uri=str(tmp_path), output_uri=str(tmp_path / "out"))
-    wait_for(lambda: listening(port), agent, what="the rendezvous store listening")  # node 0 hosts it
+    options = {
+        "c10d-host": rendezvous_of_two(port),
+        "static-master": ["--nnodes=2", "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={port}"],
+        "static-node-1": ["--nnodes=2", "--node-rank=1", "--master-addr=127.0.0.1", f"--master-port={port}"],
+    }[node]
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as out:
+        agent = subprocess.Popen([*LAUNCH, *options], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 env=job_env(data_uri=str(tmp_path), output_uri=str(tmp_path / "out"),
+                                             log_every_seconds="1"))
+    waiting = f"so far for the rendezvous at 127.0.0.1:{port}"
+    wait_for(lambda: waiting in log.read_text(), agent, what="the launcher's waiting line")
     agent.send_signal(signal.SIGTERM)
-    out, _ = agent.communicate(timeout=300)
+    try:  # torchrun's own wait would last 900 s
+        agent.wait(timeout=120)
+    finally:
+        agent.kill()
+    out = log.read_text()
     assert agent.returncode == STOPPED_BY_SIGTERM, out[-3000:]
-    assert "launcher stopped by signal 15 before the workers started: nothing to save" in out
+    assert "launcher stopped by signal 15" in out and "nothing to save (exit 143)" in out, out[-3000:]
 
 
 def test_kubeflow_trainer_pet_variables_run_the_trainjob_command_unchanged(tmp_path, digits_dir):
