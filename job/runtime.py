@@ -6,8 +6,10 @@ I distributed?" again: the collective helpers below are no-ops in a single proce
 """
 
 import contextlib
+import math
 import os
 import platform
+import re
 import resource
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,6 +33,7 @@ class Runtime:
     rank: int = 0  # torchrun's RANK, LOCAL_RANK and WORLD_SIZE; 0, 0, 1 without torchrun
     local_rank: int = 0
     world_size: int = 1
+    cpus: "Cpus | None" = None  # what the container allows (None in tests that build a Runtime by hand)
 
     @property
     def is_main(self) -> bool:
@@ -41,8 +44,11 @@ class Runtime:
         return self.world_size > 1
 
     def describe(self) -> str:
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
-        where = f"{self.device} ({name}), {self.threads} CPU threads, {self.workers} data workers"
+        where = f"{self.device} ({device_name(self.device)})"
+        cpus = f"{self.cpus.describe()}: " if self.cpus else ""
+        where += f", {cpus}{self.threads} CPU threads, {self.workers} data workers"
+        if self.device.type == "cuda":
+            where += f", amp {dtype_name(self.amp_dtype)}"
         return where + (f", rank {self.rank} of {self.world_size}" if self.distributed else "")
 
     def peak_memory(self) -> str:
@@ -141,7 +147,11 @@ class StopPoll:
         if step % self.LAG:
             return 0
         signum = self.finish()
-        flag = torch.tensor([self.rt.stop.signum], device=self.rt._collective_device)
+        flag = torch.tensor([self.rt.stop.signum])
+        if self.rt._collective_device.type == "cuda":
+            # a plain host-to-device copy waits for the whole queue (a sync every LAG steps): from
+            # pinned memory it is queued like a kernel
+            flag = flag.pin_memory().to(self.rt._collective_device, non_blocking=True)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         event = None
         if flag.is_cuda:  # copy back behind the reduction; the event says when it has landed
@@ -168,20 +178,169 @@ class StopPoll:
         return int(host.item())
 
 
-def cpus_available() -> int:
+# CPUs a GPU process gives DataLoader workers and torch threads by default. On a GPU node of 224
+# host threads the host count meant 223 workers per loader (~0.38 GB each after importing torch:
+# ~85 GB against a 32 GiB limit). 12 workers decode ~4,000 JPEGs/s at 224 px, about what one
+# H100 trains ResNet-50 at with AMP; the main process mostly launches kernels, so 4 threads.
+MAX_DEFAULT_WORKERS_PER_GPU = 12
+MAX_DEFAULT_THREADS_ON_GPU = 4
+
+
+@dataclass(frozen=True)
+class Cpus:
+    """The CPUs this container may use: the fewest of the affinity mask and the cgroup CPU quota
+    (`docker run --cpus`, a pod's CPU limit), which sched_getaffinity does not see."""
+
+    count: int
+    affinity: int
+    quota: float | None  # CPUs the cgroup quota allows (v2 cpu.max, v1 cfs_quota_us/period); None: no quota
+
+    def describe(self) -> str:
+        if self.quota is None:
+            return f"{self.count} CPUs (no cgroup CPU quota)"
+        return f"{self.count} CPUs (cgroup CPU quota {self.quota:g}, affinity {self.affinity})"
+
+
+def _read(path: str) -> str | None:
     try:
-        return len(os.sched_getaffinity(0))
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_quota(root: str = "/") -> float | None:
+    """The tightest CPU quota over this process's cgroup and its ancestors, in CPUs, for cgroup v2
+    (cpu.max: "max 100000" or "150000 100000") and v1 (cpu.cfs_quota_us, -1 for none, over
+    cpu.cfs_period_us). `root` is for tests: a directory laid out like / with proc/self/cgroup and
+    sys/fs/cgroup. Without a cgroup namespace /proc/self/cgroup names the host's path, which the
+    container's mount does not have: then the mount's own root is read (as the JDK does)."""
+    lines = (_read(os.path.join(root, "proc/self/cgroup")) or "").splitlines()
+    base = os.path.join(root, "sys/fs/cgroup")
+    quotas: list[float] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2 (or the v2 part of a hybrid host)
+            mount, read = base, _v2_quota
+            if not os.path.exists(os.path.join(mount, "cpu.max")) and os.path.isdir(os.path.join(base, "unified")):
+                mount = os.path.join(base, "unified")
+        elif "cpu" in controllers.split(","):
+            mount = next((os.path.join(base, d) for d in (controllers, "cpu,cpuacct", "cpuacct,cpu", "cpu")
+                          if os.path.isdir(os.path.join(base, d))), "")
+            read = _v1_quota
+        else:
+            continue
+        if not mount:
+            continue
+        rel = path.strip("/")
+        if rel and not os.path.isdir(os.path.join(mount, rel)):
+            rel = ""  # the host's path, not mounted here: the container's cgroup is the mount's root
+        while True:  # this cgroup and every ancestor up to the mount: the tightest limit holds
+            quota = read(os.path.join(mount, rel))
+            if quota is not None:
+                quotas.append(quota)
+            if not rel:
+                break
+            rel = os.path.dirname(rel)
+    return min(quotas) if quotas else None
+
+
+def _v2_quota(folder: str) -> float | None:
+    fields = (_read(os.path.join(folder, "cpu.max")) or "").split()
+    if len(fields) == 2 and fields[0] != "max":
+        try:
+            quota, period = int(fields[0]), int(fields[1])
+        except ValueError:
+            return None
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def _v1_quota(folder: str) -> float | None:
+    try:
+        quota = int(_read(os.path.join(folder, "cpu.cfs_quota_us")) or "-1")
+        period = int(_read(os.path.join(folder, "cpu.cfs_period_us")) or "0")
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpus_available() -> Cpus:
+    try:
+        affinity = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        affinity = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    # a fractional quota rounds down (as Go's automaxprocs does): 1.5 CPUs of quota keep 1 busy thread
+    # and leave the rest for the loader's and the store's threads rather than being throttled
+    count = max(1, min(affinity, math.floor(quota))) if quota is not None else affinity
+    return Cpus(count, affinity, quota)
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """auto: CUDA if available (the GPU of this local rank under torchrun), else CPU."""
+def default_workers_and_threads(cpus: int, model: str, on_gpu: bool) -> tuple[int, int]:
+    """(DataLoader workers, torch threads) of one process given its share of the CPUs.
+
+    Decoding images is the bottleneck of a file-fed GPU (USER-NEEDS #23): every CPU of the share
+    but one (the training loop's) decodes, up to MAX_DEFAULT_WORKERS_PER_GPU on a GPU. Small
+    models on few cores lose badly to thread oversubscription (one epoch of a 784-32-10 MLP ran
+    ~10x slower with the default count while another process was busy; ../shared INFRA.md): one
+    thread for the in-memory MLP; larger models use the share (on a GPU at most
+    MAX_DEFAULT_THREADS_ON_GPU: the GPU computes)."""
+    workers = max(0, cpus - 1)
+    threads = 1 if model == "mlp" else cpus
+    if on_gpu:
+        workers = min(workers, MAX_DEFAULT_WORKERS_PER_GPU)
+        threads = min(threads, MAX_DEFAULT_THREADS_ON_GPU)
+    return workers, threads
+
+
+# The oldest driver each CUDA major version of the PyTorch wheels runs on (NVIDIA's CUDA
+# compatibility tables: 13.x needs 580, 12.x 525 with minor-version compatibility, 11.x 450.80).
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+NVIDIA_PROC = "/proc/driver/nvidia/version"  # there when the host's NVIDIA driver is loaded and mounted in
+
+
+def driver_version(proc_file: str = NVIDIA_PROC) -> str | None:
+    """The NVIDIA kernel driver's version, e.g. "580.65.06", or None without one."""
+    text = _read(proc_file) or ""
+    found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
+    return found.group(1) if found else None
+
+
+def unusable_gpu(driver: str | None, wheel_cuda: str | None) -> str | None:
+    """Why a GPU that is present cannot run this PyTorch, when CUDA is not available: a driver older
+    than the wheel's CUDA needs, a CPU-only PyTorch, or else a device not passed in. None: no driver."""
+    if driver is None:
+        return None
+    if wheel_cuda is None:
+        return (f"an NVIDIA driver ({driver}) is loaded but this PyTorch is a CPU build; use the GPU image "
+                "(docker/Dockerfile.gpu)")
+    major = int(wheel_cuda.split(".")[0])
+    need = MIN_DRIVER.get(major)
+    if need is not None and int(driver.split(".")[0]) < need:
+        return (f"the NVIDIA driver {driver} is older than this image's PyTorch (CUDA {wheel_cuda}) needs: driver "
+                f">= {need}; run on nodes with a newer driver, or build the image for an older CUDA "
+                "(docker/Dockerfile.gpu's TORCH_INDEX_URL build argument: a CUDA 12 index such as "
+                "https://download.pytorch.org/whl/cu128 runs on drivers >= 525)")
+    return (f"an NVIDIA driver ({driver}) is loaded but no GPU is visible to this process; run with "
+            "`docker run --gpus all` (the NVIDIA container toolkit) or a nvidia.com/gpu resource limit")
+
+
+def pick_device(requested: str, local_rank: int = 0, gpu_problem: str | None = None) -> torch.device:
+    """auto: CUDA if available (the GPU of this local rank under torchrun), else CPU. A GPU that is
+    there but unusable (`gpu_problem`, from unusable_gpu) is an error, not a silent CPU run:
+    JOB_DEVICE=cpu trains on the CPU anyway."""
     if requested == "auto":
+        if not torch.cuda.is_available() and gpu_problem:
+            raise SettingsError(f"JOB_DEVICE=auto: {gpu_problem} (or set JOB_DEVICE=cpu to train on the CPU)")
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SettingsError(f"JOB_DEVICE={requested}: no CUDA device is visible to this process; use auto or cpu")
+            raise SettingsError(
+                f"JOB_DEVICE={requested}: "
+                + (gpu_problem or "no CUDA device and no NVIDIA driver in this container; run on a GPU node with "
+                   "`docker run --gpus all` or a nvidia.com/gpu limit, or set JOB_DEVICE=cpu")
+            )
         index = int(requested.split(":")[1]) if ":" in requested else local_rank
         if index >= torch.cuda.device_count():
             raise SettingsError(
@@ -192,11 +351,26 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def device_name(device: torch.device) -> str:
+    """The first log line's device: on CUDA the GPU, its compute capability, the driver and the
+    CUDA runtime the wheel was built for, what a GPU problem report needs first."""
+    if device.type != "cuda":
+        return platform.processor() or "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"{torch.cuda.get_device_name(device)}, capability {major}.{minor}, driver {driver_version() or '?'}, "
+            f"CUDA {torch.version.cuda}")
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """JOB_AMP on CUDA: bf16 where the GPU has it (auto), fp16 (with a gradient scaler), or off."""
+    """JOB_AMP on CUDA: bf16 where the GPU has it natively (auto: compute capability 8.0 and up; a
+    T4 or V100 would emulate it, slower than fp32), fp16 (with a gradient scaler), or off."""
     if device.type != "cuda" or setting == "off":
         return None
-    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
+    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.float16
     return torch.bfloat16
 
@@ -206,16 +380,13 @@ def setup(settings, stop: StopRequest) -> Runtime:
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    device = pick_device(settings.device, local_rank)
-    cpus = max(1, cpus_available() // local_world)  # this process's share of the machine
-    # Small models on few cores lose badly to thread oversubscription (one epoch of a 784-32-10
-    # MLP ran ~10x slower with the default count while another process was busy; ../shared
-    # INFRA.md). One thread per process is the measured best for the in-memory MLP on CPU;
-    # larger models use this process's share of the CPUs.
-    threads = settings.threads or (1 if settings.model == "mlp" else cpus)
-    # Decoding images is the bottleneck of a file-fed GPU (USER-NEEDS #23): every CPU of this
-    # process's share but one (the training loop's) decodes; the pre-training scan uses them all.
-    workers = settings.num_workers if settings.num_workers is not None else max(0, cpus - 1)
+    device = pick_device(settings.device, local_rank, unusable_gpu(driver_version(), torch.version.cuda))
+    machine = cpus_available()
+    cpus = max(1, machine.count // local_world)  # this process's share of the container
+    default_workers, default_threads = default_workers_and_threads(cpus, settings.model, device.type == "cuda")
+    threads = settings.threads or default_threads
+    workers = settings.num_workers if settings.num_workers is not None else default_workers
+    # the pre-training scan decodes with threads of this process: its whole share
     scan_threads = max(1, settings.num_workers) if settings.num_workers is not None else cpus
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
@@ -237,6 +408,7 @@ def setup(settings, stop: StopRequest) -> Runtime:
         rank=rank,
         local_rank=local_rank,
         world_size=world_size,
+        cpus=machine,
     )
     if runtime.distributed:
         same_settings(settings, runtime)

@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         le=256,
         description=(
             "DataLoader worker processes per training process for data read from files (default: its share of the "
-            "CPUs, minus one for the loop)"
+            "container's CPUs, cgroup quota included, minus one for the loop; at most 12 on a GPU)"
         ),
     )
     # --- model ------------------------------------------------------------------------------
@@ -294,8 +294,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description=(
-            "CPU threads for torch ops (default: 1 per process for the small in-memory models, else the CPUs "
-            "available)"
+            "CPU threads for torch ops (default: 1 per process for the small in-memory models, else its share of "
+            "the container's CPUs; at most 4 on a GPU)"
         ),
     )
     log_every_seconds: float = Field(

@@ -466,3 +466,13 @@ def test_kueue_queues_the_jobset_and_the_trainjob_and_any_job_overlay_on_request
     docs = [d for d in yaml.safe_load_all(kustomize(tmp_path)) if d]
     assert workload(docs)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
     assert not [d for d in docs if d["kind"] != workload(docs)["kind"] and "kueue.x-k8s.io/queue-name" in d["metadata"].get("labels", {})]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_limits_cpu_to_its_request_so_the_job_sizes_itself_to_the_quota(rendered, overlay):
+    """The job sizes its DataLoader workers and threads from the cgroup CPU quota; with no CPU limit
+    a pod sees every thread of the node (223 workers per loader on a 224-thread GPU node)."""
+    docs = rendered[overlay]
+    w = workload(docs)
+    resources = w["spec"]["trainer"]["resourcesPerNode"] if w["kind"] == "TrainJob" else container(docs)["resources"]
+    assert resources["limits"]["cpu"] == resources["requests"]["cpu"], resources
