@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The README's flags; tests/deploy/test_image.py checks that they are the README's.
-run_flags=(--rm --read-only --tmpfs /tmp --tmpfs /cache --shm-size 2g --stop-timeout 40)
+run_flags=(--rm --read-only --tmpfs /tmp:exec --tmpfs /cache:exec --shm-size 2g --stop-timeout 40)
 
 flavour=cpu tag="" network=host build_only=false
 build_args=() gpu_args=()

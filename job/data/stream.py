@@ -11,6 +11,7 @@ import io
 import logging
 import math
 import random
+from collections.abc import Callable
 from typing import cast
 
 import numpy as np
@@ -119,40 +120,129 @@ def collate_bytes(batch):
     return [b[0] for b in batch], torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
 
 
-def decode_on_device(
-    blobs: list, keys: list[str], kind: str, size: Size, train: bool, seeds: list[int], device: torch.device
-) -> tuple[torch.Tensor, list[str]]:
-    """Decode and augment a batch on the training device: JPEGs in one batched nvjpeg call on a
-    GPU (torchvision.io.decode_jpeg with device="cuda"), then the same seeded crop, flip and
-    rotation as the workers apply, per sample, on the device; the CPU path decodes one by one."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+JpegDecoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # JPEG bytes -> uint8 (3, H, W) on the device
+LOG_FIRST_FAILURES, LOG_EVERY_FAILURES = 10, 1000  # device decode failures: each of the first named, then every Nth
 
-    images = [None] * len(blobs)
-    jpeg = [i for i, b in enumerate(blobs) if kind == "image" and b is not None and b[:2].tolist() == [0xFF, 0xD8]]
-    if jpeg and device.type == "cuda":
-        try:
-            for i, x in zip(
-                jpeg, decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=device), strict=True
-            ):
-                images[i] = x
-        except RuntimeError:  # one bad JPEG fails the batched call: decode them one by one
-            jpeg = []
-    batch: list[tuple[torch.Tensor | None, int, str]] = []
-    for i, blob in enumerate(blobs):
-        try:
-            x = images[i]
-            if x is None:
-                mode = ImageReadMode.GRAY if kind == "idx" else ImageReadMode.RGB
-                x = decode_image(blob, mode=mode).to(device)
-            if kind == "idx":
-                x = _checked(x, cast(tuple, size))
-            else:
-                x = augment(_checked(x), cast(int, size), train, random.Random(seeds[i]))
-            batch.append((x, 0, keys[i]))
-        except Exception as exc:
-            batch.append((None, 0, f"{keys[i]} ({exc.__class__.__name__})"))
-    filled, failed = fill(batch)
-    return torch.stack([b[0] for b in filled]), failed
+
+def cuda_jpeg_decoder(device: torch.device) -> JpegDecoder:
+    """torchvision's batched nvJPEG decode, made safe for a training loop. decode_jpeg(device="cuda")
+    allocates its outputs from the caller's current stream and decodes on a private stream without
+    waiting for the caller's; on H100 the hardware JPEG engine also ignores stream order. So a
+    block freed by the training stream while its kernels are still queued could be handed to the
+    decoder and overwritten under them (pytorch/vision#9606: 199/200 corrupted iterations on an
+    H100; meta-pytorch/torchcodec#1634: a host wait on the caller's stream before the hardware
+    decode writes). Here the decode runs with a dedicated stream current, so its outputs come from
+    that stream's pool, which the training stream never frees into; the host waits for that stream
+    before each call (nothing of ours is in flight there when the engine writes); the training
+    stream waits for it after, and each output is recorded on the training stream, so the
+    allocator does not reuse it while the training stream may still read it. Needs a GPU: no test
+    here runs this function (the CPU tests inject a decoder in its place)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    stream: torch.cuda.Stream | None = None  # created at the first batch, after the DataLoader workers start
+
+    def decode(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        nonlocal stream
+        if stream is None:
+            stream = torch.cuda.Stream(device)
+        current = torch.cuda.current_stream(device)
+        stream.synchronize()
+        with torch.cuda.stream(stream):
+            out = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+        current.wait_stream(stream)
+        for x in out:
+            x.record_stream(current)
+        return out
+
+    return decode
+
+
+def decode_isolating(decode_jpegs: JpegDecoder, blobs: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
+    """`decode_jpegs` over `blobs`, one result per blob: an image, or the error of the one JPEG it
+    could not decode. One bad JPEG fails torchvision's whole batched call, so a failed call is
+    split in halves until each failure is one sample's: about 2*log2(batch) more calls for one bad
+    sample, and the rest of the batch still decodes on the device."""
+    try:
+        out: list[torch.Tensor | Exception] = list(decode_jpegs(blobs))
+    except RuntimeError as exc:
+        if len(blobs) == 1:
+            return [exc]
+        half = len(blobs) // 2
+        return decode_isolating(decode_jpegs, blobs[:half]) + decode_isolating(decode_jpegs, blobs[half:])
+    if len(out) != len(blobs):
+        raise RuntimeError(f"the device JPEG decoder returned {len(out)} images for {len(blobs)}")
+    return out
+
+
+class DeviceDecode:
+    """Decode and augment a batch of sample bytes on the training device (JOB_DECODE=device): a
+    batch's JPEGs in one batched nvJPEG call on a GPU, then the workers' seeded augmentation, per
+    sample, on the device. What the device cannot decode (a PNG, an IDX sample, a JPEG nvJPEG
+    refuses) is decoded and augmented on the CPU exactly as the workers do (`decode`), and moved
+    to the device in one copy per batch. A JPEG the device refuses is counted and named in the log
+    (each of the first LOG_FIRST_FAILURES, then every LOG_EVERY_FAILURES-th); one the CPU cannot
+    decode either is a corrupt sample like any other (replaced within its batch, named, counted).
+    If the device refuses every JPEG of a batch that the CPU decodes, it is not the data: the rest
+    of the run decodes on the CPU, and the log says so once.
+
+    `decode_jpegs` is the device's batched JPEG decoder: by default torchvision's on a GPU
+    (`cuda_jpeg_decoder`) and none on the CPU (everything takes the CPU path); the tests pass
+    their own to drive the bookkeeping without a GPU."""
+
+    def __init__(self, device: torch.device, decode_jpegs: JpegDecoder | None = None):
+        self.device = device
+        self.decode_jpegs = decode_jpegs or (cuda_jpeg_decoder(device) if device.type == "cuda" else None)
+        self.device_failures = 0  # JPEGs the device could not decode (each then tried on the CPU)
+
+    def __call__(
+        self, blobs: list, keys: list[str], kind: str, size: Size, train: bool, seeds: list[int]
+    ) -> tuple[torch.Tensor, list[str]]:
+        """The batch (uint8 on the device, in the order of `blobs`) and the names of the samples
+        that failed to decode everywhere (each replaced by another of the batch, as `fill` does)."""
+        done: list[torch.Tensor | None] = [None] * len(blobs)
+        refused = 0  # JPEGs of this batch the device could not decode
+        failed: dict[int, str] = {i: keys[i] for i, b in enumerate(blobs) if b is None}  # the worker named why
+        jpeg = [
+            i for i, b in enumerate(blobs) if kind == "image" and b is not None and b[:3].tolist() == list(JPEG_MAGIC)
+        ]
+        if self.decode_jpegs is not None and jpeg:
+            for i, x in zip(jpeg, decode_isolating(self.decode_jpegs, [blobs[i] for i in jpeg]), strict=True):
+                if isinstance(x, Exception):
+                    refused += 1
+                    self._device_failed(keys[i], x)
+                    continue
+                try:
+                    done[i] = augment(_checked(x), cast(int, size), train, random.Random(seeds[i]))
+                except Exception as exc:
+                    failed[i] = f"{keys[i]} ({exc.__class__.__name__})"
+        on_cpu = [i for i in range(len(blobs)) if done[i] is None and i not in failed]
+        decoded = []
+        for i in on_cpu:
+            try:
+                decoded.append(decode(blobs[i], kind, size, train, seeds[i]))
+            except Exception as exc:
+                failed[i] = f"{keys[i]} ({exc.__class__.__name__})"
+        good = [i for i in on_cpu if i not in failed]
+        if good:  # one host-to-device copy for the batch's CPU-decoded samples, not one each
+            for i, x in zip(good, torch.stack(decoded).to(self.device).unbind(), strict=True):
+                done[i] = x
+        if self.decode_jpegs is not None and len(jpeg) > 1 and refused == len(jpeg) and any(i in good for i in jpeg):
+            log.error(
+                f"the device's JPEG decoder failed on all {len(jpeg)} JPEGs of a batch that the CPU decodes: "
+                "the rest of this run decodes on the CPU in the training process (slow); JOB_DECODE=workers "
+                "decodes in the DataLoader workers instead"
+            )
+            self.decode_jpegs = None
+        filled, names = fill([(done[i], 0, failed.get(i, keys[i])) for i in range(len(blobs))])
+        return torch.stack([b[0] for b in filled]), names
+
+    def _device_failed(self, key: str, exc: Exception) -> None:
+        self.device_failures += 1
+        n = self.device_failures
+        if n <= LOG_FIRST_FAILURES or n % LOG_EVERY_FAILURES == 0:
+            why = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+            later = f"; from now on every {LOG_EVERY_FAILURES}th is logged" if n == LOG_FIRST_FAILURES else ""
+            log.warning(f"device decode failure {n}: {key} ({why}); decoding it on the CPU{later}")
 
 
 class ShardSource:
@@ -195,6 +285,7 @@ class ShardSource:
         self.bias: torch.Tensor | None = -mean / std if normalize else None
         self.loaders: dict = {}
         self.skipped = 0
+        self.device_decode = DeviceDecode(device) if self.on_device else None
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -250,11 +341,9 @@ class ShardSource:
         received = 0
         try:
             for x, y, failed in loader:
-                if self.on_device:
+                if self.device_decode is not None:
                     seeds = [base_seed + int(i) for i in indices[received : received + len(y)]]
-                    x, failed = decode_on_device(
-                        x, failed, self.kind, self.size, train and self.augment, seeds, self.device
-                    )
+                    x, failed = self.device_decode(x, failed, self.kind, self.size, train and self.augment, seeds)
                 for name in failed:
                     log.warning(f"skipping a corrupt sample {name}; another sample of its batch took its place")
                 self.skipped += len(failed)

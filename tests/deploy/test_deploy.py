@@ -192,10 +192,47 @@ def test_images_run_the_job_as_non_root_under_tini(dockerfile):
     assert ":latest" not in text
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "python", "-m", "job"]' in text
     assert re.search(r"^USER 10001", text, re.M)
-    assert "PYTHONUNBUFFERED=1" in text and "JOB_CACHE_DIR=/cache" in text
+    env = image_env(text)
+    assert env["PYTHONUNBUFFERED"] == "1" and env["JOB_CACHE_DIR"] == "/cache"
     if dockerfile.endswith("gpu"):
-        assert "NVIDIA_VISIBLE_DEVICES=all" in text and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in text
+        assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+        # video: the NVIDIA runtime exposes the hardware JPEG decoder (JOB_DECODE=device) only with it
+        assert {"compute", "utility", "video"} <= set(env["NVIDIA_DRIVER_CAPABILITIES"].split(","))
+        assert env["JOB_DEVICE"] == "cuda"  # the GPU image refuses to train on the CPU unless told to
         assert "torch.version.cuda" in text  # the build refuses a CPU-only torch
+    else:
+        assert "JOB_DEVICE" not in env  # auto
+
+
+def final_stage(text: str) -> str:
+    """The Dockerfile's last stage (the image), continuation lines joined."""
+    return re.split(r"^FROM ", re.sub(r"\\\n\s*", " ", text), flags=re.M)[-1]
+
+
+def image_env(text: str) -> dict[str, str]:
+    """The ENV of the image's stage, as NAME=value pairs."""
+    env = {}
+    for line in final_stage(text).splitlines():
+        if line.startswith("ENV "):
+            env.update(word.split("=", 1) for word in shlex.split(line[4:]))
+    return env
+
+
+def apt_packages(text: str) -> set[str]:
+    """The Debian packages the image's stage installs, without their version pins."""
+    return {word.split("=")[0] for line in final_stage(text).splitlines() if line.startswith("RUN ")
+            for part in line.split("apt-get install")[1:] for word in shlex.split(part.split("&&")[0].split(";")[0])
+            if not word.startswith("-")}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_images_carry_what_job_compile_needs(dockerfile):
+    """Triton builds its launcher with a C compiler and libc headers at first use, Inductor's CPU
+    backend compiles C++ against Python's headers: python.org's base has the headers, a base with
+    Debian's Python (the image test's stand-in) gets them from libpython3-dev."""
+    text = open(os.path.join(ROOT, dockerfile)).read()
+    assert {"gcc", "g++", "libc6-dev", "libpython3-dev", "tini"} <= apt_packages(text)
+    assert "/Python.h\" ]; then" in final_stage(text)  # the headers only where the base's Python lacks them
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
@@ -221,8 +258,11 @@ def test_cache_and_tmp_are_writable_by_any_uid(dockerfile):
 
 def test_readme_docker_run_uses_a_read_only_root_and_outlasts_the_stop_grace():
     flags = readme_run_flags()
-    pairs = set(zip(flags, flags[1:]))
-    assert "--read-only" in flags and {("--tmpfs", "/tmp"), ("--tmpfs", "/cache")} <= pairs
+    tmpfs = dict(value.partition(":")[::2] for name, value in zip(flags, flags[1:], strict=False) if name == "--tmpfs")
+    assert "--read-only" in flags and set(tmpfs) == {"/tmp", "/cache"}
+    # Docker mounts a tmpfs noexec unless told otherwise; JOB_COMPILE maps what Triton and Inductor build there
+    for path, options in tmpfs.items():
+        assert "exec" in options.split(",") and "noexec" not in options.split(","), (path, options)
     assert float(option(flags, "--stop-timeout")) >= Settings.model_fields["stop_grace_seconds"].default + 10
 
 
@@ -263,6 +303,20 @@ def test_pods_are_locked_down(rendered, overlay):
     shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
     assert c["resources"]["requests"] and c["resources"]["limits"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tmp_and_cache_are_emptydirs_that_allow_exec(rendered, overlay):
+    """JOB_COMPILE loads the modules Triton and Inductor build under /tmp (HOME) and /cache: the
+    kubelet mounts an emptyDir (a node directory, or a tmpfs for medium: Memory) without noexec, and
+    a pod cannot ask for mount options on one; a hostPath or a PVC would bring the node's or the
+    storage class's."""
+    spec = trainjob_pod(rendered[overlay]) if overlay == "trainjob" else pod_spec(rendered[overlay])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for mount in spec["containers"][0]["volumeMounts"]:
+        if mount["mountPath"] in ("/tmp", "/cache"):
+            assert set(volumes[mount["name"]]) == {"name", "emptyDir"}, volumes[mount["name"]]
+    assert "noexec" not in json.dumps(rendered[overlay])
 
 
 # --- what the controllers do with an exit code ---------------------------------------------------

@@ -332,6 +332,44 @@ def test_a_rerun_resumes_from_the_stop_checkpoint(stopped, cpu_image, bucket):
     assert read_json(bucket.fs, "out/stop/summary.json")["status"] == "completed"
 
 
+# What JOB_COMPILE needs, as the README runs the image: a C and a C++ compiler (Triton's launcher,
+# Inductor's CPU code, with OpenMP), Python's headers, and /tmp and /cache mounted exec, so a module
+# compiled there can be loaded: built against Python.h into each and imported, as the two do.
+COMPILE_TOOLS = r"""
+set -eu
+gcc --version | head -1
+g++ --version | head -1
+include=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+test -f "$include/Python.h"
+cat > /tmp/built.c <<'C'
+#include <Python.h>
+static struct PyModuleDef built = {PyModuleDef_HEAD_INIT, "built", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_built(void) { return PyModule_Create(&built); }
+C
+for dir in /tmp /cache; do
+  gcc -shared -fPIC -I"$include" /tmp/built.c -o "$dir/built.so"
+  python -c "import sys; sys.path.insert(0, sys.argv[1]); import built; print('imported', built.__file__)" "$dir"
+done
+printf '#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n' > /tmp/omp.cpp
+g++ -fopenmp /tmp/omp.cpp -o /tmp/omp && /tmp/omp && echo openmp
+"""
+
+
+def compile_tools(image: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", "run", *readme_run_flags(), "--entrypoint", "sh", image, "-c", COMPILE_TOOLS],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT)
+
+
+def assert_compile_tools_work(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, tail(result.stdout)
+    assert "imported /tmp/built.so" in result.stdout and "imported /cache/built.so" in result.stdout, result.stdout
+    assert result.stdout.startswith("gcc ") and "openmp" in result.stdout, result.stdout
+
+
+def test_the_image_compiles_and_loads_modules_in_tmp_and_cache_with_the_readme_flags(cpu_image):
+    assert_compile_tools_work(compile_tools(cpu_image.image))
+
+
 # --- the GPU Dockerfile, without a GPU -----------------------------------------------------------
 
 def test_gpu_image_builds_with_the_cuda_wheel_and_runs_on_cpu(cpu_image, build_args, bucket):
@@ -340,9 +378,14 @@ def test_gpu_image_builds_with_the_cuda_wheel_and_runs_on_cpu(cpu_image, build_a
     assert result.returncode == 0, tail(result.stdout)
     assert_built(result, image)
     tidy_images(result, image)
-    # No GPU here: the same image trains on the CPU (smoke mode, README flags without --gpus).
-    smoke = docker_run(image, job_env(bucket, run_name="gpu-image-on-cpu", smoke="true"))
+    # No GPU here: the image sets JOB_DEVICE=cuda, so it refuses to train on the CPU (exit 2) ...
+    refused = docker_run(image, job_env(bucket, run_name="gpu-image-no-gpu", smoke="true"))
+    assert refused.returncode == 2 and "JOB_DEVICE=cuda" in refused.stdout, tail(refused.stdout)
+    assert "JOB_DEVICE=cpu" in refused.stdout.strip().splitlines()[-1], tail(refused.stdout)
+    # ... and trains there when asked to (smoke mode, README flags without --gpus).
+    smoke = docker_run(image, job_env(bucket, run_name="gpu-image-on-cpu", smoke="true", device="cpu"))
     assert smoke.returncode == 0, tail(smoke.stdout)
+    assert_compile_tools_work(compile_tools(image))
 
 
 def fake_wheel(folder, name: str, version: str, files: dict[str, str]) -> None:
