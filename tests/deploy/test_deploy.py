@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from job.errors import EXIT_CODES
+from job.errors import EXIT_CODES, CredentialsError
 from job.settings import Settings, load_settings
 from readme_docker import docker_run_flags, option, readme_run_flags
 
@@ -27,6 +27,8 @@ DOCKERFILES = ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu")
 BIN = os.path.dirname(sys.executable)
 LAUNCHER = ["/usr/bin/tini", "--", "python", "-m", "job.launch"]
 KUEUE_EXAMPLE = os.path.join(ROOT, "k8s", "components", "kueue", "localqueue.yaml")
+SECRET = "trainjob-s3"  # the credentials Secret the README has you create: referenced, never rendered
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")  # the README's keys
 
 # apiVersion and kind -> the CRD schema they are validated against (tests/deploy/data/crds/README.md: sources)
 CRD_SCHEMAS = {
@@ -403,7 +405,7 @@ def trainjob_pod(docs) -> dict:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_configmap_holds_valid_settings_and_the_grace_period_fits(rendered, overlay, monkeypatch):
+def test_configmap_holds_valid_settings_and_the_grace_period_fits(rendered, overlay, monkeypatch, tmp_path):
     docs = rendered[overlay]
     configmap = kind(docs, "ConfigMap")
     data = configmap["data"]
@@ -414,17 +416,9 @@ def test_configmap_holds_valid_settings_and_the_grace_period_fits(rendered, over
     for k, v in data.items():
         monkeypatch.setenv(k, v)
     settings = load_settings()  # the job's own validation: unknown names and bad values fail here
-    if workload(docs)["kind"] == "TrainJob":  # env only: every setting, and the credentials
-        grace = trainjob_pod(docs)["terminationGracePeriodSeconds"]
-        refs = {e["name"]: e["valueFrom"] for e in workload(docs)["spec"]["trainer"]["env"]}
-        assert {k: refs.get(k) for k in data} == {k: {"configMapKeyRef": {"name": configmap["metadata"]["name"], "key": k}} for k in data}
-        secrets = [ref["secretKeyRef"] for ref in refs.values() if "secretKeyRef" in ref]
-        assert secrets and all(s["name"] == "trainjob-s3" and s["optional"] is True for s in secrets)
-    else:
-        grace = pod_spec(docs)["terminationGracePeriodSeconds"]
-        env_from = container(docs)["envFrom"]
-        assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in env_from  # the generated name
-        assert {"secretRef": {"name": "trainjob-s3", "optional": True}} in env_from  # referenced, not committed
+    assert settings_environment(docs, tmp_path) == data  # what the container gets: all of it
+    spec = trainjob_pod(docs) if workload(docs)["kind"] == "TrainJob" else pod_spec(docs)
+    grace = spec["terminationGracePeriodSeconds"]
     assert grace > settings.stop_grace_seconds
     assert not [d for d in docs if d["kind"] == "Secret"]
 
@@ -438,18 +432,40 @@ def test_gpu_overlay_requests_a_gpu_and_cpu_does_not(rendered):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
 
 
+def container_env(c: dict) -> dict[str, str]:
+    """A container's env values as the kubelet sets them: `$(NAME)` expanded from the variables
+    defined above it (Kubernetes' dependent environment variables)."""
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), e["value"])
+    return env
+
+
+def multinode_rendezvous(docs) -> dict[str, str]:
+    """The Indexed Job's wiring checked: its pods reach pod 0 through the headless Service that
+    selects them. Returns the names a second run must not share."""
+    job = kind(docs, "Job")
+    spec, name, service = job["spec"], job["metadata"]["name"], kind(docs, "Service")
+    env = container_env(container(docs))
+    assert spec["completionMode"] == "Indexed"
+    assert int(env["PET_NNODES"]) == spec["completions"] == spec["parallelism"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}  # this Job's pods, no other run's
+    subdomain = spec["template"]["spec"]["subdomain"]
+    assert subdomain == service["metadata"]["name"]
+    host, port = env["PET_RDZV_ENDPOINT"].split(":")
+    assert host == f"{name}-0.{subdomain}"  # pod 0: <job>-<index>.<subdomain>
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert "$(" not in json.dumps(env)
+    return {"host": host, "id": env["PET_RDZV_ID"], "subdomain": subdomain, "service": service["metadata"]["name"]}
+
+
 def test_multinode_is_an_indexed_job_wired_to_its_rendezvous(rendered):
     docs = rendered["multinode"]
     job = kind(docs, "Job")["spec"]
-    env = {e["name"]: e["value"] for e in container(docs)["env"]}
-    assert job["completionMode"] == "Indexed"
-    assert int(env["PET_NNODES"]) == job["completions"] == job["parallelism"]
-    service = kind(docs, "Service")
-    assert service["spec"]["clusterIP"] == "None"
-    assert job["template"]["spec"]["subdomain"] == service["metadata"]["name"]
-    host, port = env["PET_RDZV_ENDPOINT"].split(":")
-    assert host == f"{kind(docs, 'Job')['metadata']['name']}-0.{service['metadata']['name']}"
-    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    env = container_env(container(docs))
+    assert multinode_rendezvous(docs)["id"] == kind(docs, "Job")["metadata"]["name"]
     assert container(docs)["command"] == LAUNCHER
     assert env["PET_RDZV_BACKEND"] == "c10d"
     # retries counted per index: a lost node does not spend the other nodes' budget, and an index
@@ -465,12 +481,13 @@ def test_jobset_runs_the_gpu_overlays_pod_with_the_launcher(rendered):
     assert jobset_pod == gpu_pod  # the same security context, volumes, resources, image and settings
 
 
-def test_jobset_is_wired_to_its_rendezvous_through_a_real_pod_name(rendered):
-    docs = rendered["jobset"]
+def jobset_rendezvous(docs) -> dict[str, str]:
+    """The JobSet's wiring checked: its pods reach pod 0 of Job 0 by the name JobSet gives it.
+    Returns the names a second run must not share."""
     jobset = workload(docs)
     (replicated,) = jobset["spec"]["replicatedJobs"]
     job = replicated["template"]["spec"]
-    env = {e["name"]: e["value"] for e in container(docs)["env"]}
+    env = container_env(container(docs))
     assert job["completionMode"] == "Indexed"
     assert int(env["PET_NNODES"]) == replicated["replicas"] * job["parallelism"] == replicated["replicas"] * job["completions"]
     network = jobset["spec"]["network"]
@@ -479,8 +496,17 @@ def test_jobset_is_wired_to_its_rendezvous_through_a_real_pod_name(rendered):
     # the subdomain defaults to the JobSet's name)
     host, port = env["PET_RDZV_ENDPOINT"].split(":")
     name = jobset["metadata"]["name"]
-    assert host == f"{name}-{replicated['name']}-0-0.{network.get('subdomain', name)}"
+    subdomain = network.get("subdomain", name)
+    assert host == f"{name}-{replicated['name']}-0-0.{subdomain}"
     assert len(host.split(".")[0]) <= 63 and 0 < int(port) < 65536  # a DNS label
+    assert "$(" not in json.dumps(env)
+    return {"host": host, "id": env["PET_RDZV_ID"], "subdomain": subdomain}
+
+
+def test_jobset_is_wired_to_its_rendezvous_through_a_real_pod_name(rendered):
+    docs = rendered["jobset"]
+    env = container_env(container(docs))
+    assert jobset_rendezvous(docs)["id"] == workload(docs)["metadata"]["name"]
     assert env["PET_RDZV_BACKEND"] == "c10d" and env["PET_MAX_RESTARTS"] == "0"  # the JobSet restarts, not torchrun
     assert container(docs)["command"] == LAUNCHER
 
@@ -491,15 +517,20 @@ def test_trainjob_runs_the_gpu_overlays_pod_on_trainers_torch_runtime(rendered):
     trainer, pod = trainjob["spec"]["trainer"], trainjob_pod(docs)
     assert trainjob["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                                               "name": "torch-distributed"}
-    assert trainer["command"] == LAUNCHER
+    # the launcher, once the command has set the settings (settings_environment runs it)
+    assert trainer["command"][:4] == [*LAUNCHER[:3], "-c"] and trainer["command"][4].endswith('"-m", "job.launch"])')
     assert trainer["image"] == container(gpu)["image"] and trainer["resourcesPerNode"] == container(gpu)["resources"]
     assert trainer["numProcPerNode"] == int(container(gpu)["resources"]["limits"]["nvidia.com/gpu"])
     assert trainer["numNodes"] > 1
-    for key in ("securityContext", "terminationGracePeriodSeconds", "tolerations", "volumes"):
+    for key in ("securityContext", "serviceAccountName", "terminationGracePeriodSeconds", "tolerations"):
         assert pod[key] == pod_spec(gpu)[key], key
     (c,) = pod["containers"]
     assert c["name"] == "node"  # the runtime's container
-    assert c["securityContext"] == container(gpu)["securityContext"] and c["volumeMounts"] == container(gpu)["volumeMounts"]
+    assert c["securityContext"] == container(gpu)["securityContext"]
+    # the gpu overlay's volumes, and the settings ConfigMap the command reads
+    (settings,) = [v for v in pod["volumes"] if "configMap" in v]
+    assert [v for v in pod["volumes"] if v != settings] == pod_spec(gpu)["volumes"]
+    assert [m for m in c["volumeMounts"] if m["name"] != settings["name"]] == container(gpu)["volumeMounts"]
     # Trainer sets the PET_* variables itself and refuses a TrainJob that sets them
     # (pkg/runtime/framework/plugins/torch: TorchRunReservedEnvNames)
     assert not [e["name"] for e in trainer["env"] if e["name"].startswith("PET_")]
@@ -530,3 +561,180 @@ def test_every_overlay_limits_cpu_to_its_request_so_the_job_sizes_itself_to_the_
     w = workload(docs)
     resources = w["spec"]["trainer"]["resourcesPerNode"] if w["kind"] == "TrainJob" else container(docs)["resources"]
     assert resources["limits"]["cpu"] == resources["requests"]["cpu"], resources
+
+
+# --- what survives an edit: settings, names and counts stated once --------------------------------
+def settings_environment(docs, tmp_path) -> dict[str, str]:
+    """The JOB_* variables the job's container gets from the settings ConfigMap: through envFrom
+    (Job, JobSet), or through the ConfigMap volume that the TrainJob's command reads (a TrainJob
+    takes env, not envFrom), run here for real on the volume laid out as the kubelet lays it out
+    (a timestamped folder, `..data` pointing at it, a link per key), up to its exec of the launcher."""
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    if workload(docs)["kind"] != "TrainJob":
+        env = {}
+        for source in container(docs)["envFrom"]:
+            if "configMapRef" in source:
+                env.update(configmaps[source["configMapRef"]["name"]])  # the generated (hashed) name
+        return env
+    pod = trainjob_pod(docs)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if "configMap" in volumes[m["name"]]]
+    data = configmaps[volumes[mount["name"]]["configMap"]["name"]]
+    folder, version = tmp_path / "settings-volume", "..2026_01_01_00_00_00.000000001"
+    (folder / version).mkdir(parents=True)
+    (folder / "..data").symlink_to(version)
+    for key, value in data.items():
+        (folder / version / key).write_text(value)
+        (folder / key).symlink_to(f"..data/{key}")
+    command = workload(docs)["spec"]["trainer"]["command"]
+    assert command[:4] == ["/usr/bin/tini", "--", "python", "-c"]
+    code = command[4]
+    assert code.count(mount["mountPath"]) == 1, code
+    probe = tmp_path / "python"  # stands in for the interpreter the command execs
+    probe.write_text(f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps([sys.argv[1:], dict(os.environ)]))\n")
+    probe.chmod(0o755)
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.executable = {str(probe)!r}\n"
+                             + code.replace(mount["mountPath"], str(folder))],
+                            env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    argv, env = json.loads(result.stdout)
+    assert argv == ["-m", "job.launch"]  # and then it is the launcher, in the same process
+    return {k: v for k, v in env.items() if k.startswith("JOB_")}
+
+
+def copy_of_k8s(tmp_path):
+    """A copy of k8s/ to edit as a user would; the overlays refer to each other by relative paths."""
+    shutil.copytree(os.path.join(ROOT, "k8s"), tmp_path / "k8s")
+    return tmp_path / "k8s"
+
+
+def edit(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1, (path, old)
+    path.write_text(text.replace(old, new))
+
+
+def render(path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(kustomize(path)) if d]
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl is not installed")
+def test_every_settings_key_reaches_every_overlay(tmp_path):
+    """A setting added to k8s/base/settings.env, as the README says, reaches the job in every
+    overlay: none lists the keys it forwards (the TrainJob once forwarded six, and a JOB_MODEL
+    added there never reached the container)."""
+    k8s = copy_of_k8s(tmp_path)
+    with open(k8s / "base" / "settings.env", "a") as f:
+        f.write("JOB_SOMETHING=x y\n")
+    for overlay in OVERLAYS:
+        docs = render(k8s / "overlays" / overlay)
+        env = settings_environment(docs, tmp_path / overlay)
+        assert env["JOB_SOMETHING"] == "x y", overlay
+        assert env == kind(docs, "ConfigMap")["data"], overlay
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl is not installed")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_name_suffix_renames_everything_a_second_run_would_collide_on(rendered, overlay, tmp_path):
+    """The README's second run beside the first: `nameSuffix: -run2` in the overlay's
+    kustomization.yaml renames the workload, and with it the multi-node overlays' rendezvous
+    endpoint, rendezvous id, subdomain and headless Service (derived from the name by replacements),
+    still wired together. The Secret and the service account are shared, not renamed."""
+    k8s = copy_of_k8s(tmp_path)
+    with open(k8s / "overlays" / overlay / "kustomization.yaml", "a") as f:
+        f.write("nameSuffix: -run2\n")
+    docs = render(k8s / "overlays" / overlay)
+    first = workload(rendered[overlay])["metadata"]["name"]
+    assert workload(docs)["metadata"]["name"] == first + "-run2"
+    assert settings_environment(docs, tmp_path) == kind(docs, "ConfigMap")["data"]  # the renamed ConfigMap's
+    wiring = {"multinode": multinode_rendezvous, "jobset": jobset_rendezvous}.get(overlay)
+    if wiring:
+        before, after = wiring(rendered[overlay]), wiring(docs)
+        for key, value in after.items():
+            assert "-run2" in value and value != before[key], (key, value)
+    text = json.dumps(docs)
+    assert f'"{SECRET}"' in text and '"serviceAccountName": "default"' in text
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl is not installed")
+def test_nodes_and_gpus_per_node_are_stated_once(rendered, tmp_path):
+    """One edit each: the nodes in each multi-node overlay, the GPUs per node in the gpu overlay's
+    nvidia.com/gpu limit; torchrun's PET_NNODES and PET_NPROC_PER_NODE, the Job's parallelism and
+    completions and the TrainJob's processes and resources per node follow."""
+    k8s = copy_of_k8s(tmp_path)
+    edit(k8s / "overlays" / "gpu" / "kustomization.yaml", 'nvidia.com/gpu: "1"', 'nvidia.com/gpu: "4"')
+    edit(k8s / "overlays" / "multinode" / "job-patch.yaml", "completions: 2", "completions: 3")
+    edit(k8s / "overlays" / "jobset" / "jobset.yaml", "parallelism: 2", "parallelism: 3")
+    edit(k8s / "overlays" / "trainjob" / "trainjob.yaml", "numNodes: 2", "numNodes: 3")
+    for overlay in ("multinode", "jobset"):
+        docs = render(k8s / "overlays" / overlay)
+        env = container_env(container(docs))
+        assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"]) == ("3", "4"), overlay
+        assert job_spec(docs)["parallelism"] == job_spec(docs)["completions"] == 3, overlay
+        assert container(docs)["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    trainer = workload(render(k8s / "overlays" / "trainjob"))["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (3, 4)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+    # and nowhere else: the untouched render still says 2 nodes of 1 GPU
+    assert container_env(container(rendered["jobset"]))["PET_NPROC_PER_NODE"] == "1"
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity in bytes (the suffixes the manifests use)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * units.get(unit, 1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_pod_requests_the_node_disk_its_emptydirs_may_fill(rendered, overlay):
+    """The dataset cache (50Gi) and /tmp live on the node's disk: without an ephemeral-storage
+    request the scheduler may place the pod on a node that cannot hold them, and the kubelet evicts
+    it mid-run. (The memory-backed /dev/shm counts against the memory limit instead.)"""
+    docs = rendered[overlay]
+    w = workload(docs)
+    spec = trainjob_pod(docs) if w["kind"] == "TrainJob" else pod_spec(docs)
+    resources = w["spec"]["trainer"]["resourcesPerNode"] if w["kind"] == "TrainJob" else container(docs)["resources"]
+    on_disk = [v["emptyDir"]["sizeLimit"] for v in spec["volumes"]
+               if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"]
+    assert len(on_disk) == 2
+    assert quantity(resources["requests"]["ephemeral-storage"]) >= sum(map(quantity, on_disk))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_credentials_come_from_the_secret_or_the_pods_service_account(rendered, overlay):
+    """Every overlay gives the job the README's Secret, AWS_ENDPOINT_URL included, and names the
+    pod's service account (the place for IRSA or GKE Workload Identity, which need no Secret). The
+    Secret is optional so that workload identity works without one; a pod with neither stops at
+    once: the job exits with the credentials error's code, which every failure policy fails on."""
+    docs = rendered[overlay]
+    w = workload(docs)
+    if w["kind"] == "TrainJob":
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in w["spec"]["trainer"]["env"]
+                if "secretKeyRef" in e.get("valueFrom", {})}
+        assert refs == {k: {"name": SECRET, "key": k, "optional": True} for k in CREDENTIALS}
+        assert trainjob_pod(docs)["serviceAccountName"] == pod_spec(rendered["gpu"])["serviceAccountName"]
+    else:
+        assert {"secretRef": {"name": SECRET, "optional": True}} in container(docs)["envFrom"]  # every key in it
+        assert pod_spec(docs)["serviceAccountName"] == "default"  # a placeholder that exists in every namespace
+        assert pod_spec(docs)["automountServiceAccountToken"] is False  # IRSA's webhook mounts its own token
+    assert CredentialsError.exit_code in FAIL_AT_ONCE  # the podFailurePolicy tests above: FailJob, FailJobSet
+    assert not [d for d in docs if d["kind"] == "Secret"]
+
+
+def readme_section(title: str) -> str:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_documents_the_rerun_path_and_where_each_credential_goes():
+    """A Job's pod template is immutable: a settings change re-applied to an existing Job fails,
+    and a finished Job re-applied unchanged does nothing. The README says what to run instead, and
+    every overlay its commands name exists."""
+    section = readme_section("Run on Kubernetes")
+    for needed in ("field is immutable", "kubectl delete -k", "nameSuffix", "AWS_ENDPOINT_URL", "serviceAccountName"):
+        assert needed in section, needed
+    paths = re.findall(r"kubectl (?:apply|delete)[^\n`]* -k (\S+)", section)
+    assert paths
+    for path in paths:
+        assert os.path.isfile(os.path.join(ROOT, path.rstrip("`"), "kustomization.yaml")), path
