@@ -738,3 +738,17 @@ def test_readme_documents_the_rerun_path_and_where_each_credential_goes():
     assert paths
     for path in paths:
         assert os.path.isfile(os.path.join(ROOT, path.rstrip("`"), "kustomization.yaml")), path
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_the_image_build_refuses_a_torchvision_made_for_another_torch(dockerfile):
+    """A mismatched pair passes `--help` and fails every image run with exit 1: the build runs
+    docker/check_torch.py right after installing the two (and it passes on the pair we test)."""
+    text = open(os.path.join(ROOT, dockerfile)).read()
+    install = text.index('"torchvision==${TORCHVISION_VERSION}"')
+    check = text.index("RUN python /src/check_torch.py")
+    assert install < check < text.index("COPY job /src/job")
+    assert "!docker/check_torch.py" in open(os.path.join(ROOT, ".dockerignore")).read().splitlines()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "docker", "check_torch.py")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "work together" in result.stdout, result.stdout + result.stderr
