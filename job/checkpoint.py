@@ -19,6 +19,7 @@ first renews the run's lease, so a second writer cannot turn the run back.
 import hashlib
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -291,6 +292,12 @@ def contents(settings, runtime, module: torch.nn.Module, state, data) -> dict:
         "dataset_fingerprint": data.fingerprint,
         "split": {"train": state.train_idx, "val": state.val_idx},
         "rng": torch.get_rng_state(),
+        # the training device's generator (dropout draws there): every rank seeds and draws alike,
+        # so rank 0's state is every rank's (a list over all GPUs would give rank k rank 0's unused one)
+        "cuda_rng": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None,
+        # fp16's loss scale and growth tracker: afresh, a resumed run would overflow and skip steps
+        # while the scale falls back from 65536 to where it was
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "val_confusion": state.val_confusion,  # the last evaluation's, for the final report
         "input_shape": list(data.samples.sample_shape),  # what the model takes (data as read, not cached features)
         "input_kind": "idx" if data.samples.in_memory else "image",
@@ -305,14 +312,17 @@ def position(progress, train_samples: int | None = None) -> str:
     return f"epoch {progress.epoch + 1}, sample {progress.seen}{f'/{train_samples}' if train_samples else ''}"
 
 
-def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, data, run_uri: str) -> None:
+def restore(saved: dict, name: str, settings, module: torch.nn.Module, state, data, run_uri: str,
+            device: torch.device | None = None) -> None:
     """Continue from a checkpoint after checking it belongs to this experiment and data. Every
     rank loads the same state: the partial-epoch sums in it are all ranks' together, and every
     rank keeps them so (loop.add_sums adds the all-reduced sums of later steps on every rank).
+    `device`: the training device, whose CUDA generator takes the saved state.
     A checkpoint whose fields are malformed (it verified against its manifest: written so, or
     edited and re-signed by hand) is exit 3 naming it, never a traceback."""
     try:
         _restore(saved, name, settings, module, state, data, run_uri)
+        _restore_device_state(saved, state, device or torch.device("cpu"))
     except MALFORMED as exc:
         raise DataError(
             f"checkpoints/{name}.pt in {storage.redact_uri(run_uri)} cannot be resumed: {exc.__class__.__name__}: "
@@ -369,6 +379,47 @@ def _restore(saved: dict, name: str, settings, module: torch.nn.Module, state, d
         f"global step {state.progress.global_step}, written by {saved['world_size']} process(es)); "
         f"{len(state.history)} epochs in the history"
     )
+
+
+def _restore_device_state(saved: dict, state, device: torch.device) -> None:
+    """The GradScaler's and the CUDA generator's state, where this run has them. Older
+    checkpoints (and those written on the CPU) hold neither: the run goes on without, saying so."""
+    scaler = saved.get("scaler")
+    if scaler is not None:
+        scaler = _checked_scaler(scaler)  # checked even when unused: every field is data to check
+    if state.scaler is not None and scaler is not None:
+        state.scaler.load_state_dict(scaler)
+    elif state.scaler is not None:
+        log.info("the checkpoint holds no GradScaler state (written without fp16, or by an older trainjob): "
+                 "the loss scale starts afresh")
+    cuda_rng = saved.get("cuda_rng")
+    if cuda_rng is not None and not (isinstance(cuda_rng, torch.Tensor) and cuda_rng.dtype == torch.uint8):
+        raise TypeError(f"cuda_rng is {getattr(cuda_rng, 'dtype', type(cuda_rng).__name__)}, not a byte tensor")
+    on_cuda = device.type == "cuda"
+    if on_cuda and cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    elif on_cuda or cuda_rng is not None:
+        written = "on the CPU or by an older trainjob" if cuda_rng is None else "on a GPU"
+        log.info(
+            f"the CUDA random state was not restored (the checkpoint was written {written}, this run trains on "
+            f"the {'GPU' if on_cuda else 'CPU'}): random draws on the device differ from an uninterrupted run's"
+        )
+
+
+def _checked_scaler(value) -> dict:
+    """A GradScaler state_dict whose values are what GradScaler would make: load_state_dict takes
+    a text or NaN scale as it is (torch 2.14), to fail at the first step or skip every step after."""
+    if not isinstance(value, dict):
+        raise TypeError(f"scaler is {type(value).__name__}, not a dict")
+    reals = [value[k] for k in ("scale", "growth_factor", "backoff_factor")]
+    wholes = [value[k] for k in ("growth_interval", "_growth_tracker")]
+    if not (
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in reals)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in wholes)
+        and reals[0] > 0 and reals[1] > 1 and 0 < reals[2] < 1 and wholes[0] > 0 and wholes[1] >= 0
+    ):
+        raise ValueError(f"scaler holds {value!r}, not a GradScaler's state")
+    return value
 
 
 def settings_changes(saved: dict, settings) -> tuple[dict, dict]:

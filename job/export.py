@@ -12,12 +12,14 @@ top-1 class and probabilities within PROB_TOLERANCE, or it is not written (and c
 why). load() rebuilds a PyTorch model from model.safetensors + config.json for predict/evaluate.
 """
 
+import contextlib
 import io
 import json
 import logging
 import math
 import os
 import re
+import threading
 import time
 import warnings
 from typing import Annotated, Literal
@@ -206,30 +208,38 @@ def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
 
 
 @torch.no_grad()
-def verify(model: torch.nn.Module, onnx_blob: bytes, batches) -> dict:
-    """Run the ONNX model in ONNX Runtime and the PyTorch model on the same batches. Top-1 must
-    agree except where the checkpoint's two best classes are within the tolerance of each other
-    (a tie either may break), and every probability within PROB_TOLERANCE."""
+def verify(model: torch.nn.Module, onnx_blob: bytes, batches, device: torch.device | None = None,
+           threads: int | None = None) -> dict:
+    """Run the ONNX model in ONNX Runtime and the PyTorch model (on `device`, where it is) on the
+    same batches. Top-1 must agree except where the checkpoint's two best classes are within the
+    tolerance of each other (a tie either may break), and every probability within PROB_TOLERANCE."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(onnx_blob, providers=["CPUExecutionProvider"])
+    device = device or torch.device("cpu")
+    options = onnxruntime.SessionOptions()
+    # ONNX Runtime's default is a thread per physical core it sees, a container's CPU quota unseen
+    # (on a GPU node, 100+ threads on a few CPUs). The images ship its CPU build: it runs on the CPU.
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    session = onnxruntime.InferenceSession(onnx_blob, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     samples, disagree, worst = 0, 0, 0.0
-    for x in batches:
-        x = x.float().cpu()
-        reference = torch.softmax(model(x).float(), 1)
-        got = torch.softmax(torch.from_numpy(session.run(None, {name: x.numpy()})[0]).float(), 1)
-        top2 = reference.topk(min(2, reference.shape[1]), 1).values
-        clear = (top2[:, 0] - top2[:, -1]) > PROB_TOLERANCE
-        disagree += int(((reference.argmax(1) != got.argmax(1)) & clear).sum())
-        worst = max(worst, float((reference - got).abs().max()))
-        samples += len(x)
+    with full_fp32(device):
+        for x in batches:
+            x = x.float()
+            reference = torch.softmax(model(x.to(device)).float(), 1).cpu()
+            got = torch.softmax(torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0]).float(), 1)
+            top2 = reference.topk(min(2, reference.shape[1]), 1).values
+            clear = (top2[:, 0] - top2[:, -1]) > PROB_TOLERANCE
+            disagree += int(((reference.argmax(1) != got.argmax(1)) & clear).sum())
+            worst = max(worst, float((reference - got).abs().max()))
+            samples += len(x)
     result = {
         "samples": samples,
         "top1_disagreements": disagree,
         "max_abs_probability_difference": worst,
         "tolerance": PROB_TOLERANCE,
         "runtime": f"onnxruntime {onnxruntime.__version__}",
+        "pytorch_device": str(device),
     }
     if disagree or worst > PROB_TOLERANCE:
         raise ValueError(
@@ -239,9 +249,51 @@ def verify(model: torch.nn.Module, onnx_blob: bytes, batches) -> dict:
     return result
 
 
-def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: bool = True) -> dict:
+@contextlib.contextmanager
+def full_fp32(device: torch.device):
+    """Full float32 on CUDA while the reference runs: cuDNN convolutions use TF32 by default,
+    whose 10-bit mantissa can move probabilities further from ONNX Runtime's float32 than
+    PROB_TOLERANCE."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def phase(name: str, log_every: float):
+    """Log the export's phase `name` as it starts and ends, and every `log_every` seconds between
+    from a thread: a phase is often one long call (a trace, an upload) that says nothing."""
+    start = time.monotonic()
+    log.info(f"export: {name} ...")
+    ended = threading.Event()
+
+    def beat() -> None:
+        while not ended.wait(log_every):
+            log.info(f"export: {name}: {time.monotonic() - start:.0f} s")
+
+    thread = threading.Thread(target=beat, name="export-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        thread.join()
+    log.info(f"export: {name} done in {time.monotonic() - start:.1f} s")
+
+
+def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: bool = True,
+          device: torch.device | None = None, threads: int | None = None, log_every: float = 10.0) -> dict:
     """Write model/ (weights, config, verified ONNX) to `out_uri`; returns the config written.
-    `batches` yields CPU input tensors for the verification (validation samples)."""
+    `batches` yields input tensors for the verification (validation samples), on any device;
+    the checkpoint's side of it runs on `device` (the training device), ONNX Runtime on the CPU
+    with `threads`. A line every `log_every` seconds, whatever the phase."""
+    device = device or torch.device("cpu")
     model = model.float().cpu().eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     config = {
@@ -253,36 +305,48 @@ def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: boo
         "torch_version": torch.__version__,
         "onnx": None,
     }
+    shown = storage.redact_uri(out_uri)
+    log.info(f"exporting the model to {shown}" + (f" (ONNX verified with PyTorch on {device})" if onnx else ""))
     with storage.errors(out_uri, OutputError, "write the model to"):
-        # an earlier export's config and ONNX file must never sit beside other weights, whatever ends
-        # this one: config.json, written last, says the folder is complete
-        for name in ("config.json", "model.onnx"):
-            storage.remove(storage.join(out_uri, name))
-        storage.write_bytes(
-            storage.join(out_uri, "model.safetensors"),
-            save_safetensors(state, metadata={"format": "pt", "architecture": config["architecture"]}),
-        )
+        with phase("writing model.safetensors", log_every):
+            # an earlier export's config and ONNX file must never sit beside other weights, whatever
+            # ends this one: config.json, written last, says the folder is complete
+            for name in ("config.json", "model.onnx"):
+                storage.remove(storage.join(out_uri, name))
+            storage.write_bytes(
+                storage.join(out_uri, "model.safetensors"),
+                save_safetensors(state, metadata={"format": "pt", "architecture": config["architecture"]}),
+            )
+        onnx_seconds = 0.0
         if onnx:
             start = time.monotonic()
-            batches = list(batches)
             try:
-                blob = _onnx_bytes(model, batches[0][:1])
-                config["verification"] = verify(model, blob, batches)
-                storage.write_bytes(storage.join(out_uri, "model.onnx"), blob)
+                with phase("reading the validation samples", log_every):
+                    batches = list(batches)
+                # Traced on the CPU: tracing is symbolic work for the CPU whatever the device, and a
+                # graph traced there is the one our tests verify
+                with phase("tracing the model for ONNX", log_every):
+                    blob = _onnx_bytes(model, batches[0][:1].float().cpu())
+                samples = sum(len(x) for x in batches)
+                with phase(f"verifying the ONNX model on {samples} samples (PyTorch on {device})", log_every):
+                    config["verification"] = verify(model.to(device), blob, batches, device, threads)
+                with phase("writing model.onnx", log_every):
+                    storage.write_bytes(storage.join(out_uri, "model.onnx"), blob)
                 config.update(onnx="model.onnx", onnx_opset=OPSET)
-                log.info(
-                    f"model exported to {storage.redact_uri(out_uri)} (ONNX verified on "
-                    f"{config['verification']['samples']} samples in {time.monotonic() - start:.1f} s)"
-                )
+                onnx_seconds = time.monotonic() - start
             except JobError:  # a storage error or a stop (Stopped): not a reason to go on without ONNX
                 raise
             except Exception as exc:  # the weights and config still serve; say why there is no ONNX
                 config["onnx_error"] = str(exc)[:500]
                 log.warning(
-                    f"no ONNX model written to {storage.redact_uri(out_uri)}: {config['onnx_error']}; "
+                    f"no ONNX model written to {shown}: {config['onnx_error']}; "
                     "model.safetensors and config.json are"
                 )
-        storage.write_json(storage.join(out_uri, "config.json"), config)
+        with phase("writing config.json", log_every):
+            storage.write_json(storage.join(out_uri, "config.json"), config)
+    if config["onnx"]:
+        log.info(f"model exported to {shown} (ONNX verified on {config['verification']['samples']} samples "
+                 f"in {onnx_seconds:.1f} s)")
     return config
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from job import checkpoint, stop, storage
 from job.data import Data
 from job.data.sources import TensorSource
-from job.errors import OutputError
+from job.errors import OutputError, SettingsError
 
 log = logging.getLogger("job")
 VERSION = 2  # bump when what is cached changes (2: the labels too, read with the features)
@@ -35,30 +35,55 @@ def cache_key(model_name: str, image_size: int, model: nn.Module, head: str, fin
     return digest.hexdigest()[:24]
 
 
+# The feature pass's batch size: the frozen backbone runs without autograd, keeping no activations
+# for a backward pass, and JOB_BATCH_SIZE was chosen for training the head alone; so batches as
+# large as the pixels of 256 images of 224x224 (154 MB of float32 input, a budget for the
+# activations in flight too), at most 1024 images and never fewer than JOB_BATCH_SIZE.
+FEATURE_BATCH_PIXELS = 256 * 224 * 224
+MAX_FEATURE_BATCH = 1024
+
+
+def inference_batch_size(batch_size: int, image_size: int) -> int:
+    return max(batch_size, min(MAX_FEATURE_BATCH, FEATURE_BATCH_PIXELS // (image_size * image_size)))
+
+
 @torch.no_grad()
 def compute(model: nn.Module, head: str, source, batch_size: int, autocast, what: str,
             log_every: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(the head's inputs, the labels) for every sample of `source`, in order: the model with its
-    head swapped for Identity. Logs progress (done/total, rate, ETA) every `log_every` seconds."""
+    head swapped for Identity. Logs progress (done/total, rate, ETA) every `log_every` seconds.
+
+    The results stay where the batches are (the device), written into tensors made at the first
+    batch: nothing waits for the device until the caller reads them, once. A copy to the CPU per
+    batch waited for each batch's forward pass (and the training loop holds the features on the
+    device anyway)."""
     head_module = model.get_submodule(head)
     model.set_submodule(head, nn.Identity())
     model.eval()
-    total, out, labels = len(source), [], []
+    total, done = len(source), 0
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
     start = last = time.monotonic()
     try:
         for xb, yb in source.batches(torch.arange(total), batch_size, train=False):
             stop.check("while computing the feature cache: nothing to save yet")
             with autocast():
-                out.append(model(xb).float().cpu())
-            labels.append(yb.cpu())
+                out = model(xb)
+            if x is None or y is None:
+                x = torch.empty((total, *out.shape[1:]), dtype=torch.float32, device=out.device)
+                y = torch.empty(total, dtype=yb.dtype, device=yb.device)
+            x[done:done + len(out)] = out  # float32, as the head trains on them
+            y[done:done + len(yb)] = yb
+            done += len(yb)
             now = time.monotonic()
             if now - last >= log_every:
                 last = now
-                done = sum(len(o) for o in out)
                 rate = done / (now - start)
                 log.info(f"feature cache: {what} {done}/{total} images ({100 * done / total:.0f}%), "
                          f"{rate:.1f} images/s, elapsed {now - start:.0f} s, ETA {(total - done) / rate:.0f} s")
-        return torch.cat(out), torch.cat(labels)
+        if x is None or y is None or done != total:
+            raise RuntimeError(f"the feature pass read {done} of {total} {what}")  # a source's bug, not the data's
+        return x, y
     finally:
         model.set_submodule(head, head_module)
 
@@ -81,15 +106,25 @@ def cached(data: Data, model: nn.Module, head: str, *, model_name: str, image_si
     if blob is not None:
         features = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     else:
+        batch = inference_batch_size(batch_size, image_size)
         log.info(f"feature cache: computing backbone features of {len(data.samples)} images"
-                 f"{f' and {len(data.test)} test images' if data.test is not None else ''} (once)")
-        features = dict(zip(("x", "y"), compute(model, head, data.samples, batch_size, autocast, "images", log_every),
-                            strict=True))
+                 f"{f' and {len(data.test)} test images' if data.test is not None else ''} (once), "
+                 f"in batches of {batch}")
+        try:
+            computed = compute(model, head, data.samples, batch, autocast, "images", log_every)
+        except SettingsError as exc:  # raised before the first batch: a shard cache sized for training's batches
+            if batch == batch_size:
+                raise
+            log.info(f"feature cache: {str(exc).split(':')[0]} for batches of {batch}: "
+                     f"computing in batches of JOB_BATCH_SIZE={batch_size}")
+            batch = batch_size
+            computed = compute(model, head, data.samples, batch, autocast, "images", log_every)
+        features = dict(zip(("x", "y"), computed, strict=True))
         if data.test is not None:
             features["test_x"], features["test_y"] = compute(
-                model, head, data.test, batch_size, autocast, "test images", log_every
+                model, head, data.test, batch, autocast, "test images", log_every
             )
-        blob = checkpoint.serialize(features)
+        blob = checkpoint.serialize({k: v.cpu() for k, v in features.items()})  # the one read of the device
         if publish:
             with storage.errors(remote, OutputError, "write feature cache to"):
                 storage.write_bytes(remote, blob)

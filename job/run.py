@@ -6,16 +6,17 @@ A normal run and a smoke run both go through run(): smoke mode passes `step`, wh
 reports each phase, and `sanity`, a check between building the model and training.
 """
 
+import inspect
 import logging
 import platform
 import time
 from importlib.metadata import version
-from typing import cast
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from job import __version__, checkpoint, export, features, loop, models, report, storage, tracking
+from job import __version__, checkpoint, compiling, export, features, loop, models, report, storage, tracking
 from job.checkpoint import Checkpointer
 from job.data import Data
 from job.data import load as load_dataset
@@ -23,7 +24,7 @@ from job.data.sources import split_indices
 from job.errors import DataError, JobError, OutputError, Stopped
 from job.lease import Lease, LeaseLost
 from job.optim import build_optimizer
-from job.runtime import Runtime, is_peer_failure, peer_lost
+from job.runtime import Runtime, is_peer_failure, node_first, peer_lost
 from job.settings import CONTINUOUS_SCHEDULES, redact_text
 
 log = logging.getLogger("job")
@@ -116,6 +117,13 @@ def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
             f"JOB_LR_SCHEDULE={settings.lr_schedule} is stretched over JOB_EPOCHS, so the epochs are part of the "
             "run's name: changing JOB_EPOCHS starts a new run (set JOB_RUN_NAME to keep this one)"
         )
+    if settings.compile:  # before any work: a missing compiler once failed only at the first step
+        error = None
+        try:
+            compiling.compile_ready(settings, runtime)
+        except JobError as exc:
+            error = exc
+        runtime.all_ok(error)
     held: dict = {}
     try:
         on_main(runtime, lambda: held.setdefault("lease", prepare_output(settings, runtime, run_uri)) and None)
@@ -141,8 +149,10 @@ def prepare_output(settings, runtime: Runtime, run_uri: str) -> Lease:
     return lease
 
 
-def record_settings(settings, runtime: Runtime, run_uri: str) -> None:
-    """settings.json, once training is about to start (a run that fails before leaves one record)."""
+def record_settings(settings, runtime: Runtime, run_uri: str, compiled: str) -> None:
+    """settings.json, once training is about to start (a run that fails before leaves one record),
+    with what the settings came to on this device: the autocast dtype and whether the model is
+    compiled (`compile_skipped`: why not, when JOB_COMPILE=true)."""
     with storage.errors(run_uri, OutputError, "write to"):
         storage.write_json(
             storage.join(run_uri, "settings.json"),
@@ -151,8 +161,16 @@ def record_settings(settings, runtime: Runtime, run_uri: str) -> None:
                 "versions": versions(),
                 "device": str(runtime.device),
                 "world_size": runtime.world_size,
+                "amp": amp_name(runtime),
+                "compile": compiled.startswith("on"),
+                "compile_skipped": compiled.removeprefix("skipped: ") if compiled.startswith("skipped") else None,
             },
         )
+
+
+def amp_name(runtime: Runtime) -> str:
+    """The autocast dtype training uses: bf16, fp16 (with a GradScaler) or off (always on the CPU)."""
+    return "bf16" if runtime.amp_dtype == torch.bfloat16 else "fp16" if runtime.amp_dtype == torch.float16 else "off"
 
 
 def on_main(runtime: Runtime, fn):
@@ -167,24 +185,10 @@ def on_main(runtime: Runtime, fn):
     return runtime.broadcast(result)
 
 
-def node_first(runtime: Runtime, fn):
-    """fn() on each node's local rank 0 first, then on the node's other ranks, which find what it
-    cached on the node's disk (the dataset, the backbone features) and read it. An error on any
-    rank ends every rank."""
-    result, error = None, None
-    if runtime.local_rank == 0:
-        try:
-            result = fn()
-        except JobError as exc:
-            error = exc
-    runtime.all_ok(error)
-    return result if runtime.local_rank == 0 else fn()
-
-
 def load_data(settings, runtime: Runtime, include=None) -> Data:
     """Each node pulls the dataset into its own cache once (node_first)."""
     normalize = settings.model not in ("mlp", "cnn")  # torchvision models expect ImageNet statistics
-    return node_first(runtime, lambda: load_dataset(settings, runtime, normalize, include))
+    return node_first(settings, runtime, "the dataset", lambda: load_dataset(settings, runtime, normalize, include))
 
 
 def prepare(
@@ -210,10 +214,12 @@ def prepare(
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
     train_idx, val_idx = data.split or split_indices(len(data.samples), settings.val_fraction, settings.seed)
     state = loop.TrainState(optimizer, scaler, train_idx, val_idx)
+    compile_cache = compiling.CompileCache(storage.join(run_uri, "compile", "cache.bin"),
+                                           in_run=settings.compile_cache == "run")
     ckpt = Checkpointer(settings, runtime, run_uri, module, state, data, lease, started,
-                        lambda: records(settings, runtime, run_uri, data, state, started, tracker))
+                        lambda: records(settings, runtime, run_uri, data, state, started, tracker, compile_cache))
     if saved is not None:
-        checkpoint.restore(saved, name, settings, module, state, data, run_uri)
+        checkpoint.restore(saved, name, settings, module, state, data, run_uri, runtime.device)
         ckpt.resumed(name)
     if tracker is not None:
         tracker.start(state.history)
@@ -221,7 +227,9 @@ def prepare(
     if on_features:
         images = data
         data = node_first(
+            settings,
             runtime,
+            "the feature cache",
             lambda: features.cached(
                 images,
                 module,
@@ -239,28 +247,52 @@ def prepare(
         )
     model = loop.Model(module, module, head, frozen, on_features)
     model.net = model.trainable
+    compiled = compiling.compile_model(settings, model, compile_cache, len(state.history), resumed=saved is not None)
     if runtime.distributed:  # after restore: DDP starts every rank from rank 0's weights
+        buffer_sync: dict[str, Any] = {DDP_BUFFER_SYNC: buffers_train(model)}
         model.net = DistributedDataParallel(
-            model.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+            model.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None, **buffer_sync
         )
-    if settings.compile and runtime.device.type == "cuda":
-        # after DDP, as PyTorch's DDP + torch.compile guidance has it
-        model.net = cast(torch.nn.Module, torch.compile(model.net))
-    on_main(runtime, lambda: record_settings(settings, runtime, run_uri))
+    log.info(f"mixed precision {amp_name(runtime)} (JOB_AMP={settings.amp}"
+             f"{', loss scaled' if state.scaler is not None else ''}), compile {compiled}")
+    on_main(runtime, lambda: record_settings(settings, runtime, run_uri, compiled))
     runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
     if runtime.stop.signum:
         raise Stopped(runtime.stop.signum, f"before training; the valid checkpoint is {ckpt.valid}")
     return model, data, state, ckpt
 
 
-def records(settings, runtime: Runtime, run_uri: str, data: Data, state: loop.TrainState, started: float, tracker):
+# DDP copies rank 0's buffers to every rank before each forward (a collective per step) unless
+# told not to; torch 2.13 renamed the switch, and its old name also skips the copy at start.
+DDP_BUFFER_SYNC = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
+
+
+def buffers_train(model: loop.Model) -> bool:
+    """Whether training changes a buffer: one held by a module in train mode (batch-norm running
+    statistics), which would drift apart across ranks without DDP's copy from rank 0. A frozen
+    backbone keeps its batch norms in eval mode; an mlp, the cnn and a head on cached features
+    have no buffers: nothing to copy at every step."""
+    model.train_mode()
+    return any(m.training and any(True for _ in m.buffers(recurse=False)) for m in model.net.modules())
+
+
+def records(settings, runtime: Runtime, run_uri: str, data: Data, state: loop.TrainState, started: float, tracker,
+            compile_cache: "compiling.CompileCache | None" = None):
     """What a checkpoint publishes once committed, as the run is when it is taken: the history,
-    summary.json, the curves and the validation confusion matrix, and the tracker's epochs."""
+    summary.json, the curves and the validation confusion matrix, the tracker's epochs, and the
+    compile cache once this process has trained an epoch."""
     history, confusion = list(state.history), state.val_confusion
     summary = report.summary(settings, runtime, data, state, "running", started)
+    compiled = compile_cache.take(len(history)) if compile_cache is not None else None
 
     def publish() -> None:
         report.publish(run_uri, history, summary, {"val": confusion})
+        if compiled is not None and compile_cache is not None:
+            storage.write_bytes(compile_cache.uri, compiled)
         if tracker is not None:
             tracker.epochs(history)
 
@@ -341,8 +373,10 @@ def export_model(settings, runtime: Runtime, run_uri: str, dataset: Data, state:
     module = export.build(config)
     module.load_state_dict(best["model"])
     samples = state.val_idx[: export.VERIFY_SAMPLES]
-    batches = (x.cpu() for x, _ in dataset.samples.batches(samples, settings.batch_size, train=False))
-    config = export.write(storage.join(run_uri, "model"), module, config, batches, onnx=settings.export == "onnx")
+    batches = (x for x, _ in dataset.samples.batches(samples, settings.batch_size, train=False))
+    config = export.write(storage.join(run_uri, "model"), module, config, batches, onnx=settings.export == "onnx",
+                          device=runtime.device, threads=runtime.cpus.count if runtime.cpus else runtime.threads,
+                          log_every=settings.log_every_seconds)
     if config["onnx"]:
         return f"model.safetensors, config.json, model.onnx verified on {config['verification']['samples']} samples"
     return "model.safetensors, config.json" + (

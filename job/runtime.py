@@ -6,11 +6,14 @@ I distributed?" again: the collective helpers below are no-ops in a single proce
 """
 
 import contextlib
+import logging
 import math
 import os
 import platform
 import re
 import resource
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -20,6 +23,8 @@ import torch.distributed as dist
 from job.errors import JobError, PeerLostError, SettingsError
 from job.settings import ENV_PREFIX
 from job.stop import StopRequest
+
+log = logging.getLogger("job")
 
 
 @dataclass
@@ -413,6 +418,125 @@ def setup(settings, stop: StopRequest) -> Runtime:
     if runtime.distributed:
         same_settings(settings, runtime)
     return runtime
+
+
+# --- node-local work under torchrun ---------------------------------------------------------
+
+
+def node_first(settings, runtime: Runtime, name: str, fn):
+    """fn() on each node's local rank 0 first, then on the node's other ranks, which find what it
+    cached on the node's disk (the dataset, the backbone features) and read it. An error on any
+    rank ends every rank.
+
+    The ranks wait for each other through the process group's store, not in a collective: a pull
+    or a feature pass may take hours, and a collective gives up after JOB_DIST_TIMEOUT_SECONDS
+    (NCCL's watchdog ends the rank). What that timeout is for, a lost peer, still holds: every rank
+    beats in the store, and one silent for that long ends the wait (exit 75). A waiting rank
+    answers a stop and logs a line every JOB_LOG_EVERY_SECONDS."""
+    if not runtime.distributed:
+        return fn()
+    wait = NodeWait(settings, runtime, name)
+    first = runtime.rank - runtime.local_rank  # the node's local rank 0: torchrun numbers a node's ranks in a row
+    try:
+        with wait.beating():
+            if runtime.local_rank:
+                wait.until(lambda: wait.has(f"first/{first}"), "local rank 0", [first])
+            result = fn()
+            wait.post(first=runtime.local_rank == 0)
+            wait.until(lambda: wait.done() == runtime.world_size, "the other ranks", range(runtime.world_size))
+        return result
+    except BaseException as exc:
+        wait.fail(exc.exit_code if isinstance(exc, JobError) else 1)
+        raise
+
+
+NODE_WAIT_POLL_SECONDS = 0.5  # how often a waiting rank reads the store (a request to its host)
+
+
+class NodeWait:
+    """node_first's waits, in the process group's key-value store: which ranks are done, the
+    first failure's exit code, and a heartbeat per rank."""
+
+    def __init__(self, settings, runtime: Runtime, name: str):
+        # torch keeps the default group's store private; torchrun makes a new store each attempt
+        self.store = dist.distributed_c10d._get_default_store()
+        self.prefix, self.name, self.rt = f"trainjob/node_first/{name}/", name, runtime
+        self.timeout, self.log_every = settings.dist_timeout_seconds, settings.log_every_seconds
+        self.beats: dict[int, tuple[int, float]] = {}  # rank -> (its heartbeat count, when it last changed)
+        self.next_check = 0.0
+
+    def has(self, key: str) -> bool:
+        return self.store.check([self.prefix + key])
+
+    def done(self) -> int:
+        return self.store.add(self.prefix + "done", 0)
+
+    def post(self, first: bool) -> None:
+        if first:
+            self.store.set(self.prefix + f"first/{self.rt.rank}", "1")
+        self.store.add(self.prefix + "done", 1)
+
+    def fail(self, code: int) -> None:
+        """Tell the other ranks (the first failure's code stays); a store that is gone tells them too."""
+        try:
+            self.store.compare_set(self.prefix + "failed", "", str(code))
+        except Exception:
+            pass
+
+    @contextlib.contextmanager
+    def beating(self):
+        ended = threading.Event()
+
+        def beat() -> None:
+            while True:
+                try:
+                    self.store.add(self.prefix + f"beat/{self.rt.rank}", 1)
+                except Exception:  # the store is gone: the waits find out by themselves
+                    return
+                if ended.wait(self.timeout / 4):
+                    return
+
+        threading.Thread(target=beat, name="node-first-heartbeat", daemon=True).start()
+        try:
+            yield
+        finally:
+            ended.set()
+
+    def until(self, ready, what: str, ranks) -> None:
+        """Poll until ready(): raise at a failure posted by another rank, a stop, or a rank among
+        `ranks` silent for JOB_DIST_TIMEOUT_SECONDS."""
+        start = last_log = time.monotonic()
+        while True:
+            if self.has("failed"):
+                code = int(self.store.get(self.prefix + "failed"))
+                failed = JobError(f"another rank failed (exit {code}); see rank 0's log")
+                failed.exit_code = code
+                raise failed
+            if ready():
+                return
+            self.rt.stop.check(f"while waiting for {what} ({self.name}): nothing to save")
+            now = time.monotonic()
+            if now >= self.next_check:
+                self.next_check = now + self.timeout / 4
+                self.check_alive(ranks, now)
+            if now - last_log >= self.log_every:
+                last_log = now
+                log.info(f"{self.name}: waiting for {what}, {now - start:.0f} s so far")
+            time.sleep(NODE_WAIT_POLL_SECONDS)
+
+    def check_alive(self, ranks, now: float) -> None:
+        for rank in ranks:
+            count = self.store.add(self.prefix + f"beat/{rank}", 0)
+            seen = self.beats.get(rank)
+            if seen is None or seen[0] != count:
+                self.beats[rank] = (count, now)
+            elif now - seen[1] > self.timeout:
+                raise PeerLostError(
+                    f"rank {rank} has not answered for {now - seen[1]:.0f} s (JOB_DIST_TIMEOUT_SECONDS="
+                    f"{self.timeout:g}) while waiting for {self.name}; the run resumes from its last checkpoint "
+                    "when restarted"
+                )
+
 
 
 # what may differ between nodes: where and how each reads, not what is trained

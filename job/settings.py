@@ -189,9 +189,27 @@ class Settings(BaseSettings):
         ),
     )
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
-        "auto", description="CUDA only: mixed precision (auto = bf16 where supported); never changes CPU results"
+        "auto",
+        description=(
+            "CUDA only: mixed precision (auto = bf16 where the GPU has it natively, compute capability 8.0+, else fp16, "
+            "whose loss scaler checkpoints keep); "
+            "never changes CPU results"
+        ),
     )
-    compile: bool = Field(False, description="CUDA only: torch.compile the model")
+    compile: bool = Field(
+        False,
+        description=(
+            "torch.compile the trained model, on the CPU too (needs a C/C++ compiler and an exec-able JOB_CACHE_DIR, "
+            "checked at start); skipped under the feature cache"
+        ),
+    )
+    compile_cache: Literal["node", "run"] = Field(
+        "node",
+        description=(
+            "where compiled kernels are kept: node (under JOB_CACHE_DIR) or run (also saved with the run, so a new "
+            "pod resumes warm; the cache is code: only where the run's storage is as trusted as the image)"
+        ),
+    )
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = Field(10, ge=1, le=1_000_000, description="number of passes over the training set")
     batch_size: int = Field(
