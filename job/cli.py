@@ -1,11 +1,13 @@
 """The entrypoint: parse the two flags, read settings, run, and turn every outcome into an exit code."""
 
+import json
 import logging
 import os
 import sys
+import time
 
 from job import __version__, storage
-from job.errors import DataError, JobError, OutputError, Stopped
+from job.errors import DataError, JobError, OutputError, PeerLostError, Stopped
 from job.report import setup_logging
 from job.settings import help_text, load_settings
 from job.stop import StopRequest
@@ -20,11 +22,16 @@ def check(settings) -> None:
     from job import checkpoint, data, models
     from job.runtime import pick_device
 
+    warn_local_output(settings)
     device = pick_device(settings.device)
     with storage.errors(settings.data_uri, DataError, "read dataset"):
         dataset = data.check(settings)
     fmt, classes, size = dataset.layout, dataset.class_names, dataset.cache_bytes
     weights = models.check_weights(settings, dataset.sample_shape, max(2, len(classes)))
+    models.check_freeze(settings, dataset.sample_shape, max(2, len(classes)))
+    hint = models.model_hint(settings, dataset.sample_shape)
+    if hint:
+        log.info(hint)
     run_uri = storage.join(settings.output_uri, settings.run_name)
     with storage.errors(settings.output_uri, OutputError, "write to"):
         storage.check_writable(settings.output_uri)  # the output root: --check creates no run directory
@@ -155,9 +162,12 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         runtime = setup(settings, stop)
         stop.check()
         if not runtime.distributed:
+            warn_local_output(settings)
             run(settings, runtime)
             return 0
         setup_logging(settings.log_level, rank=runtime.rank)
+        if runtime.is_main:
+            warn_local_output(settings)
         try:
             run(settings, runtime)
         except BaseException as exc:
@@ -173,6 +183,39 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         return report_failure(exc)
 
 
+def warn_local_output(settings) -> None:
+    """JOB_OUTPUT_URI left at its default (./runs, a folder in the container) while the data comes
+    from object storage: the run's checkpoints and model go where the pod's end takes them."""
+    remote = "://" in settings.data_uri and not settings.data_uri.startswith("file://")
+    if "output_uri" in settings.model_fields_set or not remote:
+        return
+    log.warning(
+        f"JOB_OUTPUT_URI is not set: this run writes its checkpoints and model to {settings.output_uri} inside the "
+        f"container, lost with it (the data comes from {storage.redact_uri(settings.data_uri)}); set JOB_OUTPUT_URI "
+        "to an object-store URI (s3://bucket/runs) or a mounted volume"
+    )
+
+
+def record_for_launcher(line: str, relayed: bool = False) -> None:
+    """Under torchrun, leave the failure's one line in the worker's error file
+    (TORCHELASTIC_ERROR_FILE, in the format torch.distributed.elastic's `record` writes), with the
+    time to the microsecond: the launcher names the first worker that failed and repeats its line,
+    where torchrun's own timestamps (whole seconds) cannot tell it from a peer that failed after it;
+    `relayed`: this failure only passes on another rank's (a lost peer, a failure posted by another,
+    a stop)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    now = time.time()
+    record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(now)),
+                                                         "failed_at": now, "relayed": relayed}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        pass  # the launcher falls back to torchrun's own report
+
+
 def report_failure(exc: BaseException) -> int:
     """Log how the job failed (one line for a JobError, the traceback for a bug); the exit code.
     Call it while handling `exc`. That line is the log's last: threads abandoned on the way out (a
@@ -180,14 +223,22 @@ def report_failure(exc: BaseException) -> int:
     run_uri = getattr(exc, "run_uri", "")
     run = f"; run {run_uri}" if run_uri else ""
     if isinstance(exc, Stopped):  # a graceful stop is not an error
-        log.warning(f"{exc} (exit {exc.exit_code}{run})")
+        line = f"{exc} (exit {exc.exit_code}{run})"
+        log.warning(line)
         code = exc.exit_code
     elif isinstance(exc, JobError):
-        log.error(f"{exc} (exit {exc.exit_code}{run})")
+        line = f"{exc} (exit {exc.exit_code}{run})"
+        log.error(line)
         code = exc.exit_code
     else:
+        what = " ".join(str(exc).split())[:300]
+        line = f"unexpected error ({type(exc).__name__}: {what}): a bug in trainjob (exit 1)"
         log.exception("unexpected error: this is a bug in trainjob; please report it with this log (exit 1)")
         code = 1
+    # A lost peer, a rank told of another's failure, or a stop (under torchrun, mostly torchrun
+    # stopping the rest after a failure) only relays a failure: the launcher names the other rank.
+    relayed = isinstance(exc, (PeerLostError, Stopped)) or getattr(exc, "relayed", False)
+    record_for_launcher(line, relayed=relayed)
     logging.disable(logging.CRITICAL)
     # An exception may be kept by a thread still running (the shard prefetcher keeps its error):
     # its traceback would keep every frame, and the DataLoader workers they hold, alive past exit.

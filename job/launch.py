@@ -146,6 +146,41 @@ def worker_exit_code(exitcode: int) -> int:
     return exitcode if exitcode > 0 else PeerLostError.exit_code
 
 
+def _recorded(failure) -> dict:
+    """What the job wrote in a worker's error file (job.cli.record_for_launcher); {} for a worker
+    that wrote none (killed by a signal)."""
+    message = failure.error_file_data.get("message")
+    info = message.get("extraInfo", {}) if isinstance(message, dict) else {}
+    return info if isinstance(info.get("failed_at"), (int, float)) else {}
+
+
+def first_failure(failures: dict) -> int:
+    """The global rank of the worker that failed first. torchrun's own choice
+    (`ChildFailedError.get_first_failure`) compares whole seconds, and a worker without an error file
+    gets the second torchrun noticed it: a rank that failed on its own and the rank that failed
+    because of it tie, and the lower rank, often the relay, was named. In order: a worker that
+    failed on its own rather than relaying another's failure (a lost peer, a failure posted by
+    another rank, a stop), as its error file says, the earliest to the microsecond; then one that wrote
+    none (killed by a signal: by the OOM killer, or by torchrun stopping the rest), in the order
+    torchrun saw them; a relay last."""
+    recorded = {rank: _recorded(f) for rank, f in failures.items()}
+    seen = {rank: i for i, rank in enumerate(failures)}  # torchrun's order: those that ended first come first
+
+    def order(rank: int):
+        info = recorded[rank]
+        return (bool(info.get("relayed")), not info, info.get("failed_at", 0.0), seen[rank])
+
+    return min(failures, key=order)
+
+
+def worker_line(failure) -> str:
+    """The one line a failed worker reported (its last ERROR line), from its error file; "" when
+    it left none."""
+    message = failure.error_file_data.get("message")
+    line = message.get("message") if isinstance(message, dict) else None  # torchrun's "<NONE>" is a str
+    return " ".join(str(line).split())[:1000] if line else ""
+
+
 def parse_args(argv: list[str]):
     """torchrun's own options, with `-m job` as the program; raises SettingsError for anything else."""
     from torch.distributed import run as torchrun
@@ -199,8 +234,10 @@ def launch(args) -> int:
         torchrun.run(args)
         return 0
     except ChildFailedError as exc:
+        rank = first_failure(exc.failures)
+        exc.failures = {rank: exc.failures[rank], **exc.failures}  # torchrun's table agrees: its tie goes first
         print(exc.format_msg(), file=sys.stderr, flush=True)  # torchrun's table of the failed workers
-        rank, failure = exc.get_first_failure()
+        failure = exc.failures[rank]
         code = worker_exit_code(failure.exitcode)
         how = (
             f"was killed by signal {-failure.exitcode} ({failure.signal_name()}): a lost process"
@@ -208,9 +245,10 @@ def launch(args) -> int:
             else f"exited {failure.exitcode}"
         )
         meaning = EXIT_CODES.get(code, ("", ""))[0]
+        said = worker_line(failure)
         log.error(
             f"launcher: worker rank {rank} (local rank {failure.local_rank}) {how}, the first to fail; "
-            f"exit {code}{': ' + meaning if meaning else ''}"
+            f"exit {code}{': ' + meaning if meaning else ''}{f'; rank {rank} said: {said}' if said else ''}"
         )
         return code
     except SignalException as exc:

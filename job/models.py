@@ -146,8 +146,26 @@ def torchvision_model(settings, num_classes: int) -> tuple[nn.Module, str]:
     return model, head
 
 
+def model_hint(settings, input_shape: tuple[int, ...]) -> str | None:
+    """A hint when JOB_MODEL was left at its default (mlp, the MNIST tutorial's net) for colour
+    images: an mlp sees a 224x224 photo as 150,528 unrelated numbers, and learns little from it."""
+    if settings.model != "mlp" or "model" in getattr(settings, "model_fields_set", {"model"}):
+        return None
+    if len(input_shape) != 3 or input_shape[0] != 3:  # MNIST-format digits (1 channel): the mlp is their recipe
+        return None
+    return (
+        f"hint: JOB_MODEL is not set, so an mlp (the MNIST recipe) trains on these {'x'.join(map(str, input_shape))} "
+        f"colour images as {math.prod(input_shape):,} flat inputs; for photos set JOB_MODEL=resnet18 (or another "
+        "torchvision model, e.g. efficientnet_b0), with JOB_PRETRAINED=imagenet and JOB_FREEZE=all to start from "
+        "ImageNet weights; JOB_MODEL=mlp keeps the mlp and silences this line"
+    )
+
+
 def build_model(settings, input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, str]:
     """(model, name of its classifier head)."""
+    hint = model_hint(settings, input_shape)
+    if hint:
+        log.info(hint)  # info: rank 0 alone logs it
     if settings.model in ("mlp", "cnn"):
         model = mlp(settings, input_shape, num_classes) if settings.model == "mlp" else cnn(input_shape, num_classes)
         if settings.pretrained not in ("none", "imagenet"):
@@ -197,12 +215,40 @@ def freeze(model: nn.Module, head: str, setting: str) -> list[nn.Module]:
         frozen, keep = list(model.children()), []
     else:
         units = stages(model, head)
+        if int(setting) >= len(units):  # N >= the stages would freeze nothing: JOB_FREEZE=none, silently
+            valid = f"N, the last stages to train, can be 1 to {len(units) - 1}; " if len(units) > 1 else ""
+            raise SettingsError(
+                f"JOB_FREEZE={setting}: {model.__class__.__name__} has {len(units)} backbone stage(s)"
+                f"{_stage_names(model, units)}, so {valid}JOB_FREEZE=none trains them all, JOB_FREEZE=all only the "
+                "new head"
+            )
         keep = units[-int(setting) :]
         frozen = [u for u in units if all(u is not k for k in keep)]
     trainable = {id(p) for m in [*keep, head_module] for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return frozen
+
+
+def _stage_names(model: nn.Module, units: list[nn.Module]) -> str:
+    """' (conv1, bn1, layer1, ...)': the stages by name, the first few and the last."""
+    names = {id(m): n for n, m in model.named_modules()}
+    shown = [names.get(id(u), "?") for u in units]
+    if len(shown) > 6:
+        shown = [*shown[:3], "...", *shown[-2:]]
+    return f" ({', '.join(shown)})"
+
+
+def check_freeze(settings, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """--check: JOB_FREEZE=N fits the model's stages, as `freeze` checks it in the run (the model's
+    shapes alone: no weights, no storage)."""
+    if settings.freeze in ("all", "none"):
+        return
+    with shapes_only():
+        # the model named as given: its hint, if any, is the caller's to log
+        model, head = build_model(settings.model_copy(update={"pretrained": "none", "model": settings.model}),
+                                  input_shape, num_classes)
+    freeze(model, head, settings.freeze)
 
 
 def train_mode(model: nn.Module, head: str, frozen: list[nn.Module]) -> None:

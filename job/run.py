@@ -117,13 +117,17 @@ def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
             f"JOB_LR_SCHEDULE={settings.lr_schedule} is stretched over JOB_EPOCHS, so the epochs are part of the "
             "run's name: changing JOB_EPOCHS starts a new run (set JOB_RUN_NAME to keep this one)"
         )
-    if settings.compile:  # before any work: a missing compiler once failed only at the first step
-        error = None
-        try:
+    # before any work: a missing compiler once failed only at the first step, and JOB_FREEZE past
+    # the model's stages after the whole dataset was pulled (a model's stages do not depend on its input)
+    error = None
+    try:
+        if settings.compile:
             compiling.compile_ready(settings, runtime)
-        except JobError as exc:
-            error = exc
-        runtime.all_ok(error)
+        if settings.transfer_learning:
+            models.check_freeze(settings, (3, settings.image_size, settings.image_size), 2)
+    except JobError as exc:
+        error = exc
+    runtime.all_ok(error)
     held: dict = {}
     try:
         on_main(runtime, lambda: held.setdefault("lease", prepare_output(settings, runtime, run_uri)) and None)

@@ -109,7 +109,8 @@ class Runtime:
         if error:
             raise error
         if t.item():
-            failed = JobError(f"another rank failed (exit {int(t.item())}); see rank 0's log")
+            failed = JobError(f"another rank failed (exit {int(t.item())}); its own message is in its log")
+            failed.relayed = True  # type: ignore[attr-defined]  # the launcher names the rank that failed first
             failed.exit_code = int(t.item())
             raise failed
 
@@ -509,7 +510,8 @@ class NodeWait:
         while True:
             if self.has("failed"):
                 code = int(self.store.get(self.prefix + "failed"))
-                failed = JobError(f"another rank failed (exit {code}); see rank 0's log")
+                failed = JobError(f"another rank failed (exit {code}); its own message is in its log")
+                failed.relayed = True  # type: ignore[attr-defined]  # the launcher names the rank that failed first
                 failed.exit_code = code
                 raise failed
             if ready():

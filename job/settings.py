@@ -191,9 +191,8 @@ class Settings(BaseSettings):
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto",
         description=(
-            "CUDA only: mixed precision (auto = bf16 where the GPU has it natively, compute capability 8.0+, else fp16, "
-            "whose loss scaler checkpoints keep); "
-            "never changes CPU results"
+            "CUDA only: mixed precision (auto = bf16 where the GPU has it natively, compute capability 8.0+, else "
+            "fp16, whose loss scaler checkpoints keep); never changes CPU results"
         ),
     )
     compile: bool = Field(

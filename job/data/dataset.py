@@ -79,23 +79,28 @@ def load_mnist(root: str, device: torch.device, max_bytes: int) -> Data:
 
 
 def load_images(root: str, settings, runtime, normalize: bool) -> Data:
-    """An image-folder dataset, checked file by file (bad files are skipped and named)."""
+    """An image-folder dataset, checked file by file (bad files are skipped and named, by rank 0
+    alone). Messages name JOB_DATA_URI, never the local mirror `root`."""
+    shown = storage.redact_uri(settings.data_uri).rstrip("/")
     found = images.scan(
         root,
         threads=runtime.scan_threads,
         max_bytes=settings.max_file_bytes,
         max_pixels=settings.max_image_pixels,
         log_every=settings.log_every_seconds,
+        shown=shown,
+        name_bad=runtime.is_main,
     )
     bad_fraction = len(found["bad"]) / max(found["files"], 1)
     if bad_fraction > settings.max_bad_fraction:
+        first, why = found["bad"][0]
         raise DataError(
-            f"{len(found['bad'])} of {found['files']} files in {root} are not readable images "
+            f"{len(found['bad'])} of {found['files']} files in {shown} are not readable images "
             f"({bad_fraction:.1%} > JOB_MAX_BAD_FRACTION={settings.max_bad_fraction}); first: "
-            f"{found['bad'][0][0]!r} ({found['bad'][0][1]})"
+            f"{images.user_name(shown, first)}: {why}"
         )
     if not found["train"]:
-        raise DataError(f"no readable image in {root}/train")
+        raise DataError(f"no readable image in {shown}/train")
     transform = images.ImageTransform(settings.image_size, settings.augment, normalize)
     items = found["train"] + (found["val"] or [])
     split = None
@@ -196,9 +201,13 @@ def check(settings) -> Checked:
         shape = (3, size, size) if index["kind"] == "image" else tuple(first.get("shape") or IDX_SHAPE)
         return Checked("sharded", index["class_names"], shape, 0)
     names = storage.list_names(uri)
-    if not names:
+    if names == [uri.rstrip("/").rsplit("/", 1)[-1]] and all(
+        p.endswith("/") or info.get("type") == "directory" for p, info in storage.find(uri).items()
+    ):
+        names = []  # an object store's folder marker alone (the console's "Create folder"): an empty folder
+    if not names and not storage.exists(uri):
         raise FileNotFoundError(uri)
-    found = layout.detect(names, uri)
+    found = layout.detect(names, uri)  # an existing, empty folder: "it is empty", as the run says
     if settings.data_format not in ("auto", found):
         raise DataError(f"{storage.redact_uri(uri)} holds {found} data, not JOB_DATA_FORMAT={settings.data_format}")
     classes: list[str] = []

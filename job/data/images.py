@@ -121,16 +121,26 @@ def check_blob(blob: bytes, max_pixels: int) -> str | None:
         return f"{exc.__class__.__name__}: {str(exc)[:120]}"
 
 
-def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: float = 10.0) -> dict:
-    """Find the splits and their images, decode each once, and sort out the bad ones.
+def user_name(shown: str, rel: str) -> str:
+    """A file of a dataset as the user knows it: its URI (s3://bucket/photos/train/rose/1.jpg) or
+    local path, from the dataset's URI and the file's path relative to it."""
+    return shown.rstrip("/") + "/" + rel.replace(os.sep, "/")
+
+
+def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: float = 10.0, shown: str = "",
+         name_bad: bool = True) -> dict:
+    """Find the splits and their images, decode each once, and sort out the bad ones. Messages
+    name the dataset as the user gave it (`shown`: its URI, not the local cache folder `root`);
+    each bad file is named in a warning when `name_bad` (rank 0 alone: one list in the log).
 
     Returns {"classes", "train", "val" (or None), "test" (or None), "bad", "files", "digests"};
     each split is a list of (path, label); digests maps each file's name (class/relative path)
     to its sha256. Raises DataError for a layout that cannot be trained on."""
     Image.MAX_IMAGE_PIXELS = max_pixels
-    classes, items, folders = layout.image_splits(layout.local_folders(root), root)
+    shown = shown or root
+    classes, items, folders = layout.image_splits(layout.local_folders(root), shown)
     every = [p for split in items.values() for p, _ in split]
-    log.info(f"checking {len(every)} image files in {root} ({threads} threads)")
+    log.info(f"checking {len(every)} image files in {shown} ({threads} threads)")
     checked, start = {}, time.monotonic()
     last = start
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL decodes without the GIL
@@ -146,8 +156,8 @@ def scan(root: str, threads: int, max_bytes: int, max_pixels: int, log_every: fl
                 )
     reasons = {p: reason for p, (reason, _) in checked.items()}
     bad = [(p, r) for p, r in reasons.items() if r]
-    for path, reason in bad:
-        log.warning(f"skipping {os.path.relpath(path, root)}: {reason}")
+    for path, reason in bad if name_bad else []:
+        log.warning(f"skipping {user_name(shown, os.path.relpath(path, root))}: {reason}")
     good = {k: [(p, y) for p, y in v if not reasons[p]] for k, v in items.items()}
     return {
         "classes": classes,

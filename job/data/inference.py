@@ -72,7 +72,8 @@ def labelled(settings, runtime, uri: str, config: dict) -> Labelled:
             f"{storage.redact_uri(uri)} has classes the model does not know: {', '.join(map(repr, unknown[:10]))}"
         )
     paths = [p for files in classes.values() for p in files]
-    good, bad = _checked(settings, folder, paths)
+    shown = storage.redact_uri(uri).rstrip("/") + (f"/{split}" if split else "")
+    good, bad = _checked(settings, folder, paths, shown)
     good_set = set(good)
     label = {c: i for i, c in enumerate(config["class_names"])}
     items = [(p, label[c]) for c, files in classes.items() for p in files if p in good_set]
@@ -112,7 +113,7 @@ def inputs(settings, runtime, uri: str, config: dict) -> Inputs:
     for here, dirs, files in os.walk(root):  # every file, subfolders included; hidden ones skipped
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         paths += [os.path.join(here, n) for n in sorted(files) if not n.startswith(".")]
-    good, bad = _checked(settings, root, paths)
+    good, bad = _checked(settings, root, paths, storage.redact_uri(uri))
     return Inputs(_image_source(settings, runtime, [(p, 0) for p in good], config),
                   [os.path.relpath(p, root) for p in good], bad)
 
@@ -145,8 +146,9 @@ def _sharded(settings, runtime, uri: str, index: dict, config: dict) -> Labelled
                     split)
 
 
-def _checked(settings, root: str, paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Decode-check every file as training does (regular files, size and pixel limits)."""
+def _checked(settings, root: str, paths: list[str], shown: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Decode-check every file as training does (regular files, size and pixel limits); a bad
+    file is named in the log under `shown` (the URI the user gave for `root`)."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
@@ -155,7 +157,7 @@ def _checked(settings, root: str, paths: list[str]) -> tuple[list[str], list[tup
         reason, _ = images.check_file(path, settings.max_file_bytes, settings.max_image_pixels)
         if reason:
             bad.append((os.path.relpath(path, root), reason))
-            log.warning(f"skipping {os.path.relpath(path, root)}: {reason}")
+            log.warning(f"skipping {images.user_name(shown, os.path.relpath(path, root))}: {reason}")
         else:
             good.append(path)
     return good, bad

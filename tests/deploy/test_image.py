@@ -154,10 +154,11 @@ def smoke_docker(*args, build_args: dict, env: dict | None = None) -> subprocess
                           timeout=BUILD_TIMEOUT)
 
 
-def run_command(image: str, env: dict, *job_args, name: str | None = None, user: str | None = None) -> list[str]:
+def run_command(image: str, env: dict, *job_args, name: str | None = None, user: str | None = None,
+                extra: tuple[str, ...] = ()) -> list[str]:
     """The README's `docker run`, plus --network host to reach moto on 127.0.0.1. Variables are
     passed by name (-e NAME), as the README does for credentials."""
-    cmd = ["docker", "run", *readme_run_flags(), "--network", "host"]
+    cmd = ["docker", "run", *readme_run_flags(), "--network", "host", *extra]
     cmd += ["--name", name] if name else []
     cmd += ["--user", user] if user else []
     for k in env:
@@ -165,9 +166,10 @@ def run_command(image: str, env: dict, *job_args, name: str | None = None, user:
     return [*cmd, image, *job_args]
 
 
-def docker_run(image: str, env: dict, *job_args, user: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(run_command(image, env, *job_args, user=user), env=host_env(env), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT)
+def docker_run(image: str, env: dict, *job_args, user: str | None = None,
+               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(run_command(image, env, *job_args, user=user, extra=extra), env=host_env(env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT)
 
 
 def tail(text: str, n: int = 60) -> str:
@@ -253,6 +255,22 @@ def test_two_epochs_write_every_output_to_the_bucket(cpu_image, bucket):
     latest = read_json(fs, f"{run}/checkpoints/latest.json")
     assert fs.exists(f"{run}/checkpoints/{latest['file']}")
     assert SECRET not in result.stdout
+
+
+def test_a_compiled_run_in_the_container_with_a_cpu_limit_trains_as_eager(cpu_image, bucket):
+    """JOB_COMPILE=true in the image with the README's flags (Inductor compiles C++ into the exec
+    tmpfs cache) under `--cpus 1`: the job sizes itself to the quota and learns what eager learns."""
+    runs = {}
+    for name, compiled in (("eager-1cpu", "false"), ("compiled-1cpu", "true")):
+        result = docker_run(cpu_image.image, job_env(bucket, run_name=name, epochs=2, compile=compiled, **DIGITS),
+                            extra=("--cpus", "1"))
+        assert result.returncode == 0, tail(result.stdout)
+        assert "(cgroup CPU quota 1, affinity" in result.stdout, tail(result.stdout)
+        runs[name] = read_history(bucket.fs, name)
+    assert "compile: 1 graph(s) compiled in" in result.stdout, tail(result.stdout)
+    for eager, compiled in zip(runs["eager-1cpu"], runs["compiled-1cpu"], strict=True):
+        assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+        assert compiled["val_accuracy"] == pytest.approx(eager["val_accuracy"], abs=0.01)
 
 
 def test_any_uid_can_write_cache_and_tmp_openshift_style(cpu_image, bucket):

@@ -137,7 +137,7 @@ def test_predict_and_evaluate_images_with_the_evaluation_preprocessing(tmp_path)
     (inputs / "batch1" / "notes.jpg").write_text("not an image")
     result = command("predict", str(run), str(inputs), "--output", str(tmp_path / "p.jsonl"))
     assert result.returncode == 0, result.stdout
-    assert "skipping batch1/notes.jpg" in result.stdout
+    assert f"skipping {inputs}/batch1/notes.jpg: not an image" in result.stdout  # named as the user gave it
     rows = predictions(tmp_path / "p.jsonl")
     assert len(rows) == 12
     evaluation = images.ImageTransform(32, augment=False, normalize=True)

@@ -86,18 +86,18 @@ def hostile_run(hostile_tree, tmp_path_factory):
     return result, summary
 
 
-def test_files_that_are_not_regular_files_are_skipped_and_named(hostile_run):
+def test_files_that_are_not_regular_files_are_skipped_and_named(hostile_run, hostile_tree):
     result, summary = hostile_run
     assert result.returncode == 0, result.stdout
-    assert "skipping train/rose/zero.png: not a regular file" in result.stdout  # no MemoryError
-    assert "skipping train/rose/fifo.png: not a regular file" in result.stdout  # no hang
+    assert f"skipping {hostile_tree}/train/rose/zero.png: not a regular file" in result.stdout  # no MemoryError
+    assert f"skipping {hostile_tree}/train/rose/fifo.png: not a regular file" in result.stdout  # no hang
     assert "Traceback" not in result.stdout
 
 
-def test_decompression_bombs_are_bad_files(hostile_run):
+def test_decompression_bombs_are_bad_files(hostile_run, hostile_tree):
     result, summary = hostile_run
     for side in (30000, 13000):
-        assert f"skipping train/tulip/bomb-{side}.png: more than JOB_MAX_IMAGE_PIXELS" in result.stdout
+        assert f"skipping {hostile_tree}/train/tulip/bomb-{side}.png: more than JOB_MAX_IMAGE_PIXELS" in result.stdout
     assert summary["bad_files"] == 4
 
 

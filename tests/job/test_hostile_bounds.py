@@ -100,5 +100,5 @@ def test_c1_and_bidi_controls_in_a_file_name_are_escaped_in_the_log(tmp_path):
     result = run_job(data_uri=str(root), output_uri=str(tmp_path / "out"), run_name="r", model="mlp", image_size=16,
                      epochs=1, batch_size=8, num_workers=0, max_bad_fraction=0.2, **DIGITS)
     assert result.returncode == 0, result.stdout
-    assert "skipping train/rose/x\\x9b2J\\u202egnp.exe: not an image" in result.stdout, result.stdout
+    assert f"skipping {root}/train/rose/x\\x9b2J\\u202egnp.exe: not an image" in result.stdout, result.stdout
     assert not C1_AND_BIDI & set(result.stdout), result.stdout

@@ -64,7 +64,8 @@ def test_flowers_from_s3_with_weights_from_s3(s3, tree, tmp_path):
     result = run_job(data_uri="s3://data/flowers", output_uri="s3://out", run_name="flowers",
                      pretrained="s3://data/weights/resnet18.pt", cache_dir=str(tmp_path / "cache"), **RECIPE)
     assert result.returncode == 0, result.stdout
-    assert "skipping train/rose/truncated.jpg" in result.stdout and "skipping train/tulip/notes.jpg" in result.stdout
+    assert "skipping s3://data/flowers/train/rose/truncated.jpg" in result.stdout  # the object's URI, not the cache's
+    assert "skipping s3://data/flowers/train/tulip/notes.jpg" in result.stdout
     assert "feature cache: computing backbone features" in result.stdout
     summary = json.loads(s3.cat_file("out/flowers/summary.json"))
     assert summary["status"] == "completed" and summary["bad_files"] == 2
