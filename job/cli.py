@@ -61,7 +61,7 @@ COMMANDS = {
             ("data", "class folders, an image-folder dataset (its test/ or valid/ split), a sharded dataset (its test "
              "or val split), or MNIST-format IDX files"),
         ],
-        "the folder to write to (default: <run>/evaluations/<data>/)",
+        "the folder to write to (default: <run>/evaluations/<data>-<hash of its URI>-<split>/)",
     ),
     "export": (
         "write a model/ folder (safetensors, config.json, verified ONNX) from any checkpoint",

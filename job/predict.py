@@ -13,9 +13,11 @@ evaluate  MODEL DATA [--output URI]: a labelled set (class folders, an image-fol
 Bad images are skipped and named; errors are one line with the usual exit codes.
 """
 
+import hashlib
 import io
 import json
 import logging
+import os
 import time
 
 import torch
@@ -52,6 +54,17 @@ def _refuse_output_in_model(model_uri: str, output_uri: str | None) -> None:
             "overwrite the model's or the run's files; choose an --output outside it (or under the run's "
             "predictions/ or evaluations/)"
         )
+
+
+def evaluation_name(data_uri: str, split: str) -> str:
+    """The folder evaluate writes to under <run>/evaluations/ by default: the dataset's last segment,
+    a hash of its whole URI (redacted; a local path made absolute) and the split scored, so
+    s3://a/photos and s3://b/photos, or one dataset's test and val splits, never share a folder:
+    s3://b/photos -> photos-1c2d3e4f-test."""
+    where = storage.redact_uri(data_uri).rstrip("/")
+    if "://" not in where:  # ./photos and /work/photos are the same dataset
+        where = os.path.abspath(where)
+    return f"{dataset_name(data_uri)}-{hashlib.sha256(where.encode()).hexdigest()[:8]}-{split}"
 
 
 @torch.no_grad()
@@ -125,10 +138,10 @@ def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str |
         )
     if not len(indices):
         raise DataError(f"no readable sample in {storage.redact_uri(data_uri)}")
-    output_uri = output_uri or storage.join(run_dir(model_uri), "evaluations", dataset_name(data_uri))
+    output_uri = output_uri or storage.join(run_dir(model_uri), "evaluations", evaluation_name(data_uri, split))
     log.info(
         f"evaluating {config['architecture']} on {len(indices)} samples of {storage.redact_uri(data_uri)} "
-        f"({split}); {len(bad)} bad files skipped"
+        f"({split} split); {len(bad)} bad files skipped"
     )
     model = loop.Model(module, module, head="")
     loss, accuracy, confusion = loop.evaluate(
@@ -152,10 +165,11 @@ def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str |
         storage.write_json(storage.join(output_uri, "evaluation.json"), result)
         storage.write_bytes(
             storage.join(output_uri, "confusion.png"),
-            report.confusion_png(confusion, names, f"{dataset_name(data_uri)}: confusion matrix"),
+            report.confusion_png(confusion, names, f"{dataset_name(data_uri)} ({split}): confusion matrix"),
         )
     log.info(
-        f"accuracy={accuracy:.4f} loss={loss:.4f} on {len(indices)} samples; evaluation.json and confusion.png in "
+        f"accuracy={accuracy:.4f} loss={loss:.4f} on {len(indices)} samples ({split} split of "
+        f"{storage.redact_uri(data_uri)}); evaluation.json and confusion.png in "
         f"{storage.redact_uri(output_uri)}"
     )
     return result

@@ -28,7 +28,7 @@ class Labelled:
     indices: torch.Tensor
     class_names: list[str]  # the classes the data holds
     bad_files: list
-    split: str  # which part of the dataset was scored: "test", "val" or "all"
+    split: str  # which part of the dataset was scored: "test", "val", "train" (IDX files with no t10k pair) or "all"
 
 
 @dataclass
@@ -57,7 +57,7 @@ def labelled(settings, runtime, uri: str, config: dict) -> Labelled:
         assert pair is not None  # required: read_split raised otherwise
         labels = torch.from_numpy(pair[1].astype(np.int64)).to(runtime.device)
         tensors = TensorSource(_idx_tensor(pair[0], runtime.device), labels)
-        return Labelled(tensors, torch.arange(len(tensors)), [str(i) for i in range(int(pair[1].max()) + 1)], [], "all")
+        return Labelled(tensors, torch.arange(len(tensors)), [str(i) for i in range(int(pair[1].max()) + 1)], [], role)
     split = layout.labelled_split(names)
     folder = os.path.join(root, split) if split else root
     classes = layout.class_folders(os.path.dirname(folder), os.path.basename(folder))
