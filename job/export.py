@@ -31,6 +31,7 @@ from safetensors.torch import save as save_safetensors
 
 from job import __version__, models, storage
 from job.data import images, layout
+from job.data.augment import EVAL_RESIZE
 from job.errors import DataError, JobError, OutputError, format_version, one_line
 from job.settings import MAX_HIDDEN_LAYERS, MAX_IMAGE_SIDE, MAX_MLP_PARAMETERS, mlp_parameters
 
@@ -42,17 +43,53 @@ VERIFY_SAMPLES = 1000  # validation samples compared at export (all of them when
 
 
 def preprocessing(model_name: str, sample_shape: tuple[int, ...], image_size: int, from_images: bool) -> dict:
-    """How an input becomes a model input, as evaluation does it: for photos, resize the shorter
-    side, centre crop, scale to [0, 1], normalise with ImageNet's statistics for torchvision
-    models; for IDX images, scale to [0, 1]."""
+    """How an input becomes a model input, as predict and evaluate do it, exactly enough to do it
+    without PyTorch: for photos (job.data.augment's evaluation), PIL's RGB conversion, the shorter
+    side resized (bilinear, antialiased; the longer side rounded down, as torchvision does), the
+    centre crop (its offset rounded half to even, as torchvision does), scaled to [0, 1] and
+    normalised with ImageNet's statistics for torchvision models; for IDX images, scaled to [0, 1];
+    image files for an IDX model, grayscale stretched to its height and width. `steps` says it in
+    words, with the numbers filled in."""
     normalize = model_name not in ("mlp", "cnn")
     if from_images:
-        return {"kind": "image", "convert": "RGB", "resize_shorter_side": round(image_size * 256 / 224),
-                "center_crop": image_size, "scale": 1 / 255,
-                "mean": list(images.IMAGENET_MEAN) if normalize else None,
-                "std": list(images.IMAGENET_STD) if normalize else None}
-    return {"kind": "idx", "channels": sample_shape[0], "height": sample_shape[1], "width": sample_shape[2],
-            "scale": 1 / 255, "mean": None, "std": None}
+        short, crop = round(image_size * EVAL_RESIZE), image_size
+        mean = list(images.IMAGENET_MEAN) if normalize else None
+        std = list(images.IMAGENET_STD) if normalize else None
+        return {
+            "kind": "image", "convert": "RGB", "exif_orientation": "ignored", "resize_shorter_side": short,
+            "resize_longer_side": "floor", "interpolation": "bilinear", "antialias": True, "center_crop": crop,
+            "center_crop_offset": "round_half_even", "scale": 1 / 255, "mean": mean, "std": std,
+            "channel_order": "RGB", "layout": "CHW", "dtype": "float32",
+            "steps": [
+                "decode the file with PIL and convert it to RGB (Image.convert('RGB'): alpha dropped, palette, "
+                "grayscale and CMYK expanded); the EXIF orientation is not applied",
+                f"resize to {short} px on the shorter side and floor({short} * longer / shorter) px on the longer, "
+                "bilinear with antialiasing (PIL: img.resize((width, height), Image.Resampling.BILINEAR, "
+                "reducing_gap=None); predict runs torchvision's resize, which PIL matches to within 1/255 on a few "
+                "pixels)",
+                f"crop the centre {crop}x{crop} of the resized image: left = round((width - {crop}) / 2), top = "
+                f"round((height - {crop}) / 2), halves rounded to even (Python's round)",
+                "to float32, divided by 255 (values in [0, 1])"
+                + (f"; then per channel (R, G, B) minus mean {mean}, divided by std {std}" if normalize else ""),
+                f"channels first: (3, {crop}, {crop}) per image, batches (N, 3, {crop}, {crop}), float32, the "
+                "ONNX model's 'images' input",
+            ],
+        }
+    channels, height, width = sample_shape
+    return {
+        "kind": "idx", "channels": channels, "height": height, "width": width, "scale": 1 / 255, "mean": None,
+        "std": None, "convert": "L", "interpolation": "bilinear", "antialias": True, "layout": "CHW",
+        "dtype": "float32",
+        "steps": [
+            f"IDX images ({height}x{width}): the uint8 pixels as stored; image files: decoded with PIL, converted "
+            f"to grayscale (Image.convert('L')), resized to exactly {width}x{height} (the aspect ratio is not "
+            "kept) with img.resize((width, height), Image.Resampling.BILINEAR)",
+            "to float32, divided by 255 (values in [0, 1]), no normalisation",
+            f"channels first: ({channels}, {height}, {width}) per image"
+            + (" (the gray channel repeated 3 times)" if channels == 3 else "")
+            + f", batches (N, {channels}, {height}, {width}), float32, the ONNX model's 'images' input",
+        ],
+    }
 
 
 MAX_CLASSES = layout.MAX_CLASSES  # what training can produce
@@ -65,10 +102,25 @@ class _Strict(BaseModel):
 
 
 class ImagePreprocessing(_Strict):
+    """What predict reads. The resize fields are optional (configs written before they were added
+    lack them: format_version 1 is extended, not bumped, so older trainjobs read new configs too)
+    but where present must say what predict does."""
+
     kind: Literal["image"]
     center_crop: int
     mean: list[float] | None  # required; null: not normalised
     std: list[float] | None
+    resize_shorter_side: int | None = None  # round(center_crop * 256 / 224), job.data.augment's
+    interpolation: Literal["bilinear"] = "bilinear"
+    antialias: Literal[True] = True
+
+    @model_validator(mode="after")
+    def _resize(self) -> "ImagePreprocessing":
+        wanted = round(self.center_crop * EVAL_RESIZE)
+        if self.resize_shorter_side is not None and self.resize_shorter_side != wanted:
+            raise ValueError(f"resize_shorter_side must be round(center_crop * 256 / 224) = {wanted}, what predict "
+                             "does")
+        return self
 
 
 class IdxPreprocessing(_Strict):
