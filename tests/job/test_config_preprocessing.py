@@ -1,7 +1,8 @@
 """config.json's preprocessing is a recipe a user can follow without PyTorch (issue 24): PIL,
 numpy and ONNX Runtime alone, reading config.json literally, give `python -m job predict`'s
 classes and probabilities. Configs written before the recipe fields still load; one whose recipe
-says something predict does not do is refused."""
+says something predict does not do is refused. Both kinds: photos (a resnet18) and IDX digits
+given as image files."""
 
 import json
 import shutil
@@ -9,7 +10,8 @@ import shutil
 import numpy as np
 import onnxruntime
 import pytest
-from conftest import run_job
+import stage_dataset
+from conftest import DIGITS, run_job
 from PIL import Image
 from test_transfer import CLASSES, COLORS, RECIPE, make_tree, weights_file
 
@@ -114,3 +116,41 @@ def test_a_config_from_before_the_recipe_still_loads_and_a_false_recipe_is_refus
     (tmp_path / "false" / "config.json").write_text(json.dumps(false))
     refused = run_job("predict", str(tmp_path / "false"), str(inputs), "--output", str(tmp_path / "f.jsonl"))
     assert refused.returncode == 3 and "interpolation" in refused.stdout, refused.stdout
+
+
+def test_an_idx_models_recipe_for_image_files_gives_predicts_answers(tmp_path, digits_arrays):
+    stage_dataset.stage(digits_arrays, str(tmp_path / "digits"))
+    trained = run_job(data_uri=str(tmp_path / "digits"), output_uri=str(tmp_path / "runs"), run_name="r", epochs=2,
+                      export="onnx", **DIGITS)
+    assert trained.returncode == 0, trained.stdout
+    model = tmp_path / "runs" / "r" / "model"
+    # digits as image files: some as stored, some enlarged, in colour and out of shape
+    (tmp_path / "new").mkdir()
+    names = []
+    for i, pixels in enumerate(digits_arrays["test_images"][:12]):
+        img = Image.fromarray(pixels)
+        if i % 2:
+            img = img.convert("RGB").resize((42 + i, 56), Image.Resampling.NEAREST)
+        names.append(f"{i:02d}.png")
+        img.save(tmp_path / "new" / names[-1])
+    result = run_job("predict", str(model), str(tmp_path / "new"), "--output", str(tmp_path / "p.jsonl"))
+    assert result.returncode == 0, result.stdout
+    predicted = {r["input"]: r for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+    config = json.loads((model / "config.json").read_text())
+    prep = config["preprocessing"]
+    assert prep["kind"] == "idx" and prep["convert"] == "L" and prep["interpolation"] == "bilinear"
+    assert prep["mean"] is None and prep["layout"] == "CHW" and prep["channels"] == 1
+
+    def follow(path) -> np.ndarray:
+        img = Image.open(path).convert(prep["convert"]).resize((prep["width"], prep["height"]),
+                                                               Image.Resampling.BILINEAR)
+        return (np.asarray(img).astype(prep["dtype"]) * np.float32(prep["scale"]))[None]
+
+    session = onnxruntime.InferenceSession(str(model / config["onnx"]), providers=["CPUExecutionProvider"])
+    probabilities = softmax(session.run(None, {"images": np.stack([follow(tmp_path / "new" / n) for n in names])})[0])
+    for name, probs in zip(names, probabilities, strict=True):
+        row = predicted[name]
+        assert config["class_names"][int(probs.argmax())] == row["class"], name
+        theirs = {t["class"]: t["probability"] for t in row["top5"]}
+        ours = {c: p for c, p in zip(config["class_names"], probs.tolist(), strict=True) if c in theirs}
+        assert ours == pytest.approx(theirs, abs=1e-4), name  # PIL both sides: only ONNX against PyTorch
