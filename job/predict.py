@@ -61,8 +61,8 @@ def evaluation_name(data_uri: str, split: str) -> str:
     a hash of its whole URI (redacted; a local path made absolute) and the split scored, so
     s3://a/photos and s3://b/photos, or one dataset's test and val splits, never share a folder:
     s3://b/photos -> photos-1c2d3e4f-test."""
-    where = storage.redact_uri(data_uri).rstrip("/")
-    if "://" not in where:  # ./photos and /work/photos are the same dataset
+    where = storage.redact_uri(data_uri).rstrip("/").removeprefix("file://")
+    if "://" not in where:  # ./photos, /work/photos and file:///work/photos are the same dataset
         where = os.path.abspath(where)
     return f"{dataset_name(data_uri)}-{hashlib.sha256(where.encode()).hexdigest()[:8]}-{split}"
 
