@@ -172,6 +172,21 @@ def decode_parity(ctx) -> dict:
     return figures
 
 
+def train_step(model, optimizer, scaler, dtype, x, y) -> torch.Tensor:
+    """One step as the job takes it: autocast to `dtype` (None: fp32), a scaler for fp16."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def amp(ctx) -> dict:
     if not GPU:
         raise Skipped("needs a GPU (the job uses no mixed precision on the CPU)")
@@ -193,16 +208,7 @@ def amp(ctx) -> dict:
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         for _ in range(5):
             for xb, yb in zip(data, labels, strict=True):
-                with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-                    loss = torch.nn.functional.cross_entropy(model(xb), yb)
-                if scaler:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss = train_step(model, optimizer, scaler, dtype, xb, yb)
         losses[name] = float(loss)
     figures = {"final_loss": losses}
     for name, value in losses.items():
@@ -323,16 +329,7 @@ def resnet_synthetic(ctx) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16) if GPU else None
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, scaler, dtype, x, y)
 
     for _ in range(2 if not GPU else 10):
         step()
