@@ -460,6 +460,34 @@ def run_state(run_uri: str, epochs: int) -> str:
     return f"resumable from checkpoints/{file} ({position(SimpleNamespace(epoch=epoch, seen=seen))})"
 
 
+# where and how the data is read: the dataset's fingerprint is compared with the checkpoint's
+# only where it is read, so a run whose data comes from elsewhere is not answered from its records
+DATA_SETTINGS = ("data_uri", "data_format")
+
+
+def finished(run_uri: str, settings) -> dict | None:
+    """latest.json when it says the run is at JOB_EPOCHS or past under settings a resume takes
+    (settings_changes: no refused change, the same data URI and format) and JOB_RESUME allows
+    resuming; None otherwise, or when the pointer cannot tell (written by trainjob <= 0.1, or
+    unreadable): the run then loads the checkpoint to know. Whether the run completed is the
+    summary's to say (report.completed)."""
+    if settings.resume == "never":
+        return None  # a run that holds a checkpoint is refused, complete or not
+    try:
+        latest = storage.read_json(storage.join(_dir(run_uri), "latest.json"))
+        epoch, saved = int(latest["epoch"]), latest["settings"]
+        if not isinstance(saved, dict) or not isinstance(latest["file"], str):
+            raise TypeError(saved)
+        fixed, _ = settings_changes({"settings": saved, "input_kind": latest.get("input_kind")}, settings)
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    now = settings.public_dict()
+    if fixed or epoch < settings.epochs or any(saved.get(k) != now[k] for k in DATA_SETTINGS):
+        return None
+    file = _own_file(run_uri, "latest.json", latest["file"], ".pt")  # as the run would refuse it
+    return latest if storage.exists(storage.join(_dir(run_uri), file)) else None
+
+
 def load_resume_state(settings, run_uri: str) -> tuple[dict | None, str | None]:
     """Apply JOB_RESUME to the run's newest good checkpoint: never silently restart a run that
     has history from scratch. Returns (checkpoint, its name) or (None, None)."""
@@ -521,7 +549,11 @@ class Checkpointer:
     def _snapshot(self) -> tuple[bytes, dict]:
         p = self.state.progress
         blob = serialize(contents(self.settings, self.rt, self.module, self.state, self.data))
-        return blob, {"epoch": p.epoch, "seen": p.seen, "global_step": p.global_step}
+        # the settings also in the manifest (so in latest.json): a rerun of a completed run is
+        # answered from it without the dataset or the checkpoint (finished())
+        return blob, {"epoch": p.epoch, "seen": p.seen, "global_step": p.global_step,
+                      "settings": self.settings.public_dict(),
+                      "input_kind": "idx" if self.data.samples.in_memory else "image"}
 
     def save(self, best: bool = False, epoch_end: bool = False) -> bool:
         """Checkpoint now (or, at an epoch end, when one is due). True when a checkpoint is on its

@@ -47,6 +47,10 @@ def run(settings, runtime: Runtime, timed=plain_step, sanity=None, include=None)
     lease = step("output location", lambda: begin(settings, runtime, run_uri))
     tracker = tracking.Tracker(settings, runtime, run_uri)
     with Ending(settings, runtime, run_uri, lease, tracker) as ending:
+        done = on_main(runtime, lambda: completed_from_records(settings, run_uri))
+        if done is not None:  # no data pulled, no checkpoint loaded
+            say_complete(run_uri, done["epochs_completed"], done["best_val_accuracy"], done["best_epoch"])
+            return done
         dataset = step("dataset pulled and read", lambda: load_data(settings, runtime, include))
         model, data, state, ckpt = step("model built with its weights",
                                         lambda: prepare(settings, runtime, run_uri, dataset, lease, started, tracker))
@@ -56,9 +60,7 @@ def run(settings, runtime: Runtime, timed=plain_step, sanity=None, include=None)
             if done is not None:
                 if on_main(runtime, lambda: export_missing(settings, run_uri)):  # killed while exporting
                     step("model exported", lambda: export_model(settings, runtime, run_uri, dataset, state))
-                log.info(f"run {storage.redact_uri(run_uri)} is already complete: {len(state.history)} epochs, "
-                         f"best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); nothing to do. "
-                         "Raise JOB_EPOCHS to train it further, or set a new JOB_RUN_NAME for another run")
+                say_complete(run_uri, len(state.history), state.best_val_accuracy, state.best_epoch)
                 return done
         if sanity is not None:
             step("loss sanity", lambda: sanity(settings, runtime, model, data, state))
@@ -71,6 +73,30 @@ def run(settings, runtime: Runtime, timed=plain_step, sanity=None, include=None)
         log.info(f"completed: best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); "
                  f"outputs in {storage.redact_uri(run_uri)}")
         return summary
+
+
+def completed_from_records(settings, run_uri: str) -> dict | None:
+    """The summary of a run that is complete under these settings, from its records alone (the
+    checkpoint pointer and summary.json, as --check reads them): a rerun says so in a second where
+    pulling the dataset and loading the checkpoint took 40 s. None sends the run the long way,
+    which decides as before: a pointer that cannot tell (an older trainjob), a model/ to export
+    again (it needs the dataset), a summary whose numbers are not numbers."""
+    with storage.errors(run_uri, OutputError, "read"):
+        if checkpoint.finished(run_uri, settings) is None or model_missing(settings, run_uri):
+            return None
+        summary = report.completed(run_uri)
+    if summary is None:
+        return None
+    numbers = (summary.get("epochs_completed"), summary.get("best_val_accuracy"), summary.get("best_epoch"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        return None
+    return summary
+
+
+def say_complete(run_uri: str, epochs: int, best_val_accuracy: float, best_epoch: int) -> None:
+    log.info(f"run {storage.redact_uri(run_uri)} is already complete: {epochs} epochs, "
+             f"best_val_accuracy={best_val_accuracy:.4f} (epoch {best_epoch}); nothing to do. "
+             "Raise JOB_EPOCHS to train it further, or set a new JOB_RUN_NAME for another run")
 
 
 def versions() -> dict:
@@ -343,10 +369,14 @@ def finish(
 def export_missing(settings, run_uri: str) -> bool:
     """A completed run whose model/ is missing or unfinished (config.json is written last)."""
     with storage.errors(run_uri, OutputError, "read"):
-        missing = settings.export != "off" and not storage.exists(storage.join(run_uri, "model", "config.json"))
+        missing = model_missing(settings, run_uri)
     if missing:
         log.info("the run completed but its model/ is missing or unfinished (stopped while exporting?): exporting it")
     return missing
+
+
+def model_missing(settings, run_uri: str) -> bool:
+    return settings.export != "off" and not storage.exists(storage.join(run_uri, "model", "config.json"))
 
 
 def export_model(settings, runtime: Runtime, run_uri: str, dataset: Data, state: loop.TrainState) -> str:
