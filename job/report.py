@@ -132,9 +132,13 @@ def summary(settings, runtime, data, state, status: str, started: float, **extra
         "best_epoch_recipe": best["recipe"],
         "settings_changes": state.settings_changes,
         "epochs_completed": len(state.history),
+        # which epoch each result describes: best_* (and checkpoints/best.pt, model/) the best
+        # epoch's; final_val_accuracy, per_class_val_accuracy and the val confusion matrix the last's
         "best_epoch": state.best_epoch or None,
         "best_val_accuracy": state.best_val_accuracy if state.history else None,
+        "final_epoch": last.get("epoch"),
         "final_val_accuracy": last.get("val_accuracy"),
+        "test_epoch": None,  # with a test set: the epoch whose weights scored it (the last)
         "test_accuracy": None,
         "wall_seconds": round(time.monotonic() - started, 3),
         "device": str(runtime.device),
@@ -181,9 +185,10 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _png(fig) -> bytes:
+def _png(fig, title: str = "") -> bytes:
+    """The figure as PNG bytes; `title` also in the file's Title text, for a program to read."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", metadata={"Title": title} if title else None)
     return buffer.getvalue()
 
 
@@ -247,22 +252,43 @@ def confusion_png(confusion, class_names: list[str], title: str) -> bytes:
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    return _png(fig, title)
 
 
 def publish(
     run_uri: str, history: list[dict], summary: dict, confusions: dict | None = None, curves: bool = True
 ) -> None:
     """Rewrite history, plots and summary whole (object stores cannot append). `confusions`:
-    {split: confusion matrix} pictured as plots/confusion_<split>.png; `curves`: redraw the
-    accuracy and loss plots (skipped when they already show this history)."""
+    {split: confusion matrix} as plots/confusion_<split>.png and .json, each naming its split and
+    epoch (the summary's final_epoch for val, test_epoch for test); `curves`: redraw the accuracy
+    and loss plots (skipped when they already show this history)."""
     storage.write_bytes(storage.join(run_uri, "history.jsonl"), history_bytes(history))
     if history and curves:
         for metric in ("accuracy", "loss"):
             storage.write_bytes(storage.join(run_uri, "plots", f"{metric}.png"), plot_png(history, metric, summary))
     for split, confusion in (confusions or {}).items():
         if confusion is not None:
-            title = f"{summary.get('run_name', '')}: {split} confusion matrix"
-            png = confusion_png(confusion, summary.get("class_names", []), title)
+            record = confusion_record(confusion, split, summary)
+            png = confusion_png(confusion, record["class_names"], record["title"])
             storage.write_bytes(storage.join(run_uri, "plots", f"confusion_{split}.png"), png)
+            storage.write_json(storage.join(run_uri, "plots", f"confusion_{split}.json"), record)
     storage.write_json(storage.join(run_uri, "summary.json"), summary)
+
+
+def confusion_record(confusion, split: str, summary: dict) -> dict:
+    """plots/confusion_<split>.json: the matrix, the split it scored and the epoch whose weights
+    it scored. The last epoch's, where best.pt and model/ hold the best epoch's: the title says
+    so when they differ."""
+    epoch, best = summary.get("test_epoch" if split == "test" else "final_epoch"), summary.get("best_epoch")
+    title = f"{summary.get('run_name', '')}: {split} confusion matrix, weights after epoch {epoch}"
+    if best and epoch and best != epoch:
+        title += f"\n(the last epoch; checkpoints/best.pt and model/ are epoch {best}'s)"
+    return {
+        "split": split,
+        "epoch": epoch,
+        "best_epoch": best,
+        "title": title,
+        "class_names": summary.get("class_names", []),
+        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix_rows": "true class",
+    }

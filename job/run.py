@@ -345,11 +345,13 @@ def finish(
                 raise
             ckpt.stop(stopped.signum, saving=True)
         extra = {
+            "test_epoch": state.history[-1]["epoch"],  # the weights after the last epoch, not best.pt's
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "per_class_test_accuracy": report.per_class(confusions["test"], data.class_names),
         }
-        log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f}")
+        log.info(f"test_loss={test_loss:.4f} test_accuracy={test_accuracy:.4f} (weights after epoch "
+                 f"{extra['test_epoch']}; the best epoch, in best.pt and model/, is {state.best_epoch})")
     summary = report.summary(settings, runtime, data, state, "completed", ckpt.started, **extra)
     if runtime.is_main:
         if not ckpt.uploader.wait():
@@ -426,7 +428,9 @@ def final_outputs(run_uri: str) -> dict[str, bytes]:
         "plots/accuracy.png",
         "plots/loss.png",
         "plots/confusion_val.png",
+        "plots/confusion_val.json",
         "plots/confusion_test.png",
+        "plots/confusion_test.json",
         "model/config.json",
         "model/model.safetensors",
         "model/model.onnx",
