@@ -61,6 +61,7 @@ def run(settings, runtime: Runtime, timed=plain_step, sanity=None, include=None)
                 if on_main(runtime, lambda: export_missing(settings, run_uri)):  # killed while exporting
                     step("model exported", lambda: export_model(settings, runtime, run_uri, dataset, state))
                 say_complete(run_uri, len(state.history), state.best_val_accuracy, state.best_epoch)
+                tracker.end("FINISHED")  # prepare() found the tracker's run and marked it running
                 return done
         if sanity is not None:
             step("loss sanity", lambda: sanity(settings, runtime, model, data, state))
@@ -68,6 +69,7 @@ def run(settings, runtime: Runtime, timed=plain_step, sanity=None, include=None)
         summary = step("summary and test set", lambda: finish(settings, runtime, model, data, state, ckpt))
         step("model exported", lambda: export_model(settings, runtime, run_uri, dataset, state))
         if runtime.is_main:
+            tracker.results(summary)
             tracker.artifacts(final_outputs(run_uri))
         tracker.end("FINISHED")
         log.info(f"completed: best_val_accuracy={state.best_val_accuracy:.4f} (epoch {state.best_epoch}); "

@@ -2,8 +2,9 @@
 
 MLflow when MLFLOW_TRACKING_URI is set (the variable every MLflow user already has), in the
 experiment MLFLOW_EXPERIMENT_NAME (default "trainjob"), under the job's run name: the settings as
-parameters (no secrets), every epoch's metrics, and at the end the summary, plots and exported
-model as artifacts. A restarted pod continues the same MLflow run (found by its `trainjob.run`
+parameters (no secrets), every epoch's metrics, and at the end the results (best_val_accuracy and
+best_epoch, test_accuracy and test_loss) as metrics and the summary, plots and exported model as
+artifacts. A restarted pod continues the same MLflow run (found by its `trainjob.run`
 tag) and logs only the epochs it has not seen. TensorBoard with JOB_TENSORBOARD=true: scalar event
 files under <run>/tensorboard/, which `tensorboard --logdir s3://...` reads.
 
@@ -30,6 +31,10 @@ MAX_FAILURES = 3
 DRAIN_SECONDS = 15.0
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "train_seconds", "val_seconds",
            "epoch_seconds", "train_samples_per_second")
+# summary.json's results, each logged at the epoch it describes (best: the best epoch; test: the
+# epoch whose weights scored the test set) so that runs sort by them
+RESULTS = {"best_val_accuracy": "best_epoch", "best_epoch": "best_epoch", "test_accuracy": "test_epoch",
+           "test_loss": "test_epoch"}
 
 
 class Tracker:
@@ -56,6 +61,10 @@ class Tracker:
     def epochs(self, history: list[dict]) -> None:
         """Log the epochs of `history` the trackers do not have yet."""
         self._call(self._epochs, list(history))
+
+    def results(self, summary: dict) -> None:
+        """The final summary's results (RESULTS) as metrics, those it has."""
+        self._call(self._results, dict(summary))
 
     def artifacts(self, files: dict[str, bytes]) -> None:
         """{path in the run: bytes}, e.g. summary.json, plots/loss.png, model/config.json."""
@@ -168,6 +177,20 @@ class Tracker:
         for name in os.listdir(self.tb_dir):
             with open(os.path.join(self.tb_dir, name), "rb") as f:
                 storage.write_bytes(storage.join(self.run_uri, "tensorboard", name), f.read())
+
+    def _results(self, summary: dict) -> None:
+        if self.mlflow is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(summary[k]), now, int(summary.get(epoch) or 0))
+            for k, epoch in RESULTS.items()
+            if isinstance(summary.get(k), (int, float)) and not isinstance(summary.get(k), bool)
+        ]
+        if metrics:
+            self.mlflow.log_batch(self.run_id, metrics=metrics)
 
     def _artifacts(self, files: dict[str, bytes]) -> None:
         if self.mlflow is None:

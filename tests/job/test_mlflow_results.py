@@ -1,0 +1,35 @@
+"""MLflow gets a run's results, not only its epochs (issue 24): best_val_accuracy and best_epoch,
+test_accuracy and test_loss as metrics, so runs sort by them. Through the real job, with an MLflow
+store that really runs (SQLite), as tests/job/test_export.py does."""
+
+import json
+
+import pytest
+from conftest import DIGITS, run_job
+
+
+def test_runs_sort_by_their_best_and_test_accuracy_in_mlflow(tmp_path, digits_dir, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "digits")
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
+    summaries = {}
+    for name, lr in (("slow", "0.0003"), ("fast", DIGITS["lr"])):
+        result = run_job(data_uri=str(digits_dir), output_uri=str(tmp_path / "runs"), run_name=name, epochs=2,
+                         **{**DIGITS, "lr": lr})
+        assert result.returncode == 0, result.stdout
+        summaries[name] = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+    for key in ("best_val_accuracy", "test_accuracy"):
+        assert summaries["slow"][key] != summaries["fast"][key], key  # an order to find
+        ranked = client.search_runs([experiment], order_by=[f"metrics.{key} DESC"])
+        assert [r.info.run_name for r in ranked] == sorted(summaries, key=lambda n: -summaries[n][key])
+    for run in client.search_runs([experiment]):
+        summary = summaries[run.info.run_name]
+        for key in ("best_val_accuracy", "best_epoch", "test_accuracy", "test_loss"):
+            assert run.data.metrics[key] == pytest.approx(summary[key]), key
+        [best] = client.get_metric_history(run.info.run_id, "best_val_accuracy")
+        [test] = client.get_metric_history(run.info.run_id, "test_accuracy")
+        assert best.step == summary["best_epoch"] and test.step == summary["test_epoch"] == 2
