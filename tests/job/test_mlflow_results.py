@@ -33,3 +33,23 @@ def test_runs_sort_by_their_best_and_test_accuracy_in_mlflow(tmp_path, digits_di
         [best] = client.get_metric_history(run.info.run_id, "best_val_accuracy")
         [test] = client.get_metric_history(run.info.run_id, "test_accuracy")
         assert best.step == summary["best_epoch"] and test.step == summary["test_epoch"] == 2
+
+
+def test_a_rerun_of_a_completed_run_leaves_its_mlflow_run_finished(tmp_path, digits_dir, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "digits")
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
+    settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path / "runs"), run_name="r", epochs=1, **DIGITS)
+    assert run_job(**settings).returncode == 0
+    (tmp_path / "runs" / "r" / "model" / "config.json").unlink()  # killed while exporting: the long way
+    redone = run_job(**settings)
+    assert redone.returncode == 0 and "exporting it" in redone.stdout, redone.stdout
+    answered = run_job(**settings)  # from its records: the tracker is not even started
+    assert answered.returncode == 0 and "already complete" in answered.stdout, answered.stdout
+    assert "experiment tracking" not in answered.stdout
+    [run] = client.search_runs([experiment])
+    assert run.info.status == "FINISHED"
