@@ -39,3 +39,14 @@ def test_what_a_resume_would_refuse_or_train_is_not_answered_complete(tmp_path, 
     further = run_job(epochs=2, **common)
     assert further.returncode == 0 and "already complete" not in further.stdout, further.stdout
     assert [row["epoch"] for row in read_history(tmp_path / "out" / "r")] == [1, 2]
+
+
+def test_every_process_under_torchrun_gets_the_answer(tmp_path, digits_dir):
+    from test_distributed import torchrun
+
+    settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path / "out"), run_name="r", epochs=1, **DIGITS)
+    first = torchrun("--standalone", "--nproc-per-node=2", **settings)
+    assert first.returncode == 0, first.stdout
+    shutil.rmtree(digits_dir)
+    again = torchrun("--standalone", "--nproc-per-node=2", **settings)
+    assert again.returncode == 0 and again.stdout.count("is already complete: 1 epochs") == 1, again.stdout
