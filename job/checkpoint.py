@@ -485,7 +485,13 @@ def finished(run_uri: str, settings) -> dict | None:
     if fixed or epoch < settings.epochs or any(saved.get(k) != now[k] for k in DATA_SETTINGS):
         return None
     file = _own_file(run_uri, "latest.json", latest["file"], ".pt")  # as the run would refuse it
-    return latest if storage.exists(storage.join(_dir(run_uri), file)) else None
+    # its manifest as the pointer copied it, and its file: one the resume would find corrupt or
+    # missing (and fall back from, or refuse) is not answered from records; its bytes are not read
+    try:
+        manifest = storage.read_json(storage.join(_dir(run_uri), file[:-3] + ".json"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return latest if manifest == latest and storage.exists(storage.join(_dir(run_uri), file)) else None
 
 
 def load_resume_state(settings, run_uri: str) -> tuple[dict | None, str | None]:

@@ -17,9 +17,10 @@ def pointer(run, epoch=2, **changed) -> None:
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "checkpoints" / "step-000000024.pt").write_bytes(b"x")
     saved = Settings(**{**BASE, **changed}).public_dict()
-    (run / "checkpoints" / "latest.json").write_text(json.dumps(
-        {"file": "step-000000024.pt", "size": 1, "sha256": "0", "epoch": epoch, "seen": 0, "global_step": 24,
-         "settings": saved, "input_kind": "idx"}))
+    manifest = json.dumps({"file": "step-000000024.pt", "size": 1, "sha256": "0", "epoch": epoch, "seen": 0,
+                           "global_step": 24, "settings": saved, "input_kind": "idx"})
+    (run / "checkpoints" / "step-000000024.json").write_text(manifest)
+    (run / "checkpoints" / "latest.json").write_text(manifest)
 
 
 @pytest.mark.parametrize("now, complete", [
@@ -50,5 +51,10 @@ def test_a_pointer_that_cannot_tell_sends_the_run_the_long_way(tmp_path):
     pointer(run)
     (run / "checkpoints" / "step-000000024.pt").unlink()
     assert checkpoint.finished(str(run), settings) is None  # the resume falls back to an older checkpoint
+    pointer(run)
+    (run / "checkpoints" / "step-000000024.json").write_bytes(b"garbage")
+    assert checkpoint.finished(str(run), settings) is None  # the resume finds it corrupt
+    pointer(run)
+    assert checkpoint.finished(str(run), settings) is not None
     pointer(run, epoch=1)
     assert checkpoint.finished(str(run), settings) is None
