@@ -8,14 +8,19 @@ import pytest
 from conftest import DIGITS, run_job
 
 
-def test_runs_sort_by_their_best_and_test_accuracy_in_mlflow(tmp_path, digits_dir, monkeypatch):
+def mlflow_store(tmp_path, monkeypatch):
+    """(a client, the experiment id) of a SQLite MLflow store the job logs to (through its environment)."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "digits")
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
+    return client, client.create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
+
+
+def test_runs_sort_by_their_best_and_test_accuracy_in_mlflow(tmp_path, digits_dir, monkeypatch):
+    client, experiment = mlflow_store(tmp_path, monkeypatch)
     summaries = {}
     for name, lr in (("slow", "0.0003"), ("fast", DIGITS["lr"])):
         result = run_job(data_uri=str(digits_dir), output_uri=str(tmp_path / "runs"), run_name=name, epochs=2,
@@ -36,13 +41,7 @@ def test_runs_sort_by_their_best_and_test_accuracy_in_mlflow(tmp_path, digits_di
 
 
 def test_a_rerun_of_a_completed_run_leaves_its_mlflow_run_finished(tmp_path, digits_dir, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "digits")
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
+    client, experiment = mlflow_store(tmp_path, monkeypatch)
     settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path / "runs"), run_name="r", epochs=1, **DIGITS)
     assert run_job(**settings).returncode == 0
     (tmp_path / "runs" / "r" / "model" / "config.json").unlink()  # killed while exporting: the long way
