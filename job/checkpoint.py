@@ -436,9 +436,11 @@ def settings_changes(saved: dict, settings) -> tuple[dict, dict]:
     return fixed, {k: v for k, v in changed.items() if k in SCHEDULE_SETTINGS}
 
 
-def run_state(run_uri: str, epochs: int) -> str:
+def run_state(run_uri: str, settings) -> str:
     """--check: what a run would do with this run directory, from its pointer and summary (the
-    checkpoint itself is verified when the run resumes)."""
+    checkpoint itself is verified when the run resumes). A setting a resume refuses is the run's
+    exit 3 here too, in the run's words (a changed JOB_MODEL under the same JOB_RUN_NAME was
+    "complete" here and refused by the run); a pointer from an older trainjob records no settings."""
     try:
         latest = storage.read_json(storage.join(_dir(run_uri), "latest.json"))
         epoch, seen, file = int(latest["epoch"]), int(latest["seen"]), latest["file"]
@@ -451,11 +453,20 @@ def run_state(run_uri: str, epochs: int) -> str:
     except (ValueError, KeyError, TypeError):
         return "resumable from its newest good checkpoint (latest.json is unreadable)"
     _own_file(run_uri, "latest.json", file, ".pt")  # as the run would refuse it
+    saved = latest.get("settings")
+    if isinstance(saved, dict):
+        fixed, _ = settings_changes({"settings": saved, "input_kind": latest.get("input_kind")}, settings)
+        if fixed:  # the words of the run's refusal (_restore)
+            raise DataError(
+                f"the checkpoint in {storage.redact_uri(run_uri)} does not fit these settings: "
+                + "; ".join(f"JOB_{key.upper()} was {old}, now {new}" for key, (old, new) in fixed.items())
+                + "; use a new JOB_RUN_NAME to start a separate run"
+            )
     try:
         status = storage.read_json(storage.join(run_uri, "summary.json")).get("status")
     except (FileNotFoundError, ValueError, AttributeError):
         status = None
-    if status == "completed" and epoch >= epochs:
+    if status == "completed" and epoch >= settings.epochs:
         return f"complete ({epoch} epochs)"
     return f"resumable from checkpoints/{file} ({position(SimpleNamespace(epoch=epoch, seen=seen))})"
 

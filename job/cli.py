@@ -35,7 +35,7 @@ def check(settings) -> None:
     run_uri = storage.join(settings.output_uri, settings.run_name)
     with storage.errors(settings.output_uri, OutputError, "write to"):
         storage.check_writable(settings.output_uri)  # the output root: --check creates no run directory
-        state = checkpoint.run_state(run_uri, settings.epochs)
+        state = checkpoint.run_state(run_uri, settings)
     found = f"{fmt}, {len(classes)} classes" if classes else fmt
     cache = f"cache {settings.cache_dir} writable" + (f" with room for {size / 1e6:,.1f} MB" if size else "")
     log.info(

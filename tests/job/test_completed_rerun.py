@@ -8,6 +8,8 @@ import shutil
 
 from conftest import DIGITS, read_history, run_job
 
+from job.errors import DataError
+
 
 def test_a_completed_run_is_answered_without_its_data(tmp_path, digits_dir):
     settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path / "out"), epochs=2, **DIGITS)
@@ -50,3 +52,18 @@ def test_every_process_under_torchrun_gets_the_answer(tmp_path, digits_dir):
     shutil.rmtree(digits_dir)
     again = torchrun("--standalone", "--nproc-per-node=2", **settings)
     assert again.returncode == 0 and again.stdout.count("is already complete: 1 epochs") == 1, again.stdout
+
+
+def test_check_refuses_a_changed_model_under_the_same_run_name_as_the_run_does(tmp_path, digits_dir):
+    """--check said "complete" for a run name whose checkpoint holds another model; the run refuses
+    it with exit 3. Both now refuse it, with the same words and exit code."""
+    settings = dict(data_uri=str(digits_dir), output_uri=str(tmp_path), run_name="r", epochs=2, **DIGITS)
+    assert run_job(**settings).returncode == 0
+    same = run_job("--check", **settings)
+    assert same.returncode == 0 and "r: complete (2 epochs)" in same.stdout, same.stdout
+    changed = {**settings, "model": "cnn"}
+    refusal = "does not fit these settings: JOB_MODEL was mlp, now cnn; use a new JOB_RUN_NAME"
+    check, run = run_job("--check", **changed), run_job(**changed)
+    for result in (check, run):
+        assert result.returncode == DataError.exit_code and refusal in result.stdout, result.stdout[-3000:]
+        assert "Traceback" not in result.stdout
