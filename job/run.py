@@ -24,7 +24,7 @@ from job.data.sources import split_indices
 from job.errors import DataError, JobError, OutputError, Stopped
 from job.lease import Lease, LeaseLost
 from job.optim import build_optimizer
-from job.runtime import Runtime, is_peer_failure, node_first, peer_lost
+from job.runtime import Runtime, dtype_name, is_peer_failure, node_first, peer_lost
 from job.settings import CONTINUOUS_SCHEDULES, redact_text
 
 log = logging.getLogger("job")
@@ -193,16 +193,11 @@ def record_settings(settings, runtime: Runtime, run_uri: str, compiled: str) -> 
                 "versions": versions(),
                 "device": str(runtime.device),
                 "world_size": runtime.world_size,
-                "amp": amp_name(runtime),
+                "amp": dtype_name(runtime.amp_dtype),
                 "compile": compiled.startswith("on"),
                 "compile_skipped": compiled.removeprefix("skipped: ") if compiled.startswith("skipped") else None,
             },
         )
-
-
-def amp_name(runtime: Runtime) -> str:
-    """The autocast dtype training uses: bf16, fp16 (with a GradScaler) or off (always on the CPU)."""
-    return "bf16" if runtime.amp_dtype == torch.bfloat16 else "fp16" if runtime.amp_dtype == torch.float16 else "off"
 
 
 def on_main(runtime: Runtime, fn):
@@ -285,7 +280,7 @@ def prepare(
         model.net = DistributedDataParallel(
             model.net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None, **buffer_sync
         )
-    log.info(f"mixed precision {amp_name(runtime)} (JOB_AMP={settings.amp}"
+    log.info(f"mixed precision {dtype_name(runtime.amp_dtype)} (JOB_AMP={settings.amp}"
              f"{', loss scaled' if state.scaler is not None else ''}), compile {compiled}")
     on_main(runtime, lambda: record_settings(settings, runtime, run_uri, compiled))
     runtime.stop.deferred = True  # from here a signal is answered with a checkpoint
