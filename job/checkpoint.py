@@ -26,7 +26,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # the builtin only from Python 3.11
 from dataclasses import asdict
-from types import SimpleNamespace
 from typing import NoReturn
 
 import torch
@@ -167,12 +166,13 @@ def _quarantine(run_uri: str, name: str) -> None:
             storage.remove(src)
 
 
-def load_latest(run_uri: str) -> tuple[dict | None, str | None]:
+def load_latest(run_uri: str, move: bool = True) -> tuple[dict | None, str | None]:
     """(state, name) of the newest checkpoint that verifies, or (None, None) when the run has none.
 
     Tries the one latest.json points at first, then older ones; each that fails verification is
-    reported and moved to checkpoints/corrupt/. Raises DataError when checkpoints exist but none
-    is readable: that run must never silently restart from scratch.
+    reported and moved to checkpoints/corrupt/ (move=False, --check: left in place). Raises
+    DataError when checkpoints exist but none is readable: that run must never silently restart
+    from scratch.
     """
     ckpt_dir = _dir(run_uri)
     candidates = list(reversed(_step_names(run_uri)))
@@ -194,10 +194,11 @@ def load_latest(run_uri: str) -> tuple[dict | None, str | None]:
             continue
         except Corrupt as exc:
             log.warning(
-                f"checkpoint {name}.pt failed verification ({exc}); moving it to checkpoints/corrupt/ "
-                "and trying an older one"
+                f"checkpoint {name}.pt failed verification ({exc}); {'moving' if move else 'the run moves'} it to "
+                "checkpoints/corrupt/ and trying an older one"
             )
-            _quarantine(run_uri, name)
+            if move:
+                _quarantine(run_uri, name)
             tried.append(name)
             continue
         if tried:
@@ -206,7 +207,7 @@ def load_latest(run_uri: str) -> tuple[dict | None, str | None]:
     if tried:
         raise DataError(
             f"no readable checkpoint in {storage.join(ckpt_dir, '')}: {', '.join(tried)} failed verification "
-            "and were moved to checkpoints/corrupt/; restore one, or set a new JOB_RUN_NAME to start over"
+            "(the run moves them to checkpoints/corrupt/); restore one, or set a new JOB_RUN_NAME to start over"
         )
     return None, None
 
@@ -436,41 +437,6 @@ def settings_changes(saved: dict, settings) -> tuple[dict, dict]:
     return fixed, {k: v for k, v in changed.items() if k in SCHEDULE_SETTINGS}
 
 
-def run_state(run_uri: str, settings) -> str:
-    """--check: what a run would do with this run directory, from its pointer and summary (the
-    checkpoint itself is verified when the run resumes). A setting a resume refuses is the run's
-    exit 3 here too, in the run's words (a changed JOB_MODEL under the same JOB_RUN_NAME was
-    "complete" here and refused by the run); a pointer from an older trainjob records no settings."""
-    try:
-        latest = storage.read_json(storage.join(_dir(run_uri), "latest.json"))
-        epoch, seen, file = int(latest["epoch"]), int(latest["seen"]), latest["file"]
-        if not isinstance(file, str):
-            raise TypeError(file)
-    except FileNotFoundError:
-        return (
-            "new" if not storage.exists(storage.join(run_uri, "history.jsonl")) else "has a history but no checkpoint"
-        )
-    except (ValueError, KeyError, TypeError):
-        return "resumable from its newest good checkpoint (latest.json is unreadable)"
-    _own_file(run_uri, "latest.json", file, ".pt")  # as the run would refuse it
-    saved = latest.get("settings")
-    if isinstance(saved, dict):
-        fixed, _ = settings_changes({"settings": saved, "input_kind": latest.get("input_kind")}, settings)
-        if fixed:  # the words of the run's refusal (_restore)
-            raise DataError(
-                f"the checkpoint in {storage.redact_uri(run_uri)} does not fit these settings: "
-                + "; ".join(f"JOB_{key.upper()} was {old}, now {new}" for key, (old, new) in fixed.items())
-                + "; use a new JOB_RUN_NAME to start a separate run"
-            )
-    try:
-        status = storage.read_json(storage.join(run_uri, "summary.json")).get("status")
-    except (FileNotFoundError, ValueError, AttributeError):
-        status = None
-    if status == "completed" and epoch >= settings.epochs:
-        return f"complete ({epoch} epochs)"
-    return f"resumable from checkpoints/{file} ({position(SimpleNamespace(epoch=epoch, seen=seen))})"
-
-
 # where and how the data is read: the dataset's fingerprint is compared with the checkpoint's
 # only where it is read, so a run whose data comes from elsewhere is not answered from its records
 DATA_SETTINGS = ("data_uri", "data_format")
@@ -505,12 +471,12 @@ def finished(run_uri: str, settings) -> dict | None:
     return latest if manifest == latest and storage.exists(storage.join(_dir(run_uri), file)) else None
 
 
-def load_resume_state(settings, run_uri: str) -> tuple[dict | None, str | None]:
+def load_resume_state(settings, run_uri: str, move: bool = True) -> tuple[dict | None, str | None]:
     """Apply JOB_RESUME to the run's newest good checkpoint: never silently restart a run that
     has history from scratch. Returns (checkpoint, its name) or (None, None)."""
     shown = storage.redact_uri(run_uri)
     with storage.errors(run_uri, DataError, "read checkpoints from"):
-        saved, name = load_latest(run_uri)
+        saved, name = load_latest(run_uri, move)
         has_history = storage.exists(storage.join(run_uri, "history.jsonl"))
     if saved is not None and settings.resume == "never":
         raise DataError(

@@ -7,7 +7,7 @@ import sys
 import time
 
 from job import __version__, storage
-from job.errors import DataError, JobError, OutputError, PeerLostError, Stopped
+from job.errors import JobError, PeerLostError, Stopped
 from job.report import setup_logging
 from job.settings import help_text, load_settings
 from job.stop import StopRequest
@@ -15,34 +15,15 @@ from job.stop import StopRequest
 log = logging.getLogger("job")
 
 
-def check(settings) -> None:
-    """--check: everything the run will need, in a few seconds and without training: the dataset's
-    layout, the weights (read and loaded into the model), the cache (writable, with room), the
-    output location (writable), and the run's state (new, resumable, complete)."""
-    from job import checkpoint, data, models
-    from job.runtime import pick_device
+def check(settings, stop: StopRequest) -> None:
+    """--check: the run's start-up up to its first step without training or writing to the output
+    (job.run.check): it refuses what the run refuses, with the same exit code, and says what the
+    run would do (new, resumable, complete)."""
+    from job import run
+    from job.runtime import setup
 
     warn_local_output(settings)
-    device = pick_device(settings.device)
-    with storage.errors(settings.data_uri, DataError, "read dataset"):
-        dataset = data.check(settings)
-    fmt, classes, size = dataset.layout, dataset.class_names, dataset.cache_bytes
-    weights = models.check_weights(settings, dataset.sample_shape, max(2, len(classes)))
-    models.check_freeze(settings, dataset.sample_shape, max(2, len(classes)))
-    hint = models.model_hint(settings, dataset.sample_shape)
-    if hint:
-        log.info(hint)
-    run_uri = storage.join(settings.output_uri, settings.run_name)
-    with storage.errors(settings.output_uri, OutputError, "write to"):
-        storage.check_writable(settings.output_uri)  # the output root: --check creates no run directory
-        state = checkpoint.run_state(run_uri, settings)
-    found = f"{fmt}, {len(classes)} classes" if classes else fmt
-    cache = f"cache {settings.cache_dir} writable" + (f" with room for {size / 1e6:,.1f} MB" if size else "")
-    log.info(
-        f"check passed: dataset {storage.redact_uri(settings.data_uri)} ({found}) readable; {weights}; {cache}; "
-        f"{storage.redact_uri(settings.output_uri)} writable; device {device}; run {storage.redact_uri(run_uri)}: "
-        f"{state}"
-    )
+    log.info(f"check passed: {run.check(settings, setup(settings, stop))}")
 
 
 COMMANDS = {
@@ -142,12 +123,10 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         setup_logging(settings.log_level)
         storage.configure(settings, stop)
         stop.check()
-        if "--check" in argv:
-            check(settings)
-            return 0
         # the first line names the run, before the seconds PyTorch takes to load
         log.info(
-            f"run {storage.redact_uri(storage.join(settings.output_uri, settings.run_name or ''))}: starting trainjob "
+            f"run {storage.redact_uri(storage.join(settings.output_uri, settings.run_name or ''))}: "
+            f"{'checking' if '--check' in argv else 'starting'} trainjob "
             f"{__version__}{' in smoke mode' if settings.smoke else ''}, loading PyTorch"
         )
         from job.run import resolve_run_name
@@ -156,6 +135,9 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         from job.smoke import main as smoke
 
         settings = resolve_run_name(settings)
+        if "--check" in argv:
+            check(settings, stop)
+            return 0
 
         run = smoke if settings.smoke else train
         stop.check()  # a signal during the imports (PyTorch: seconds): exit 143 now, with this line

@@ -103,9 +103,10 @@ class Lease:
         except (FileNotFoundError, ValueError):  # pruned or being written: treat as held, look again
             return generations[-1], {"expires": time.time() + 1, "host": "?", "pid": "?"}
 
-    def acquire(self) -> None:
+    def acquire(self, take: bool = True) -> None:
         """Take the lease, waiting up to JOB_LEASE_SECONDS for another holder to release it or
-        to expire; raise LeaseLost (exit 75) if it does not."""
+        to expire; raise LeaseLost (exit 75) if it does not. take=False (--check) waits and
+        refuses exactly so, but leaves the lease free once it is."""
         give_up = time.monotonic() + self.seconds + 5
         announced = False
         first_seen: dict[tuple, float] = {}  # (generation, renewal) -> when this process first saw it
@@ -114,6 +115,8 @@ class Lease:
             seen = first_seen.setdefault((generation, (holder or {}).get("renewal")), time.monotonic())
             unchanged = time.monotonic() - seen
             if holder is None or unchanged > _lease_seconds(holder, self.seconds) or _gone(holder):  # free
+                if not take:
+                    return
                 try:
                     storage.create_json(self._uri(generation + 1), self._record())
                 except FileExistsError:

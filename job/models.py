@@ -5,7 +5,6 @@ import contextlib
 import io
 import logging
 import math
-import os
 
 import torch
 from torch import nn
@@ -172,23 +171,6 @@ def build_model(settings, input_shape: tuple[int, ...], num_classes: int) -> tup
             load_fitting(model, read_state_dict(settings.pretrained), "", storage.redact_uri(settings.pretrained))
         return model, head_name(model)
     return torchvision_model(settings, num_classes)
-
-
-def check_weights(settings, input_shape: tuple[int, ...], num_classes: int) -> str:
-    """--check: the configured weights are reachable and load into the model (exactly as the run
-    would load them); ImageNet weights not yet in TORCH_HOME are reported, not downloaded."""
-    if settings.pretrained == "none":
-        return "random initial weights"
-    if settings.pretrained == "imagenet":
-        import torch.hub
-        import torchvision
-
-        weights = torchvision.models.get_model_weights(settings.model).DEFAULT
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        if not os.path.exists(cached):
-            return f"{weights} is not in TORCH_HOME ({cached}): the run will download it"
-    build_model(settings, input_shape, num_classes)
-    return f"weights {storage.redact_uri(settings.pretrained)} load into {settings.model}"
 
 
 def stages(model: nn.Module, head: str) -> list[nn.Module]:

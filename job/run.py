@@ -77,6 +77,33 @@ def run(settings, runtime: Runtime, timed=plain_step, sanity=None, include=None)
         return summary
 
 
+def check(settings, runtime: Runtime) -> str:
+    """--check: the run's own start-up up to its first step, in the same functions and order
+    (begin, a completed run's records, the dataset pull and scan, the model with its weights and
+    the checkpoint restored), so it refuses what the run refuses, with the same exit code. It
+    writes nothing to the output location and takes no lease (it waits for one another job holds,
+    as the run would); the dataset it pulls stays in JOB_CACHE_DIR for the run. Returns what it
+    found and what the run would do with the run: new, resumable or complete."""
+    run_uri = storage.join(settings.output_uri, settings.run_name)
+    begin(settings, runtime, run_uri, check=True)
+    found = (f"output {storage.redact_uri(settings.output_uri)} writable; device {runtime.describe()}; "
+             f"run {storage.redact_uri(run_uri)}: ")
+    done = completed_from_records(settings, run_uri)
+    if done is not None:
+        return found + f"complete ({done['epochs_completed']} epochs): the run would say so and stop"
+    data = load_data(settings, runtime)
+    *_, state, saved, name = build(settings, runtime, run_uri, data, check=True)
+    found = (f"dataset {storage.redact_uri(settings.data_uri)} read as the run reads it ({len(data.samples)} samples, "
+             f"{data.num_classes} classes, {len(data.bad_files)} bad files skipped); model {settings.model} built "
+             f"with its weights ({storage.redact_uri(settings.pretrained)}); " + found)
+    if saved is None:
+        return found + "new"
+    if state.progress.epoch >= settings.epochs and report.completed(run_uri) is not None:
+        again = "export its model again" if export_missing(settings, run_uri) else "say so and stop"
+        return found + f"complete ({state.progress.epoch} epochs): the run would {again}"
+    return found + f"resumable from checkpoints/{name}.pt ({checkpoint.position(state.progress)})"
+
+
 def completed_from_records(settings, run_uri: str) -> dict | None:
     """The summary of a run that is complete under these settings, from its records alone (the
     checkpoint pointer and summary.json, as --check reads them): a rerun says so in a second where
@@ -126,9 +153,10 @@ def resolve_run_name(settings):
     return settings
 
 
-def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
+def begin(settings, runtime: Runtime, run_uri: str, check: bool = False) -> Lease | None:
     """Say what runs where, then make sure the output location takes writes before any work.
-    Returns rank 0's lease on the run (None on other ranks)."""
+    Returns rank 0's lease on the run (None on other ranks). check (--check): the same, taking
+    nothing and writing nothing (look_at_output)."""
     log.info(
         f"run {storage.redact_uri(run_uri)} | "
         + " ".join(f"{k} {v}" for k, v in versions().items())
@@ -156,6 +184,9 @@ def begin(settings, runtime: Runtime, run_uri: str) -> Lease | None:
     except JobError as exc:
         error = exc
     runtime.all_ok(error)
+    if check:
+        look_at_output(settings, run_uri)
+        return None
     held: dict = {}
     try:
         on_main(runtime, lambda: held.setdefault("lease", prepare_output(settings, runtime, run_uri)) and None)
@@ -179,6 +210,14 @@ def prepare_output(settings, runtime: Runtime, run_uri: str) -> Lease:
         if removed:
             log.info(f"removed {removed} temporary file(s) a killed writer left in {storage.redact_uri(run_uri)}")
     return lease
+
+
+def look_at_output(settings, run_uri: str) -> None:
+    """--check's prepare_output: the output location takes writes (its root: no run directory is
+    made) and no other job holds the run, waiting and refusing as the run's lease would (exit 75)."""
+    with storage.errors(run_uri, OutputError, "write to"):
+        storage.check_writable(settings.output_uri)
+        Lease(run_uri, settings.lease_seconds).acquire(take=False)
 
 
 def record_settings(settings, runtime: Runtime, run_uri: str, compiled: str) -> None:
@@ -218,19 +257,18 @@ def load_data(settings, runtime: Runtime, include=None) -> Data:
     return node_first(settings, runtime, "the dataset", lambda: load_dataset(settings, runtime, normalize, include))
 
 
-def prepare(
-    settings, runtime: Runtime, run_uri: str, data: Data, lease: Lease | None, started: float, tracker=None
-):
-    """The model (head replaced, weights loaded, backbone frozen as asked) and the training state,
-    resumed if the run has a checkpoint; backbone features cached when they can be; wrapped for
-    data parallelism. From here a signal is answered with a checkpoint.
-    Returns (model, data, state, checkpointer); `data` is the features when they are cached."""
+def build(settings, runtime: Runtime, run_uri: str, data: Data, check: bool = False):
+    """The model (head replaced, weights loaded, backbone frozen as asked) on the device and its
+    training state, restored from the run's checkpoint when it has one: all that the run and
+    --check refuse before training that is not about the data or the output location.
+    check (--check): a corrupt checkpoint is left where it is. Returns (module, head, frozen stages,
+    state, the checkpoint loaded or None, its name)."""
     log.info(
         f"dataset {storage.redact_uri(settings.data_uri)}: {len(data.samples)} images for training and "
         f"validation, {data.num_classes} classes, test set: {'yes' if data.test is not None else 'no'}, "
         f"{len(data.bad_files)} bad files skipped, fingerprint {data.fingerprint[:12]}"
     )
-    saved, name = on_main(runtime, lambda: checkpoint.load_resume_state(settings, run_uri))
+    saved, name = on_main(runtime, lambda: checkpoint.load_resume_state(settings, run_uri, move=not check))
     shape = data.samples.sample_shape
     module, head = models.build_model(settings, shape, data.num_classes)
     frozen = models.freeze(module, head, settings.freeze)
@@ -241,12 +279,24 @@ def prepare(
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
     train_idx, val_idx = data.split or split_indices(len(data.samples), settings.val_fraction, settings.seed)
     state = loop.TrainState(optimizer, scaler, train_idx, val_idx)
+    if saved is not None:
+        checkpoint.restore(saved, name, settings, module, state, data, run_uri, runtime.device)
+    return module, head, frozen, state, saved, name
+
+
+def prepare(
+    settings, runtime: Runtime, run_uri: str, data: Data, lease: Lease | None, started: float, tracker=None
+):
+    """The model (head replaced, weights loaded, backbone frozen as asked) and the training state,
+    resumed if the run has a checkpoint; backbone features cached when they can be; wrapped for
+    data parallelism. From here a signal is answered with a checkpoint.
+    Returns (model, data, state, checkpointer); `data` is the features when they are cached."""
+    module, head, frozen, state, saved, name = build(settings, runtime, run_uri, data)
     compile_cache = compiling.CompileCache(storage.join(run_uri, "compile", "cache.bin"),
                                            in_run=settings.compile_cache == "run")
     ckpt = Checkpointer(settings, runtime, run_uri, module, state, data, lease, started,
                         lambda: records(settings, runtime, run_uri, data, state, started, tracker, compile_cache))
     if saved is not None:
-        checkpoint.restore(saved, name, settings, module, state, data, run_uri, runtime.device)
         ckpt.resumed(name)
     if tracker is not None:
         tracker.start(state.history)

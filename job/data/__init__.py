@@ -1,7 +1,6 @@
 """Everything about data, behind one front door.
 
   load(settings, runtime)   the dataset JOB_DATA_URI points at, as data sources (training)
-  check(uri, format)        reach it without pulling it (--check)
   labelled / inputs         what evaluate scores and predict runs, with a model's preprocessing
   prepare                   write a dataset as shards (`python -m job prepare`)
 
@@ -14,8 +13,8 @@ prepare_shards (writing them). Imports run one way: this package imports the mod
 reverse, and no module calls another's private function.
 """
 
-from job.data.dataset import Checked, Data, check, load
+from job.data.dataset import Data, load
 from job.data.inference import Inputs, Labelled, inputs, labelled
 from job.data.prepare_shards import prepare
 
-__all__ = ["Checked", "Data", "Inputs", "Labelled", "check", "inputs", "labelled", "load", "prepare"]
+__all__ = ["Data", "Inputs", "Labelled", "inputs", "labelled", "load", "prepare"]

@@ -17,7 +17,7 @@ import torch
 from job import storage
 from job.data import idx, images, layout, mirror
 from job.data.cache import ShardCache, cache_folder
-from job.data.index import IDX_SHAPE, INDEX, find_index, split_shards
+from job.data.index import INDEX, find_index, split_shards
 from job.data.sources import FileSource, Source, TensorSource
 from job.data.stream import ShardSource
 from job.errors import DataError
@@ -134,6 +134,10 @@ def load(settings, runtime, normalize: bool = False, include=None) -> Data:
             return load_shards(settings, runtime, index, normalize, limit=1 if include else 0)
         root = mirror.pull(settings.data_uri, settings.cache_dir, include)
     names = sorted(n for n in os.listdir(root) if not n.startswith("."))
+    found = layout.kind_of(names)
+    if settings.data_format not in ("auto", found or settings.data_format):
+        raise DataError(f"{storage.redact_uri(settings.data_uri)} holds {found} data, not "
+                        f"JOB_DATA_FORMAT={settings.data_format}; set JOB_DATA_FORMAT=auto or {found}")
     fmt = layout.detect(names, settings.data_uri) if settings.data_format == "auto" else settings.data_format
     if fmt == "imagefolder":
         return load_images(root, settings, runtime, normalize)
@@ -177,46 +181,3 @@ def shard_sources(settings, runtime, index: dict, parts: list[list[dict]], norma
                     settings.seed, settings.max_image_pixels, settings.augment, settings.decode) if part else None
         for part in parts
     ]
-
-
-@dataclass
-class Checked:
-    """What --check found: the layout, the classes (an MNIST dataset's are in its labels: []),
-    one sample's shape and the bytes the local mirror will hold (0: read in place, or streamed)."""
-
-    layout: str  # "sharded", "mnist" or "imagefolder"
-    class_names: list[str]
-    sample_shape: tuple[int, ...]
-    cache_bytes: int
-
-
-def check(settings) -> Checked:
-    """--check: reach the dataset without pulling it; the cache takes writes and has room for
-    what a pull would still fetch (a sharded dataset streams through a bounded cache instead)."""
-    uri, size = settings.data_uri, settings.image_size
-    index = find_index(uri)
-    if index is not None:
-        mirror.check_cache_dir(settings.cache_dir)
-        first: dict = next((s for shards in index["splits"].values() for s in shards), {})
-        shape = (3, size, size) if index["kind"] == "image" else tuple(first.get("shape") or IDX_SHAPE)
-        return Checked("sharded", index["class_names"], shape, 0)
-    names = storage.list_names(uri)
-    if names == [uri.rstrip("/").rsplit("/", 1)[-1]] and all(
-        p.endswith("/") or info.get("type") == "directory" for p, info in storage.find(uri).items()
-    ):
-        names = []  # an object store's folder marker alone (the console's "Create folder"): an empty folder
-    if not names and not storage.exists(uri):
-        raise FileNotFoundError(uri)
-    found = layout.detect(names, uri)  # an existing, empty folder: "it is empty", as the run says
-    if settings.data_format not in ("auto", found):
-        raise DataError(f"{storage.redact_uri(uri)} holds {found} data, not JOB_DATA_FORMAT={settings.data_format}")
-    classes: list[str] = []
-    if found == "imagefolder":
-        classes = storage.list_names(storage.join(uri, "train"))
-        if len(classes) < 2:
-            raise DataError(
-                f"{storage.redact_uri(storage.join(uri, 'train'))} holds {len(classes)} class folder(s); "
-                "a classifier needs at least 2"
-            )
-    shape = (3, size, size) if found == "imagefolder" else (1, 28, 28)
-    return Checked(found, classes, shape, mirror.check_cache_for(uri, settings.cache_dir))

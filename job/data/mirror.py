@@ -66,19 +66,6 @@ def local_path(root: str, rel: str, name: str) -> str:
     return path
 
 
-def check_cache_for(uri: str, cache_dir: str) -> int:
-    """--check: the cache takes writes and has room for what a pull of `uri` would still fetch.
-    Returns the dataset's size in bytes (0 for a local dataset, read in place)."""
-    fs, root = storage.filesystem(uri)
-    check_cache_dir(cache_dir)
-    if isinstance(fs, LocalFileSystem):
-        return 0
-    total = sum(int(info.get("size") or 0) for path, info in storage.find(uri).items() if not path.endswith("/"))
-    local = cache_root(uri, cache_dir)
-    cached = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files)
-    check_cache_dir(cache_dir, total - cached)
-    return total
-
 
 def _version(info: dict) -> str:
     """What identifies one version of a remote file: ETag on S3, etag/md5 on GCS, else mtime."""

@@ -74,8 +74,6 @@ def test_a_pointer_naming_anything_but_a_checkpoint_beside_it_is_refused_and_not
     before[pointer] = pointer.read_bytes()
     with pytest.raises(DataError, match=r"^checkpoints/latest\.json in .* not a \.pt file in its own folder"):
         checkpoint.load_latest(run)
-    with pytest.raises(DataError, match="latest.json"):  # --check says what the run would
-        checkpoint.run_state(run, Settings(data_uri=str(tmp_path), epochs=3))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
