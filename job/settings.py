@@ -627,17 +627,17 @@ def load_settings(**given) -> Settings:
     return settings
 
 
-def _type_name(annotation) -> str:
+def type_name(annotation) -> str:
     """How a field's type reads in --help: `auto|mnist|imagefolder`, `int list`, `int (optional)`."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is Literal:
         return "|".join(map(str, args))
     if typing.get_origin(annotation) is list:
-        return f"{_type_name(args[0])} list (comma-separated)"
+        return f"{type_name(args[0])} list (comma-separated)"
     if type(None) in typing.get_args(annotation):
-        return f"{_type_name(args[0])} (optional)"
+        return f"{type_name(args[0])} (optional)"
     if typing.get_origin(annotation) is Annotated:
-        return _type_name(args[0])
+        return type_name(args[0])
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -660,7 +660,7 @@ def help_text() -> str:
         "settings:",
     ]
     for field, info in Settings.model_fields.items():
-        annotation = _type_name(info.annotation)
+        annotation = type_name(info.annotation)
         default = "required" if info.is_required() else f"default {info.default!r}"
         lines.append(f"  {_env_name(field):28} {annotation} ({default})")
         lines.append(f"  {'':28} {info.description}")

@@ -1,5 +1,6 @@
 """Settings: bad input is one clear line and exit 2; --help documents every setting. (The run
-name, redaction and the README's tables are checked in process: tests/unit/test_settings_in_process.py.)"""
+name, redaction, docs/settings.md and the README's exit codes are checked in process:
+tests/unit/test_settings_in_process.py.)"""
 
 import pytest
 
