@@ -20,7 +20,7 @@ from job.runtime import Runtime
 log = logging.getLogger("job")
 
 # Where Inductor and Triton keep what they compile: under JOB_CACHE_DIR unless set (Inductor's
-# default is /tmp/torchinductor_<user>, which the README's `--tmpfs /tmp` mounts noexec).
+# default is /tmp/torchinductor_<user>, which docs/deploy.md's `--tmpfs /tmp` mounts noexec).
 COMPILE_CACHE_DIRS = (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"))
 COMPILE_CACHE_MAX_BYTES = 1 << 30  # a run's saved compile cache larger than this is not read
 

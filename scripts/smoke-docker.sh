@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the image and run the job's smoke mode in a container exactly as the README's "Run in
+# Build the image and run the job's smoke mode in a container exactly as docs/deploy.md's "Run in
 # Docker" shows (read-only root, tmpfs /tmp and /cache, non-root, settings by environment).
 # tests/deploy/test_image.py builds and smoke-runs through this script, so this is the path CI checks.
 #   scripts/smoke-docker.sh                    CPU image; a local S3 server (moto) with a small dataset
@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The README's flags; tests/deploy/test_image.py checks that they are the README's.
+# The documented flags; tests/deploy/test_deploy.py checks that they are docs/deploy.md's.
 run_flags=(--rm --read-only --tmpfs /tmp:exec --tmpfs /cache:exec --shm-size 2g --stop-timeout 40)
 
 flavour=cpu tag="" network=host build_only=false

@@ -19,7 +19,7 @@ import yaml
 from conftest import ROOT
 from job.errors import EXIT_CODES, CredentialsError
 from job.settings import Settings, load_settings
-from readme_docker import docker_run_flags, option, readme_run_flags
+from docs_docker import docker_run_flags, documented_run_flags, option, section
 
 JOB_OVERLAYS = ("cpu", "gpu", "multinode")  # a batch/v1 Job
 OVERLAYS = (*JOB_OVERLAYS, "jobset", "trainjob")
@@ -27,8 +27,8 @@ DOCKERFILES = ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu")
 BIN = os.path.dirname(sys.executable)
 LAUNCHER = ["/usr/bin/tini", "--", "python", "-m", "job.launch"]
 KUEUE_EXAMPLE = os.path.join(ROOT, "k8s", "components", "kueue", "localqueue.yaml")
-SECRET = "trainjob-s3"  # the credentials Secret the README has you create: referenced, never rendered
-CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")  # the README's keys
+SECRET = "trainjob-s3"  # the credentials Secret docs/deploy.md has you create: referenced, never rendered
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")  # the keys docs/deploy.md names
 
 # apiVersion and kind -> the CRD schema they are validated against (tests/deploy/data/crds/README.md: sources)
 CRD_SCHEMAS = {
@@ -252,14 +252,18 @@ def test_pins_cannot_rot_silently(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_cache_and_tmp_are_writable_by_any_uid(dockerfile):
     """runc gives a tmpfs mounted over a directory that directory's mode (not its owner), so the
-    README's `--tmpfs /cache` is writable by an arbitrary uid only if the image's /cache is 1777."""
+    documented `--tmpfs /cache` is writable by an arbitrary uid only if the image's /cache is 1777."""
     text = open(os.path.join(ROOT, dockerfile)).read()
     assert "mkdir -p /cache && chmod 1777 /cache" in text
     assert "HOME=/tmp" in text and "TMPDIR=/tmp" in text
 
 
-def test_readme_docker_run_uses_a_read_only_root_and_outlasts_the_stop_grace():
-    flags = readme_run_flags()
+def test_the_documented_docker_run_uses_a_read_only_root_and_outlasts_the_stop_grace():
+    """docs/deploy.md's `docker run`, which the image test runs every container with, is found
+    there and runs the image its `docker build` tags."""
+    flags = documented_run_flags()
+    _, image = docker_run_flags(section("Run in Docker"))
+    assert image and f"-t {image} " in section("Run in Docker"), image
     tmpfs = dict(value.partition(":")[::2] for name, value in zip(flags, flags[1:], strict=False) if name == "--tmpfs")
     assert "--read-only" in flags and set(tmpfs) == {"/tmp", "/cache"}
     # Docker mounts a tmpfs noexec unless told otherwise; JOB_COMPILE maps what Triton and Inductor build there
@@ -268,14 +272,14 @@ def test_readme_docker_run_uses_a_read_only_root_and_outlasts_the_stop_grace():
     assert float(option(flags, "--stop-timeout")) >= Settings.model_fields["stop_grace_seconds"].default + 10
 
 
-def test_smoke_docker_script_and_example_workflow_run_the_readme_flags():
+def test_smoke_docker_script_and_example_workflow_run_the_documented_flags():
     script = open(os.path.join(ROOT, "scripts", "smoke-docker.sh")).read()
-    assert shlex.split(re.search(r"^run_flags=\((.*)\)$", script, re.M).group(1)) == readme_run_flags()
+    assert shlex.split(re.search(r"^run_flags=\((.*)\)$", script, re.M).group(1)) == documented_run_flags()
     workflow, _ = docker_run_flags(open(os.path.join(ROOT, ".github", "workflows", "smoke.yml")).read())
     assert option(workflow, "--network") == "host"  # the S3 server listens on the runner's 127.0.0.1
     workflow.remove("--network")
     workflow.remove("host")
-    assert workflow == readme_run_flags()
+    assert workflow == documented_run_flags()
 
 
 def test_workflows_pass_actionlint():
@@ -620,7 +624,7 @@ def render(path) -> list[dict]:
 
 @pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl is not installed")
 def test_every_settings_key_reaches_every_overlay(tmp_path):
-    """A setting added to k8s/base/settings.env, as the README says, reaches the job in every
+    """A setting added to k8s/base/settings.env, as docs/deploy.md says, reaches the job in every
     overlay: none lists the keys it forwards (the TrainJob once forwarded six, and a JOB_MODEL
     added there never reached the container)."""
     k8s = copy_of_k8s(tmp_path)
@@ -636,7 +640,7 @@ def test_every_settings_key_reaches_every_overlay(tmp_path):
 @pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl is not installed")
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_a_name_suffix_renames_everything_a_second_run_would_collide_on(rendered, overlay, tmp_path):
-    """The README's second run beside the first: `nameSuffix: -run2` in the overlay's
+    """docs/deploy.md's second run beside the first: `nameSuffix: -run2` in the overlay's
     kustomization.yaml renames the workload, and with it the multi-node overlays' rendezvous
     endpoint, rendezvous id, subdomain and headless Service (derived from the name by replacements),
     still wired together. The Secret and the service account are shared, not renamed."""
@@ -703,7 +707,7 @@ def test_the_pod_requests_the_node_disk_its_emptydirs_may_fill(rendered, overlay
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_credentials_come_from_the_secret_or_the_pods_service_account(rendered, overlay):
-    """Every overlay gives the job the README's Secret, AWS_ENDPOINT_URL included, and names the
+    """Every overlay gives the job the documented Secret, AWS_ENDPOINT_URL included, and names the
     pod's service account (the place for IRSA or GKE Workload Identity, which need no Secret). The
     Secret is optional so that workload identity works without one; a pod with neither stops at
     once: the job exits with the credentials error's code, which every failure policy fails on."""
@@ -722,19 +726,14 @@ def test_credentials_come_from_the_secret_or_the_pods_service_account(rendered, 
     assert not [d for d in docs if d["kind"] == "Secret"]
 
 
-def readme_section(title: str) -> str:
-    text = open(os.path.join(ROOT, "README.md")).read()
-    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
-
-
-def test_readme_documents_the_rerun_path_and_where_each_credential_goes():
+def test_the_deploy_page_documents_the_rerun_path_and_where_each_credential_goes():
     """A Job's pod template is immutable: a settings change re-applied to an existing Job fails,
-    and a finished Job re-applied unchanged does nothing. The README says what to run instead, and
+    and a finished Job re-applied unchanged does nothing. docs/deploy.md says what to run instead, and
     every overlay its commands name exists."""
-    section = readme_section("Run on Kubernetes")
+    kubernetes = section("Run on Kubernetes")
     for needed in ("field is immutable", "kubectl delete -k", "nameSuffix", "AWS_ENDPOINT_URL", "serviceAccountName"):
-        assert needed in section, needed
-    paths = re.findall(r"kubectl (?:apply|delete)[^\n`]* -k (\S+)", section)
+        assert needed in kubernetes, needed
+    paths = re.findall(r"kubectl (?:apply|delete)[^\n`]* -k (\S+)", kubernetes)
     assert paths
     for path in paths:
         assert os.path.isfile(os.path.join(ROOT, path.rstrip("`"), "kustomization.yaml")), path

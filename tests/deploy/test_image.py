@@ -1,5 +1,5 @@
 """The images built and run for real: docker/Dockerfile.cpu built with the real engine through
-scripts/smoke-docker.sh, every container run with the README's exact `docker run` flags (read-only
+scripts/smoke-docker.sh, every container run with docs/deploy.md's exact `docker run` flags (read-only
 root, tmpfs /tmp and /cache, non-root, the stop timeout) against the suite's moto S3 server on the
 host, and the GPU Dockerfile's build with a CUDA torch and with a CPU-only one.
 
@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import DIGITS, ROOT, SECRET, fresh_bucket
-from readme_docker import readme_run_flags
+from docs_docker import documented_run_flags
 
 BUILD_TIMEOUT = 1800  # a cold build on 2 cores took ~3 minutes; a slow disk or PyPI gets more room
 RUN_TIMEOUT = 300
@@ -156,9 +156,9 @@ def smoke_docker(*args, build_args: dict, env: dict | None = None) -> subprocess
 
 def run_command(image: str, env: dict, *job_args, name: str | None = None, user: str | None = None,
                 extra: tuple[str, ...] = ()) -> list[str]:
-    """The README's `docker run`, plus --network host to reach moto on 127.0.0.1. Variables are
-    passed by name (-e NAME), as the README does for credentials."""
-    cmd = ["docker", "run", *readme_run_flags(), "--network", "host", *extra]
+    """The documented `docker run`, plus --network host to reach moto on 127.0.0.1. Variables are
+    passed by name (-e NAME), as the docs do for credentials."""
+    cmd = ["docker", "run", *documented_run_flags(), "--network", "host", *extra]
     cmd += ["--name", name] if name else []
     cmd += ["--user", user] if user else []
     for k in env:
@@ -195,7 +195,7 @@ def tidy_images(result: subprocess.CompletedProcess, image: str) -> None:
 @pytest.fixture(scope="module")
 def cpu_image(build_args, bucket):
     """scripts/smoke-docker.sh: builds the CPU image from the real Dockerfile, then runs its smoke
-    mode in a container as the README shows. Returns the image and the script's result."""
+    mode in a container as docs/deploy.md shows. Returns the image and the script's result."""
     image = "trainjob:test-cpu"
     result = smoke_docker("--tag", image, build_args=build_args, env=job_env(bucket, run_name="smoke-docker"))
     assert_built(result, image)
@@ -258,7 +258,7 @@ def test_two_epochs_write_every_output_to_the_bucket(cpu_image, bucket):
 
 
 def test_a_compiled_run_in_the_container_with_a_cpu_limit_trains_as_eager(cpu_image, bucket):
-    """JOB_COMPILE=true in the image with the README's flags (Inductor compiles C++ into the exec
+    """JOB_COMPILE=true in the image with the documented flags (Inductor compiles C++ into the exec
     tmpfs cache) under `--cpus 1`: the job sizes itself to the quota and learns what eager learns."""
     runs = {}
     for name, compiled in (("eager-1cpu", "false"), ("compiled-1cpu", "true")):
@@ -282,7 +282,7 @@ def test_any_uid_can_write_cache_and_tmp_openshift_style(cpu_image, bucket):
 
 @pytest.fixture(scope="module")
 def stopped(cpu_image, bucket, tmp_path_factory):
-    """A run stopped with `docker stop` once its first epoch is in the bucket (the README's stop
+    """A run stopped with `docker stop` once its first epoch is in the bucket (the documented stop
     timeout applies), with the processes seen inside the container while it ran."""
     # a checkpoint (and history) every epoch, so the stop lands between published epochs
     env = job_env(bucket, run_name="stop", epochs=EPOCHS_TO_STOP, hidden_sizes="1024,1024", checkpoint_min_seconds=0, **DIGITS)
@@ -350,7 +350,7 @@ def test_a_rerun_resumes_from_the_stop_checkpoint(stopped, cpu_image, bucket):
     assert read_json(bucket.fs, "out/stop/summary.json")["status"] == "completed"
 
 
-# What JOB_COMPILE needs, as the README runs the image: a C and a C++ compiler (Triton's launcher,
+# What JOB_COMPILE needs, as the docs run the image: a C and a C++ compiler (Triton's launcher,
 # Inductor's CPU code, with OpenMP), Python's headers, and /tmp and /cache mounted exec, so a module
 # compiled there can be loaded: built against Python.h into each and imported, as the two do.
 COMPILE_TOOLS = r"""
@@ -374,7 +374,7 @@ g++ -fopenmp /tmp/omp.cpp -o /tmp/omp && /tmp/omp && echo openmp
 
 
 def compile_tools(image: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", "run", *readme_run_flags(), "--entrypoint", "sh", image, "-c", COMPILE_TOOLS],
+    return subprocess.run(["docker", "run", *documented_run_flags(), "--entrypoint", "sh", image, "-c", COMPILE_TOOLS],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT)
 
 
@@ -384,7 +384,7 @@ def assert_compile_tools_work(result: subprocess.CompletedProcess) -> None:
     assert result.stdout.startswith("gcc ") and "openmp" in result.stdout, result.stdout
 
 
-def test_the_image_compiles_and_loads_modules_in_tmp_and_cache_with_the_readme_flags(cpu_image):
+def test_the_image_compiles_and_loads_modules_in_tmp_and_cache_with_the_documented_flags(cpu_image):
     assert_compile_tools_work(compile_tools(cpu_image.image))
 
 
@@ -400,7 +400,7 @@ def test_gpu_image_builds_with_the_cuda_wheel_and_runs_on_cpu(cpu_image, build_a
     refused = docker_run(image, job_env(bucket, run_name="gpu-image-no-gpu", smoke="true"))
     assert refused.returncode == 2 and "JOB_DEVICE=cuda" in refused.stdout, tail(refused.stdout)
     assert "JOB_DEVICE=cpu" in refused.stdout.strip().splitlines()[-1], tail(refused.stdout)
-    # ... and trains there when asked to (smoke mode, README flags without --gpus).
+    # ... and trains there when asked to (smoke mode, the documented flags without --gpus).
     smoke = docker_run(image, job_env(bucket, run_name="gpu-image-on-cpu", smoke="true", device="cpu"))
     assert smoke.returncode == 0, tail(smoke.stdout)
     assert_compile_tools_work(compile_tools(image))

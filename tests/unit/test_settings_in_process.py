@@ -3,6 +3,7 @@ settings page (docs/settings.md) and the README's exit-code table against the co
 errors a user meets are tested through the job in tests/job/test_settings.py."""
 
 import os
+import re
 
 from conftest import ROOT
 from job.errors import EXIT_CODES
@@ -64,6 +65,18 @@ def test_the_settings_page_shows_each_workloads_own_defaults(monkeypatch):
             assert shown.startswith(small) and "torchvision" not in shown, (name, shown)
         else:
             assert shown.startswith(f"{small} (`mlp`, `cnn`)") and f"{transfer} (torchvision models)" in shown, name
+
+
+def test_the_readme_run_name_model_names_what_a_resume_refuses_and_takes():
+    """The README's one account of runs lists, by hand, the settings a resume refuses under the
+    same JOB_RUN_NAME and those it takes: the code's lists, not an older copy of them."""
+    from job.checkpoint import FIXED_ON_RESUME, SCHEDULE_SETTINGS
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    bullet = readme.split("- **Changed settings, same `JOB_RUN_NAME`.**", 1)[1].split("\n- ", 1)[0]
+    refused, taken = (set(re.findall(r"`JOB_([A-Z_]+)`", part)) for part in bullet.split("Schedule settings", 1))
+    assert refused == {f.upper() for f in FIXED_ON_RESUME}
+    assert taken == {f.upper() for f in SCHEDULE_SETTINGS}
 
 
 def test_readme_documents_every_exit_code():

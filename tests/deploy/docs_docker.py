@@ -1,4 +1,4 @@
-"""The README's "Run in Docker" command, read from the README itself, so the image test runs what
+"""The "Run in Docker" command of docs/deploy.md, read from that page, so the image test runs what
 users are told to run and the static tests keep the script and the example workflow in step."""
 
 import os
@@ -6,12 +6,14 @@ import re
 import shlex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PAGE = os.path.join("docs", "deploy.md")
 
 
-def section(title: str) -> str:
-    text = open(os.path.join(ROOT, "README.md")).read()
+def section(title: str, page: str = PAGE) -> str:
+    """The text of `## title` in `page` (a path under the repository), up to the next `## `."""
+    text = open(os.path.join(ROOT, page)).read()
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"README.md has no '## {title}' section"
+    assert match, f"{page} has no '## {title}' section"
     return match.group(1)
 
 
@@ -19,7 +21,7 @@ def docker_run_flags(text: str) -> tuple[list[str], str]:
     """The options of the first `docker run` command in `text` (continuation lines joined), less
     its -e/--env settings, and the image it runs."""
     joined = re.sub(r"\\\n\s*", " ", text)
-    line = next((l.strip() for l in joined.splitlines() if l.strip().startswith("docker run ")), None)
+    line = next((ln.strip() for ln in joined.splitlines() if ln.strip().startswith("docker run ")), None)
     assert line, "no `docker run` command found"
     words = shlex.split(line, comments=True)[2:]
     flags, image = [], None
@@ -42,8 +44,8 @@ def docker_run_flags(text: str) -> tuple[list[str], str]:
     return flags, image
 
 
-def readme_run_flags() -> list[str]:
-    """The README's `docker run` options: what every container in the image test runs with."""
+def documented_run_flags() -> list[str]:
+    """The documented `docker run` options: what every container in the image test runs with."""
     flags, _ = docker_run_flags(section("Run in Docker"))
     return flags
 
