@@ -46,12 +46,16 @@ def entrypoint(monkeypatch, capsys, argv, **settings) -> tuple[int, str]:
         for k, v in settings.items():
             env.setenv(k if k.isupper() else f"JOB_{k.upper()}", str(v))
         handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        job_log = logging.getLogger("job")
+        kept = job_log.handlers[:], job_log.level, job_log.propagate
         try:
             code = cli.main(argv)
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
             logging.disable(logging.NOTSET)  # report_failure silences logging for the way out
+            # cli.main logs to this test's captured stdout, which is closed after it
+            job_log.handlers[:], job_log.level, job_log.propagate = kept
     out = capsys.readouterr().out
     errors = [line.split(" ERROR ", 1)[1] for line in out.splitlines() if " ERROR " in line]
     assert "Traceback" not in out, out[-3000:]
