@@ -1,7 +1,9 @@
 """All storage goes through fsspec URLs here: local paths, file://, s3://, gs://, memory://.
 
-The rest of the job never imports s3fs. Object-store writes are atomic by nature (a key appears
-only when its upload completes); local writes go to a temporary name and are renamed.
+The rest of the job never imports s3fs or gcsfs: what differs between stores (options, exclusive
+creation, how a refusal of our credentials looks) is one row of STORES. Object-store writes are
+atomic by nature (a key appears only when its upload completes); local writes go to a temporary
+name and are renamed.
 
 Every operation is bounded in time (JOB_STORAGE_TIMEOUT_SECONDS, retries included), logs a line
 while it waits, and gives way to a stop signal's grace period: a frozen or failing store ends the
@@ -11,6 +13,7 @@ job with exit 75 (or 143 after a stop), never a hang.
 import contextlib
 import errno
 import functools
+import importlib
 import json
 import logging
 import math
@@ -20,12 +23,14 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from job.errors import CredentialsError, JobError, Stopped, TransientStorageError
+from job.errors import CredentialsError, JobError, SettingsError, Stopped, TransientStorageError
 from job.settings import redact_uri
 from job.stop import StopRequest
 
@@ -63,24 +68,149 @@ def configure(settings, stop=None) -> None:
         stop.grace = settings.stop_grace_seconds  # the watchdog's, and every wait's, grace period
 
 
-def _options(protocol: str) -> dict:
-    if protocol in ("s3", "s3a"):
-        # botocore's standard retry mode: exponential backoff with jitter on 5xx, throttling
-        # (SlowDown), connection errors and timeouts; bounded timeouts so a stalled transfer
-        # fails instead of hanging (marin-community/marin#9209). Listings are not cached so a
-        # pointer written by another process is always read fresh.
-        return {
-            "config_kwargs": {"retries": {"max_attempts": _config.retries, "mode": "standard"},
-                              "connect_timeout": 10, "read_timeout": 60},
-            "use_listings_cache": False,
-        }
+def _never(exc: BaseException) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Store:
+    """What the job must know about one kind of object store (one row per store; local and memory too)."""
+
+    name: str  # for messages: "S3", "GCS", "local disk"
+    options: Callable[[Config], dict]  # fsspec kwargs: retries, connect/read timeouts, no listings cache
+    create: Callable[[Any, str, bytes], None] | None  # write only if absent, FileExistsError if present; None: cannot
+    refused: Callable[[BaseException], bool]  # the store refused our credentials (-> CredentialsError, exit 2)
+    credentials: str = ""  # where this store's credentials come from: the fix a refusal's message names
+    transient: Callable[[BaseException], bool] = _never  # the library's own errors worth a rerun (exit 75)
+    extra: str = ""  # the trainjob extra that installs its fsspec library ("": always installed)
+    fs_class: str = ""  # "module:Class" where the job must not take the class fsspec's registry names
+
+
+def _s3_options(config: Config) -> dict:
+    # botocore's standard retry mode: exponential backoff with jitter on 5xx, throttling
+    # (SlowDown), connection errors and timeouts; bounded timeouts so a stalled transfer
+    # fails instead of hanging (marin-community/marin#9209). Listings are not cached so a
+    # pointer written by another process is always read fresh.
+    return {
+        "config_kwargs": {"retries": {"max_attempts": config.retries, "mode": "standard"},
+                          "connect_timeout": 10, "read_timeout": 60},
+        "use_listings_cache": False,
+    }
+
+
+def _s3_refused(exc: BaseException) -> bool:
+    """403/AccessDenied/ExpiredToken (s3fs: PermissionError), or a bare 400 on a HEAD request,
+    which carries no error code (an expired token, or a signature for the wrong region, as S3
+    answers HEAD; s3fs turns it into EINVAL)."""
+    if isinstance(exc, PermissionError):
+        return True
+    cause = exc.__cause__
+    return (
+        isinstance(exc, OSError)
+        and exc.errno == errno.EINVAL
+        and cause is not None
+        and getattr(cause, "operation_name", "") == "HeadObject"
+        and getattr(cause, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") == 400
+    )
+
+
+def _pipe_create(fs, path: str, data: bytes) -> None:
+    """fsspec's exclusive write: s3fs sends `If-None-Match: *`, gcsfs `ifGenerationMatch=0`, and
+    each turns the store's 412 into FileExistsError; memory:// checks its dict."""
+    fs.pipe_file(path, data, mode="create")
+
+
+def _local_create(fs, path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _no_options(config: Config) -> dict:
     return {}
+
+
+def _gcs_options(config: Config) -> dict:
+    import aiohttp
+
+    # gcsfs retries each request itself, 6 attempts with backoff 1, 2, 4, 8, 16 s on 5xx, 408,
+    # 429, connection errors and timeouts (gcsfs/retry.py, retry_request): a count fixed when the
+    # class is defined, which JOB_STORAGE_RETRIES cannot change; JOB_STORAGE_TIMEOUT_SECONDS bounds
+    # it as it bounds every operation. Connect and read timeouts as for S3 (a stalled read fails
+    # and is retried), no total: a big checkpoint takes as long as it takes. No listings cache.
+    return {"requests_timeout": aiohttp.ClientTimeout(sock_connect=10, sock_read=60), "use_listings_cache": False}
+
+
+def _gcs_refused(exc: BaseException) -> bool:
+    """gcsfs raises a bare OSError("Forbidden: ...") for 403 and HttpError(code=401) for 401 (an
+    invalid or expired token, or an anonymous caller: gcsfs falls back to no credentials when it
+    finds none, and the store then answers 401)."""
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        return exc.errno is None and str(exc).startswith("Forbidden: ")
+    return type(exc).__name__ == "HttpError" and type(exc).__module__.startswith("gcsfs") and \
+        getattr(exc, "code", None) == 401
+
+
+def _gcs_transient(exc: BaseException) -> bool:
+    """What gcsfs itself retries (5xx, 408, 429, connection errors, a token refresh that failed),
+    still failing once its attempts are spent."""
+    if not type(exc).__module__.startswith(("gcsfs", "requests", "google")):
+        return False
+    from gcsfs.retry import is_retriable
+
+    return is_retriable(exc)
+
+
+_S3 = Store("S3", _s3_options, _pipe_create, _s3_refused,
+            credentials="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's service "
+            "account for IRSA / EKS Pod Identity), and check the bucket policy")
+_GCS = Store("GCS", _gcs_options, _pipe_create, _gcs_refused, extra="gcs", transient=_gcs_transient,
+             credentials="set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, or give the pod a "
+             "Kubernetes service account bound by GKE Workload Identity, and check the bucket's IAM roles",
+             # gcsfs's default class since 2026.x asks the Storage Control API (gRPC) for each bucket's
+             # layout, with a 60 s retry budget per call that our timeouts do not bound, and asks again
+             # after every failed lookup (an emulator, a network without gRPC); the JSON API class is
+             # the one the job needs (plain objects) and the one our options are for.
+             fs_class="gcsfs.core:GCSFileSystem")
+_LOCAL = Store("local disk", _no_options, _local_create, _never)
+# A protocol without a row is read with fsspec's defaults and cannot hold a lease.
+_UNKNOWN = Store("an unknown store", _no_options, None, _never, "check its credentials")
+STORES: dict[str, Store] = {
+    "s3": _S3,
+    "s3a": _S3,
+    "gs": _GCS,
+    "gcs": _GCS,
+    "file": _LOCAL,
+    "local": _LOCAL,
+    "memory": Store("memory", _no_options, _pipe_create, _never),
+}
+
+
+def protocol(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def store(uri: str) -> Store | None:
+    """The row of STORES for the URI's protocol (None: a protocol the job knows nothing about)."""
+    return STORES.get(protocol(uri))
 
 
 def filesystem(uri: str):
     """(fs, path) for a URI; the filesystem object is cached by fsspec per set of options."""
-    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    return fsspec.core.url_to_fs(uri, **_options(protocol))
+    row = store(uri)
+    try:
+        if row is not None and row.fs_class:
+            module, name = row.fs_class.split(":")
+            cls = getattr(importlib.import_module(module), name)
+            return cls(**row.options(_config)), cls._strip_protocol(uri)
+        return fsspec.core.url_to_fs(uri, **(row.options(_config) if row else {}))
+    except ImportError as exc:  # fsspec names the missing library
+        if row is None or not row.extra:
+            raise
+        raise SettingsError(f"{redact_uri(uri)}: {row.name} needs the trainjob[{row.extra}] extra ({_short(exc)}); "
+                            f"pip install 'trainjob[{row.extra}]', or use the trainjob image, which has it") from None
 
 
 def is_local(uri: str) -> bool:
@@ -119,24 +249,22 @@ def classify(exc: BaseException, uri: str, error: type[JobError], action: str) -
     `error`; refused or missing credentials -> 2 with the fix; an allowlisted transient condition
     -> 75; any other storage error -> `error` (3 for data, 4 for outputs): permanent."""
     shown = redact_uri(uri)
+    row = store(uri) or _UNKNOWN
     if isinstance(exc, JobError):
         return exc
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return error(f"cannot {action} {shown}: not found ({exc.__class__.__name__}); check the URI")
     if type(exc).__name__ in MISSING_CREDENTIALS:
+        return CredentialsError(f"cannot {action} {shown}: no credentials found ({_short(exc)}); {row.credentials}")
+    if isinstance(exc, PermissionError) and is_local(uri):
+        return error(f"cannot {action} {shown}: permission denied (a local path: check its owner and mode)")
+    if row.refused(exc):
         return CredentialsError(
-            f"cannot {action} {shown}: no credentials found ({_short(exc)}); set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's service account for IRSA / Workload Identity)"
-        )
-    if isinstance(exc, OSError) and refused(exc):
-        if is_local(uri):
-            return error(f"cannot {action} {shown}: permission denied (a local path: check its owner and mode)")
-        return CredentialsError(
-            f"cannot {action} {shown}: the store refused our credentials ({_short(exc)}); check the "
-            "AWS_* variables, profile or service account, and the bucket policy"
+            f"cannot {action} {shown}: the store refused our credentials ({_short(exc)}); {row.credentials}"
         )
     transient = (
-        _transient_class(exc)
+        row.transient(exc)
+        or _transient_class(exc)
         or isinstance(exc, (TimeoutError, ConnectionError))
         or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
         or (isinstance(exc, OSError) and exc.errno in TRANSIENT_REMOTE_ERRNOS and not is_local(uri))
@@ -160,22 +288,6 @@ def errors(uri: str, error: type[JobError], action: str):
         if found is exc:
             raise
         raise found from None
-
-
-def refused(exc: BaseException) -> bool:
-    """The store refused our credentials: 403/AccessDenied/ExpiredToken (s3fs: PermissionError),
-    or a bare 400 on a HEAD request, which carries no error code (an expired token, or a
-    signature for the wrong region, as S3 answers HEAD; s3fs turns it into EINVAL)."""
-    if isinstance(exc, PermissionError):
-        return True
-    cause = exc.__cause__
-    return (
-        isinstance(exc, OSError)
-        and exc.errno == errno.EINVAL
-        and cause is not None
-        and getattr(cause, "operation_name", "") == "HeadObject"
-        and getattr(cause, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") == 400
-    )
 
 
 def _short(exc: BaseException) -> str:
@@ -279,10 +391,11 @@ def operation(action: str):
         def with_fresh_credentials(uri, *args, **kwargs):
             try:
                 return fn(uri, *args, **kwargs)
-            except OSError as exc:
-                fs = filesystem(uri)[0]
-                if isinstance(fs, LocalFileSystem) or not refused(exc):
+            except Exception as exc:
+                row = store(uri)
+                if row is None or not row.refused(exc):
                     raise
+                fs = filesystem(uri)[0]
                 log.warning(
                     f"{redact_uri(uri)}: the store refused our credentials ({str(exc)[:120]}); "
                     "reloading them and retrying once"
@@ -343,19 +456,22 @@ def _write_bytes(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-@operation("create")
 def create_bytes(uri: str, data: bytes) -> None:
     """Create an object that must not exist yet; FileExistsError if it does (S3 `If-None-Match:
-    *`, a local exclusive open): of several writers racing, exactly one succeeds."""
+    *`, GCS `ifGenerationMatch=0`, a local exclusive open): of several writers racing, exactly
+    one succeeds. A store that cannot do this is refused (exit 2): the run's lease relies on it."""
+    row = store(uri)
+    if row is None or row.create is None:
+        name = row.name if row else f"{protocol(uri)}://"
+        raise SettingsError(f"{redact_uri(uri)}: {name} cannot create an object only if it is absent, which the run's "
+                            "lease needs to keep a second writer out; put JOB_OUTPUT_URI on a store that can")
+    _create_bytes(uri, data, row.create, nbytes=len(data))
+
+
+@operation("create")
+def _create_bytes(uri: str, data: bytes, create) -> None:
     fs, path = filesystem(uri)
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        fs.pipe_file(path, data, mode="create")
+    create(fs, path, data)
 
 
 def create_json(uri: str, obj) -> None:
