@@ -82,8 +82,10 @@ class Store:
     refused: Callable[[BaseException], bool]  # the store refused our credentials (-> CredentialsError, exit 2)
     credentials: str = ""  # where this store's credentials come from: the fix a refusal's message names
     transient: Callable[[BaseException], bool] = _never  # the library's own errors worth a rerun (exit 75)
+    rejected: Callable[[BaseException], bool] = _never  # the store's "bad request", raised as a builtin: permanent
     extra: str = ""  # the trainjob extra that installs its fsspec library ("": always installed)
     fs_class: str = ""  # "module:Class" where the job must not take the class fsspec's registry names
+    noisy_logger: str = ""  # a library logger that prints a traceback for each error it raises: silenced
 
 
 def _s3_options(config: Config) -> dict:
@@ -153,6 +155,12 @@ def _gcs_refused(exc: BaseException) -> bool:
         getattr(exc, "code", None) == 401
 
 
+def _gcs_rejected(exc: BaseException) -> bool:
+    """gcsfs raises ValueError("Bad Request: ...") for a 400 that says invalid (a bucket name GCS
+    does not accept, say): the store's answer, not a bug of ours."""
+    return isinstance(exc, ValueError) and str(exc).startswith("Bad Request: ")
+
+
 def _gcs_transient(exc: BaseException) -> bool:
     """What gcsfs itself retries (5xx, 408, 429, connection errors, a token refresh that failed),
     still failing once its attempts are spent."""
@@ -167,13 +175,16 @@ _S3 = Store("S3", _s3_options, _pipe_create, _s3_refused,
             credentials="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's service "
             "account for IRSA / EKS Pod Identity), and check the bucket policy")
 _GCS = Store("GCS", _gcs_options, _pipe_create, _gcs_refused, extra="gcs", transient=_gcs_transient,
+             rejected=_gcs_rejected,
              credentials="set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, or give the pod a "
              "Kubernetes service account bound by GKE Workload Identity, and check the bucket's IAM roles",
              # gcsfs's default class since 2026.x asks the Storage Control API (gRPC) for each bucket's
              # layout, with a 60 s retry budget per call that our timeouts do not bound, and asks again
              # after every failed lookup (an emulator, a network without gRPC); the JSON API class is
              # the one the job needs (plain objects) and the one our options are for.
-             fs_class="gcsfs.core:GCSFileSystem")
+             fs_class="gcsfs.core:GCSFileSystem",
+             # gcsfs logs each error it gives up on with logger.exception; the job reports it in one line
+             noisy_logger="gcsfs")
 _LOCAL = Store("local disk", _no_options, _local_create, _never)
 # A protocol without a row is read with fsspec's defaults and cannot hold a lease.
 _UNKNOWN = Store("an unknown store", _no_options, None, _never, "check its credentials")
@@ -200,6 +211,8 @@ def store(uri: str) -> Store | None:
 def filesystem(uri: str):
     """(fs, path) for a URI; the filesystem object is cached by fsspec per set of options."""
     row = store(uri)
+    if row is not None and row.noisy_logger:
+        logging.getLogger(row.noisy_logger).setLevel(logging.CRITICAL)
     try:
         if row is not None and row.fs_class:
             module, name = row.fs_class.split(":")
@@ -273,7 +286,7 @@ def classify(exc: BaseException, uri: str, error: type[JobError], action: str) -
         return TransientStorageError(f"cannot {action} {shown} after retries: {_short(exc)}")
     if isinstance(exc, OSError):
         return error(f"cannot {action} {shown}: {exc.strerror or os.strerror(exc.errno) if exc.errno else _short(exc)}")
-    if exc.__class__.__module__.split(".")[0] in STORAGE_LIBRARIES:
+    if exc.__class__.__module__.split(".")[0] in STORAGE_LIBRARIES or row.rejected(exc):
         return error(f"cannot {action} {shown}: {_short(exc)}")
     return exc
 

@@ -23,6 +23,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import stage_dataset  # noqa: E402
+from gcs_emulator import gcs, gcs_server  # noqa: E402,F401  (fixtures)
 
 SHARED_MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist-t10k")
 # Deliberately recognisable so tests can prove it never leaks into logs or outputs.

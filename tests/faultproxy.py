@@ -2,7 +2,8 @@
 fraction of requests (optionally only those whose path matches a pattern) it answers 503
 SlowDown, 500 InternalError, resets the connection or drops it without an answer; it can delay
 every request (a slow link) and freeze (accept requests and never answer, like a server stopped
-with SIGSTOP) until thawed. `counts` says what it has seen, so a test can wait for a request to
+with SIGSTOP) until thawed, and answer chosen requests itself (`answer`: a store's refusal, or what
+a store's emulator never says). `counts` says what it has seen, so a test can wait for a request to
 be under way (counts["delayed"]: requests that have begun a delay) instead of sleeping."""
 
 import http.client
@@ -34,6 +35,7 @@ class FaultProxy:
         self.delay_seconds = delay_seconds
         self.delay_paths = re.compile(delay_paths)  # only requests whose path matches are delayed
         self.revoked_keys: set[str] = set()  # access key ids answered with ExpiredToken
+        self.answers: list[tuple[re.Pattern, int, bytes]] = []  # (path pattern, status, JSON body): see answer()
         self.fail_fraction = fail_fraction
         self.faults = faults  # chosen among at random: slowdown, internal, reset, drop
         self.fail_paths = re.compile(fail_paths)  # only requests whose path matches fail ("" matches all)
@@ -42,7 +44,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "slowdown": 0, "internal": 0, "reset": 0, "drop": 0, "expired": 0, "frozen": 0,
-                       "delayed": 0}
+                       "delayed": 0, "answered": 0}
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,10 +64,10 @@ class FaultProxy:
                         data += chunk
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-            def _error(self, status: int, payload: bytes):
-                """An S3-style XML error response."""
+            def _error(self, status: int, payload: bytes, content_type: str = "application/xml"):
+                """A response of the proxy itself: an S3-style XML error unless told otherwise."""
                 self.send_response(status)
-                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 if self.command != "HEAD":
@@ -84,11 +86,9 @@ class FaultProxy:
                     proxy.thawed.wait()
                     self.close_connection = True  # like a frozen server's backlog: never answered
                     return
-                auth = self.headers.get("Authorization", "")
-                if any(f"Credential={key}/" in auth for key in proxy.revoked_keys):
-                    with proxy.lock:
-                        proxy.counts["expired"] += 1
-                    return self._error(400, EXPIRED)
+                answer = proxy.answer_for(self.path, self.headers.get("Authorization", ""))
+                if answer:
+                    return self._error(*answer)
                 with proxy.lock:
                     failing = proxy.fail_paths.search(self.path) and proxy.rng.random() < proxy.fail_fraction
                     fault = proxy.rng.choice(list(proxy.faults)) if failing else None
@@ -126,6 +126,25 @@ class FaultProxy:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, path_pattern: str, status: int, payload: bytes) -> None:
+        """From now on, answer requests whose path (query included) matches `path_pattern` with
+        `status` and the JSON `payload`, without forwarding them."""
+        self.answers.append((re.compile(path_pattern), status, payload))
+
+    def answer_for(self, path: str, authorization: str) -> tuple[int, bytes, str] | None:
+        """(status, payload, content type) the proxy answers itself, counted: ExpiredToken for a
+        revoked key, else the first answer() whose pattern matches the path; None: forward it."""
+        if any(f"Credential={key}/" in authorization for key in self.revoked_keys):
+            with self.lock:
+                self.counts["expired"] += 1
+            return 400, EXPIRED, "application/xml"
+        for pattern, status, payload in self.answers:
+            if pattern.search(path):
+                with self.lock:
+                    self.counts["answered"] += 1
+                return status, payload, "application/json"
+        return None
 
     def freeze(self):
         self.thawed.clear()

@@ -4,6 +4,7 @@ the caller's permanent code (3 data, 4 output) for the rest, and anything that i
 error passed through (a bug stays a bug)."""
 
 import errno
+import json
 
 import pytest
 from aiohttp.client_exceptions import ServerDisconnectedError
@@ -14,11 +15,23 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
+from gcsfs.retry import validate_response
 
 from job.errors import DataError, OutputError
 from job.storage import classify
 
-REMOTE, LOCAL = "s3://bucket/data", "/tmp/data"
+REMOTE, LOCAL, GCS = "s3://bucket/data", "/tmp/data", "gs://bucket/data"
+
+
+def gcs_answer(status: int, message: str) -> Exception:
+    """What gcsfs raises for this answer of GCS: its own code builds it (status codes:
+    cloud.google.com/storage/docs/json_api/v1/status-codes)."""
+    try:
+        validate_response(status, json.dumps({"error": {"code": status, "message": message}}).encode(), "b/bucket/o")
+    except Exception as exc:
+        return exc
+    raise AssertionError(f"gcsfs accepted status {status}")
+
 TABLE = {  # name: (exception, uri, the caller's error class, exit code, words the message must hold)
     "missing object": (FileNotFoundError("k"), REMOTE, DataError, 3, "not found"),
     "a name too long": (OSError(errno.ENAMETOOLONG, "File name too long"), LOCAL, DataError, 3, "too long"),
@@ -41,6 +54,22 @@ TABLE = {  # name: (exception, uri, the caller's error class, exit code, words t
     "half the credentials": (PartialCredentialsError(provider="env", cred_var="x"), REMOTE, OutputError, 2,
                              "no credentials found"),
     "a request botocore refuses": (ParamValidationError(report="bad key"), REMOTE, DataError, 3, "bad key"),
+    "GCS: 503": (gcs_answer(503, "Backend Error"), GCS, DataError, 75, "after retries"),
+    "GCS: 429 rate limit": (gcs_answer(429, "rateLimitExceeded"), GCS, OutputError, 75, "after retries"),
+    "GCS: 502 (gcsfs raises requests' ProxyError)": (gcs_answer(502, "Bad Gateway"), GCS, DataError, 75,
+                                                       "after retries"),
+    "GCS: missing object": (gcs_answer(404, "No such object"), GCS, DataError, 3, "not found"),
+    "GCS: 401, no credentials found (gcsfs went anonymous)": (
+        gcs_answer(401, "Anonymous caller does not have storage.objects.get access"), GCS, DataError, 2,
+        "GOOGLE_APPLICATION_CREDENTIALS"),
+    "GCS: 403, an identity without the role": (gcs_answer(403, "sa does not have storage.objects.create access"),
+                                                 GCS, OutputError, 2, "refused our credentials"),
+    "GCS: a bucket name it does not accept": (gcs_answer(400, "Invalid bucket name: 'Bad_Bucket!'"), GCS, DataError,
+                                              3, "Invalid bucket name"),
+    "GCS: another bad request": (gcs_answer(400, "Required parameter missing"), GCS, OutputError, 4, "Required"),
+    # gcsfs raises a builtin ValueError("Bad Request: ...") for a 400 whose message says "invalid"
+    "GCS: a 400 gcsfs raises as ValueError": (gcs_answer(400, "the object name is invalid"), GCS, DataError, 3,
+                                              "Bad Request"),
 }
 
 
