@@ -178,10 +178,11 @@ _GCS = Store("GCS", _gcs_options, _pipe_create, _gcs_refused, extra="gcs", trans
              rejected=_gcs_rejected,
              credentials="set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, or give the pod a "
              "Kubernetes service account bound by GKE Workload Identity, and check the bucket's IAM roles",
-             # gcsfs's default class since 2026.x asks the Storage Control API (gRPC) for each bucket's
-             # layout, with a 60 s retry budget per call that our timeouts do not bound, and asks again
-             # after every failed lookup (an emulator, a network without gRPC); the JSON API class is
-             # the one the job needs (plain objects) and the one our options are for.
+             # gcsfs.GCSFileSystem is, by default (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=true, gcsfs
+             # 2026.10), a class that asks the Storage Control API (gRPC) for each bucket's layout, with
+             # a 60 s retry budget per call that our timeouts do not bound, and asks again after every
+             # failed lookup (an emulator: 60 s per operation); the JSON API class is the one the job
+             # needs (plain objects, not zonal buckets) and the one our options are for.
              fs_class="gcsfs.core:GCSFileSystem",
              # gcsfs logs each error it gives up on with logger.exception; the job reports it in one line
              noisy_logger="gcsfs")
