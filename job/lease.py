@@ -119,8 +119,15 @@ class Lease:
                     return
                 try:
                     storage.create_json(self._uri(generation + 1), self._record())
-                except FileExistsError:
-                    continue  # another writer took this generation first: look at it
+                except FileExistsError:  # another writer took this generation first: look at it
+                    if time.monotonic() > give_up:  # never spin on a store that refuses a create it does not list
+                        raise LeaseLost(
+                            f"could not take the run's lease: the store refuses to create "
+                            f"{storage.redact_uri(self._uri(generation + 1))} but lists no newer generation; exit 75 "
+                            "so that the scheduler retries later"
+                        ) from None
+                    time.sleep(0.05)  # a listing that lags the other writer's create shows it in moments
+                    continue
                 self.generation = generation + 1
                 self._prune()
                 threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()

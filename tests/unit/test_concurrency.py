@@ -454,6 +454,20 @@ def test_a_node_whose_clock_runs_ahead_does_not_take_a_live_lease(monkeypatch):
         holder.release()
 
 
+def test_a_store_refusing_every_create_it_does_not_list_ends_in_exit_75_not_a_spin(monkeypatch):
+    """A store that answers "exists" (412) to a create while listing no such object (a lagging
+    listing, or a misbehaving store) made acquire loop at once and for ever."""
+    def refuse(uri, obj):
+        attempts.append(uri)
+        raise FileExistsError(uri)
+
+    attempts: list[str] = []
+    monkeypatch.setattr(lease.storage, "create_json", refuse)
+    with pytest.raises(lease.LeaseLost, match="refuses to create .* but lists no newer generation"):
+        lease.Lease(fresh_uri(), seconds=0.1).acquire()
+    assert len(set(attempts)) == 1  # always the same generation, none listed
+
+
 def test_a_live_holder_keeps_a_second_writer_out():
     run = fresh_uri()
     holder = lease.Lease(run, seconds=30)
