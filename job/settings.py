@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from job.errors import SettingsError
 
 ENV_PREFIX = "JOB_"
-URI_SCHEMES = ("file", "s3", "gs", "gcs", "memory")
+URI_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory")
 # Settings that change what is trained; together they name the run, so a restarted pod with the
 # same settings finds its own run directory. Epochs are left out on purpose (asking for more
 # epochs continues the same run) except where the schedule's shape depends on them.
@@ -527,6 +527,8 @@ def check_uri(value: str) -> str:
             raise ValueError(f"malformed URI: expected {scheme}://...")
         if scheme in ("s3", "gs", "gcs") and not rest.split("/")[0]:
             raise ValueError(f"malformed URI: {scheme}:// needs a bucket name, e.g. {scheme}://bucket/path")
+        if scheme in ("az", "abfs", "abfss") and not rest.split("/")[0]:
+            raise ValueError(f"malformed URI: {scheme}:// needs a container name, e.g. {scheme}://container/path")
     return value
 
 
@@ -537,11 +539,20 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _URI_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])([0-9+.-]*)([A-Za-z][A-Za-z0-9+.-]*://\S+)")
 
 
+# Azure's own URI form names the container and the account, not credentials: adlfs reads the
+# account from it (abfss://container@account.dfs.core.windows.net/path, as Spark and Databricks write it)
+_AZURE_CONTAINER_AT_ACCOUNT = re.compile(r"(?:az|abfss?)://[a-z0-9-]+@[a-z0-9]+\.(?:dfs|blob)\.core\.windows\.net(?:/|$)",
+                                         re.I)
+
+
 def _userinfo(uri: str) -> str | None:
     """The `user:password` part of scheme://user:password@host/..., or None. A password may hold
     '/' (AWS secret keys do) and '@': in the user:password form everything up to the URI's last
     '@' is masked (a key's own '@' after credentials too: the safe side); without a ':' only an
-    '@' in the first segment counts, so s3://bucket/a@b is not a credential."""
+    '@' in the first segment counts, so s3://bucket/a@b is not a credential (nor Azure's
+    container@account: see _AZURE_CONTAINER_AT_ACCOUNT)."""
+    if _AZURE_CONTAINER_AT_ACCOUNT.match(uri):
+        return None
     match = _SCHEME.match(uri)
     rest = uri[match.end() :] if match else ""
     if "@" not in rest:
@@ -568,16 +579,23 @@ def redact_text(text: str) -> str:
     return text
 
 
+# The secret parts of an Azure connection string (AZURE_STORAGE_CONNECTION_STRING), masked on their
+# own too: a library that quotes only the key must not show it either.
+_CONNECTION_STRING_SECRETS = re.compile(r"(?:AccountKey|SharedAccessSignature|SharedAccessKey)=([^;]{6,})", re.I)
+
+
 def _secret_values() -> list[str]:
     names, not_secret = (
-        ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE_KEY"),
+        ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE_KEY", "ACCOUNT_KEY", "CONNECTION_STRING"),
         ("_FILE", "_PATH", "_DIR"),
     )
-    return [
+    values = [
         v
         for k, v in os.environ.items()
         if len(v) >= 6 and any(n in k.upper() for n in names) and not k.upper().endswith(not_secret)
     ]
+    values += [part for v in values for part in _CONNECTION_STRING_SECRETS.findall(v)]
+    return sorted(values, key=len, reverse=True)  # a whole string before the key inside it
 
 
 def _env_name(field: str) -> str:

@@ -17,6 +17,9 @@ case "${1:-}" in
   unit | job | deploy | lint | all) suite=$1; shift ;;
 esac
 bash scripts/setup-venv.sh test
+case $suite in
+  job | all) bash scripts/setup-azurite.sh ;;  # the Azure Blob emulator for tests/job/test_azure_store.py
+esac
 
 lint() {
   echo "[test] ruff check job scripts"

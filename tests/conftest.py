@@ -241,3 +241,6 @@ def wait_until_idle(proc, seconds: float, timeout: float = 300, what: str = "the
 
 def idx_images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+
+
+from azurite import azure, azurite_server  # noqa: E402, F401  (Azure Blob: the emulator and a clean store)
