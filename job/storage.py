@@ -1,4 +1,4 @@
-"""All storage goes through fsspec URLs here: local paths, file://, s3://, gs://, memory://.
+"""All storage goes through fsspec URLs here: local paths, file://, s3://, gs://, az://, memory://.
 
 The rest of the job never imports s3fs or gcsfs: what differs between stores (options, exclusive
 creation, how a refusal of our credentials looks) is one row of STORES. Object-store writes are
@@ -86,6 +86,7 @@ class Store:
     extra: str = ""  # the trainjob extra that installs its fsspec library ("": always installed)
     fs_class: str = ""  # "module:Class" where the job must not take the class fsspec's registry names
     noisy_logger: str = ""  # a library logger that prints a traceback for each error it raises: silenced
+    missing: Callable[[BaseException], bool] = _never  # no credentials found, beyond MISSING_CREDENTIALS' classes
 
 
 def _s3_options(config: Config) -> dict:
@@ -118,7 +119,8 @@ def _s3_refused(exc: BaseException) -> bool:
 
 def _pipe_create(fs, path: str, data: bytes) -> None:
     """fsspec's exclusive write: s3fs sends `If-None-Match: *`, gcsfs `ifGenerationMatch=0`, and
-    each turns the store's 412 into FileExistsError; memory:// checks its dict."""
+    each turns the store's 412 into FileExistsError; adlfs sends `If-None-Match: *` and turns Azure's
+    409 BlobAlreadyExists into FileExistsError; memory:// checks its dict."""
     fs.pipe_file(path, data, mode="create")
 
 
@@ -171,6 +173,42 @@ def _gcs_transient(exc: BaseException) -> bool:
     return is_retriable(exc)
 
 
+def _azure_options(config: Config) -> dict:
+    # job.azure_blob.AzureBlob (adlfs with its SDK client rebuilt): JOB_STORAGE_RETRIES attempts with
+    # backoff on 5xx, 408, connection errors and timeouts, connect and read timeouts as for S3, on
+    # every request. No listings cache.
+    return {"attempts": config.retries, "connection_timeout": 10, "read_timeout": 60, "use_listings_cache": False}
+
+
+def _azure_refused(exc: BaseException) -> bool:
+    """An HTTP 401 or 403 (azure.core's HttpResponseError, or its ClientAuthenticationError): a
+    wrong or rotated key, an expired SAS token, a refused token, or an identity with no role on the
+    container. Azurite answers a wrong key with 403 AuthorizationFailure, the service with 403
+    AuthenticationFailed."""
+    return type(exc).__module__.startswith("azure.") and getattr(exc, "status_code", None) in (401, 403)
+
+
+def _azure_missing(exc: BaseException) -> bool:
+    """No credentials to try: adlfs found no account at all (its ValueError, raised as the
+    filesystem is made), or DefaultAzureCredential found no source of a token (an error with no
+    HTTP response)."""
+    if isinstance(exc, ValueError) and "unable to connect to account" in str(exc):
+        return True
+    return type(exc).__name__ in ("ClientAuthenticationError", "CredentialUnavailableError") and \
+        type(exc).__module__.startswith("azure.") and getattr(exc, "status_code", None) is None
+
+
+def _azure_transient(exc: BaseException) -> bool:
+    """What the SDK's retry policy retries (5xx, 408, connection errors and timeouts: azure.core's
+    ServiceRequestError and ServiceResponseError), and 429, still failing once its attempts are spent."""
+    if not type(exc).__module__.startswith("azure."):
+        return False
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
+    return isinstance(exc, (ServiceRequestError, ServiceResponseError)) or \
+        getattr(exc, "status_code", None) in (408, 429, 500, 502, 503, 504)
+
+
 _S3 = Store("S3", _s3_options, _pipe_create, _s3_refused,
             credentials="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's service "
             "account for IRSA / EKS Pod Identity), and check the bucket policy")
@@ -186,6 +224,12 @@ _GCS = Store("GCS", _gcs_options, _pipe_create, _gcs_refused, extra="gcs", trans
              fs_class="gcsfs.core:GCSFileSystem",
              # gcsfs logs each error it gives up on with logger.exception; the job reports it in one line
              noisy_logger="gcsfs")
+_AZURE = Store("Azure Blob", _azure_options, _pipe_create, _azure_refused, extra="azure", transient=_azure_transient,
+               missing=_azure_missing, fs_class="job.azure_blob:AzureBlob",
+               credentials="set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with "
+               "AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or AZURE_STORAGE_ACCOUNT_NAME alone with the "
+               "pod's AKS Workload Identity; and check the identity's role on the container (Storage Blob Data "
+               "Contributor)")
 _LOCAL = Store("local disk", _no_options, _local_create, _never)
 # A protocol without a row is read with fsspec's defaults and cannot hold a lease.
 _UNKNOWN = Store("an unknown store", _no_options, None, _never, "check its credentials")
@@ -194,6 +238,9 @@ STORES: dict[str, Store] = {
     "s3a": _S3,
     "gs": _GCS,
     "gcs": _GCS,
+    "az": _AZURE,
+    "abfs": _AZURE,
+    "abfss": _AZURE,
     "file": _LOCAL,
     "local": _LOCAL,
     "memory": Store("memory", _no_options, _pipe_create, _never),
@@ -218,7 +265,9 @@ def filesystem(uri: str):
         if row is not None and row.fs_class:
             module, name = row.fs_class.split(":")
             cls = getattr(importlib.import_module(module), name)
-            return cls(**row.options(_config)), cls._strip_protocol(uri)
+            # what fsspec.url_to_fs adds: options the URI itself carries (adlfs: the account of
+            # abfss://container@account.dfs.core.windows.net/)
+            return cls(**{**cls._get_kwargs_from_urls(uri), **row.options(_config)}), cls._strip_protocol(uri)
         return fsspec.core.url_to_fs(uri, **(row.options(_config) if row else {}))
     except ImportError as exc:  # fsspec names the missing library
         if row is None or not row.extra:
@@ -268,7 +317,7 @@ def classify(exc: BaseException, uri: str, error: type[JobError], action: str) -
         return exc
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return error(f"cannot {action} {shown}: not found ({exc.__class__.__name__}); check the URI")
-    if type(exc).__name__ in MISSING_CREDENTIALS:
+    if type(exc).__name__ in MISSING_CREDENTIALS or row.missing(exc):
         return CredentialsError(f"cannot {action} {shown}: no credentials found ({_short(exc)}); {row.credentials}")
     if isinstance(exc, PermissionError) and is_local(uri):
         return error(f"cannot {action} {shown}: permission denied (a local path: check its owner and mode)")

@@ -93,7 +93,7 @@ def azurite_server():
 def azure(azurite_server, monkeypatch):
     """A clean store for one test: the containers data and out, empty, and this process (and so
     the jobs it starts) pointed at the emulator through AZURE_STORAGE_CONNECTION_STRING."""
-    import adlfs
+    from job.azure_blob import AzureBlob
 
     def env(endpoint: str) -> dict:
         return {"AZURE_STORAGE_CONNECTION_STRING": connection_string(endpoint)}
@@ -102,11 +102,11 @@ def azure(azurite_server, monkeypatch):
         monkeypatch.delenv(name)  # nothing from the machine may decide which account the job reaches
     for k, v in env(azurite_server).items():
         monkeypatch.setenv(k, v)
-    adlfs.AzureBlobFileSystem.clear_instance_cache()
-    fs = adlfs.AzureBlobFileSystem(connection_string=connection_string(azurite_server), skip_instance_cache=True)
+    AzureBlob.clear_instance_cache()  # a filesystem made for another test's variables
+    fs = AzureBlob(connection_string=connection_string(azurite_server), skip_instance_cache=True)
     for container in fs.ls("", detail=False):
         fs.rm(container, recursive=True)
     for container in CONTAINERS:
         fs.mkdir(container)
     yield ObjectStore("Azure Blob", "az://", azurite_server, env, fs)
-    adlfs.AzureBlobFileSystem.clear_instance_cache()
+    AzureBlob.clear_instance_cache()

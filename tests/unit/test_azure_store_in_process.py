@@ -1,11 +1,17 @@
-"""Azure Blob in process: the URIs the job accepts and how Azure credentials are masked. (The job
-on the emulator, through a real subprocess: tests/job/test_azure_store.py.)"""
+"""Azure Blob in process: the URIs the job accepts, how Azure credentials are masked, and storage's
+Azure row on Azurite (exclusive creation and the lease, retries, refused and missing credentials).
+(The job on the emulator, through a real subprocess: tests/job/test_azure_store.py.)"""
+
+import threading
 
 import pytest
 from azurite import KEY, connection_string
+from faultproxy import FaultProxy
 
-from job.errors import SettingsError
-from job.settings import load_settings, redact_text, redact_uri
+from job import lease, storage
+from job.azure_blob import AzureBlob
+from job.errors import CredentialsError, DataError, SettingsError, TransientStorageError
+from job.settings import Settings, load_settings, redact_text, redact_uri
 
 
 @pytest.mark.parametrize("uri", ["az://data/digits", "abfs://data/digits", "abfss://data/digits",
@@ -38,3 +44,81 @@ def test_an_account_key_and_a_connection_string_are_masked_whole_and_in_part(mon
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING")
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", KEY)
     assert redact_text(f"key {KEY}") == "key ***"
+
+
+# --- the Azure row of storage.STORES, on Azurite ------------------------------------------------
+
+
+@pytest.fixture
+def configured(azure, monkeypatch):
+    """storage at its defaults but for the given settings, and back as it was after the test."""
+    monkeypatch.setattr(storage, "_config", storage.Config())
+
+    def configure(**settings):
+        storage.configure(Settings(data_uri="/x", **settings))
+
+    return configure
+
+
+def test_racing_creators_one_wins_and_the_lease_keeps_a_second_writer_out(configured):
+    configured()
+    uri = "az://out/race/000000000001.json"
+    outcomes = []
+
+    def create(i):
+        try:
+            storage.create_bytes(uri, str(i).encode())
+            outcomes.append(i)
+        except FileExistsError:
+            outcomes.append(None)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i in outcomes if i is not None]
+    assert len(outcomes) == 8 and len(winners) == 1  # If-None-Match: *, 409 for the 7 others
+    assert storage.read_bytes(uri) == str(winners[0]).encode()
+
+    first = lease.Lease("az://out/run", seconds=30)
+    first.acquire()
+    with pytest.raises(lease.LeaseLost, match="another job is writing"):
+        lease.Lease("az://out/run", seconds=0.1).acquire()
+    first.release()
+
+
+def test_job_storage_retries_is_the_number_of_attempts(azure, configured, monkeypatch):
+    """What JOB_STORAGE_RETRIES means on S3 (botocore's max_attempts) holds on Azure: adlfs's own
+    client would make 4 attempts whatever the setting (fsspec/adlfs#502)."""
+    azure.fs.pipe_file("data/x", b"x")
+    proxy = FaultProxy(azure.endpoint, 1.0, faults=("internal",))
+    try:
+        for k, v in azure.env(proxy.url).items():
+            monkeypatch.setenv(k, v)
+        configured(storage_retries=3)
+        with pytest.raises(Exception) as failed:
+            storage.read_bytes("az://data/x")
+    finally:
+        proxy.close()
+    assert proxy.counts["internal"] == 3 and proxy.counts["forwarded"] == 0, proxy.counts
+    found = storage.classify(failed.value, "az://data/x", DataError, "read")
+    assert isinstance(found, TransientStorageError) and "after retries" in str(found)  # exit 75
+
+
+def test_a_refusal_and_missing_credentials_are_exit_2_naming_the_azure_variables(azure, configured, monkeypatch):
+    configured()
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection_string(azure.endpoint, key=KEY[::-1]))
+    AzureBlob.clear_instance_cache()  # as a new process: the variables are read when the filesystem is made
+    with pytest.raises(Exception) as refused:
+        storage.read_bytes("az://data/x")
+    found = storage.classify(refused.value, "az://data/x", DataError, "read")
+    assert isinstance(found, CredentialsError) and "refused our credentials" in str(found)
+    assert "AZURE_STORAGE_CONNECTION_STRING" in str(found) and KEY[::-1] not in str(found)
+
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING")  # and no other AZURE_* (the fixture): nothing to try
+    AzureBlob.clear_instance_cache()
+    with pytest.raises(Exception) as missing:
+        storage.read_bytes("az://data/x")
+    found = storage.classify(missing.value, "az://data/x", DataError, "read")
+    assert isinstance(found, CredentialsError) and "no credentials found" in str(found), found
