@@ -686,5 +686,7 @@ def help_text() -> str:
         "",
         "S3-compatible storage: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION",
         "(or any credential source botocore supports, e.g. IRSA web identity).",
+        "Azure Blob (az://, abfs://): AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with",
+        "AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN or the pod's AKS Workload Identity.",
     ]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ case "${1:-}" in
 esac
 bash scripts/setup-venv.sh test
 case $suite in
-  job | all) bash scripts/setup-azurite.sh ;;  # the Azure Blob emulator for tests/job/test_azure_store.py
+  unit | job | all) bash scripts/setup-azurite.sh ;;  # the Azure Blob emulator (tests/azurite.py)
 esac
 
 lint() {

@@ -5,13 +5,13 @@ Azure row on Azurite (exclusive creation and the lease, retries, refused and mis
 import threading
 
 import pytest
-from azurite import KEY, connection_string
+from azurite import ACCOUNT, KEY, connection_string
 from faultproxy import FaultProxy
 
 from job import lease, storage
 from job.azure_blob import AzureBlob
 from job.errors import CredentialsError, DataError, SettingsError, TransientStorageError
-from job.settings import Settings, load_settings, redact_text, redact_uri
+from job.settings import Settings, help_text, load_settings, redact_text, redact_uri
 
 
 @pytest.mark.parametrize("uri", ["az://data/digits", "abfs://data/digits", "abfss://data/digits",
@@ -122,3 +122,15 @@ def test_a_refusal_and_missing_credentials_are_exit_2_naming_the_azure_variables
         storage.read_bytes("az://data/x")
     found = storage.classify(missing.value, "az://data/x", DataError, "read")
     assert isinstance(found, CredentialsError) and "no credentials found" in str(found), found
+
+
+def test_the_three_uri_forms_reach_the_same_blob(azure, configured):
+    configured()
+    storage.write_bytes("az://data/forms/x", b"same")
+    for uri in ("abfs://data/forms/x", "abfss://data/forms/x", f"abfss://data@{ACCOUNT}.dfs.core.windows.net/forms/x"):
+        assert storage.read_bytes(uri) == b"same", uri
+    assert storage.list_names("abfs://data/forms") == ["x"]
+
+
+def test_help_names_the_azure_variables():
+    assert "AZURE_STORAGE_CONNECTION_STRING" in help_text() and "Workload Identity" in help_text()
