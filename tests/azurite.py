@@ -8,16 +8,12 @@ AZURITE_BLOB names another azurite-blob. Missing, the tests that need it skip, e
 import base64
 import os
 import shutil
-import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
-from conftest import ROOT, SECRET, _free_port
+from conftest import ROOT, SECRET, _free_port, start_server
 
 ACCOUNT = "trainjob"
 # The account's key as the job gets it: the test secret in base64 (a Shared Key is base64), so a
@@ -65,24 +61,12 @@ def azurite_server():
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     workdir = tempfile.mkdtemp(prefix="trainjob-azurite-")  # its debug and lock files, if any
-    proc = subprocess.Popen(
+    proc = start_server(
         [_azurite_blob(), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
          "--extentMemoryLimit", "1024",  # MB: the default, half the machine's memory, is not ours to take
          "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"],  # telemetry: no traffic out
-        env={**os.environ, "AZURITE_ACCOUNTS": f"{ACCOUNT}:{KEY}"}, cwd=workdir,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120  # a hang guard: Node starts in about a second
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + f"/{ACCOUNT}?comp=list", timeout=10)
-            break
-        except urllib.error.HTTPError:  # an answer (403: the request is not signed): it is up
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"Azurite did not start:\n{proc.communicate()[0]}") from None
-            time.sleep(0.1)
+        f"{endpoint}/{ACCOUNT}?comp=list", "Azurite",
+        env={**os.environ, "AZURITE_ACCOUNTS": f"{ACCOUNT}:{KEY}"}, cwd=workdir)
     yield endpoint
     proc.terminate()
     proc.wait(timeout=60)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -38,23 +39,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(args: list[str], url: str, what: str, **popen) -> subprocess.Popen:
+    """Start a test server in its own process and return once `url` answers, whatever its status
+    (an emulator answers an unsigned request with 403: it is up)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 120  # a hang guard: importing moto takes seconds on a loaded machine
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=10)
+            return proc
+        except urllib.error.HTTPError:
+            return proc
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"{what} did not start (exit {proc.poll()})") from None
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto in server mode, as s3fs's own test suite runs it; yields the endpoint URL."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120  # a hang guard: importing moto takes seconds on a loaded machine
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=10)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.1)
+    proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                        endpoint + "/moto-api/", "moto server")
     yield endpoint
     proc.terminate()
     proc.wait(timeout=60)
@@ -145,6 +154,15 @@ def assert_same_history(a: list[dict], b: list[dict]) -> None:
     for ra, rb in zip(metrics(a), metrics(b), strict=True):
         for k in METRICS:
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["epoch"], k, ra[k], rb[k])
+
+
+def reference_history(root, arrays: dict, **recipe) -> list[dict]:
+    """The history of an uninterrupted run of `recipe` on `arrays`, staged and written under the
+    local folder `root`: what an interrupted and resumed, or a faulty store's, run must equal."""
+    stage_dataset.stage(arrays, str(root / "digits"))
+    result = run_job(data_uri=str(root / "digits"), output_uri=str(root / "runs"), run_name="ref", **recipe)
+    assert result.returncode == 0, result.stdout
+    return read_history(root / "runs" / "ref")
 
 
 def corrupt_copy(src_dir, dst_dir, name: str, data: bytes) -> None:

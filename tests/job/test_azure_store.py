@@ -29,6 +29,7 @@ from conftest import (
     SECRET,
     assert_same_history,
     read_history,
+    reference_history,
     run_job,
     start_job,
     stop_within_grace,
@@ -50,11 +51,7 @@ def store(azure):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, digits_arrays):
     """An uninterrupted run's history on local disk: what every run on the store must equal."""
-    root = tmp_path_factory.mktemp("reference")
-    stage_dataset.stage(digits_arrays, str(root / "digits"))
-    result = run_job(data_uri=str(root / "digits"), output_uri=str(root / "runs"), run_name="ref", **RECIPE)
-    assert result.returncode == 0, result.stdout
-    return read_history(root / "runs" / "ref")
+    return reference_history(tmp_path_factory.mktemp("reference"), digits_arrays, **RECIPE)
 
 
 @pytest.fixture
@@ -165,6 +162,26 @@ def test_a_frozen_store_cannot_outlast_the_grace_period(store, digits_dir, proxy
     last = out.strip().splitlines()[-1]
     assert "without a new checkpoint; the valid one is checkpoints/step-" in last and "(exit 143" in last, last
     assert "Traceback" not in out
+
+
+def test_sigterm_during_a_slow_data_pull_exits_143_promptly(store, digits_arrays, proxy_for, tmp_path):
+    stage_dataset.stage(digits_arrays, store.uri("data/digits"))
+    # every request is delayed 3 units: the signal lands in the pull's first, and the job's exit takes
+    # less than a unit, so waiting for the pull (a listing, then the files) would take a delay more
+    delay = max(5.0, 3 * time_unit())
+    proxy = proxy_for(0.0, delay_seconds=delay)
+    proc = start_job(data_uri=store.uri("data/digits"), output_uri=str(tmp_path), run_name="r",
+                     cache_dir=str(tmp_path / "cache"))
+    wait_for(lambda: proxy.counts["delayed"] > 0, proc, what="the pull's first request at the slow store")
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    took = time.monotonic() - signalled
+    assert proc.returncode == 143, out
+    assert took < delay, (took, delay)
+    assert " INFO dataset " not in out and not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()], out
+    assert "stopped by signal 15" in out and "Traceback" not in out
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "stopped"
 
 
 def test_a_wrong_key_is_exit_2_in_one_line_without_the_key(store, digits_dir, monkeypatch):

@@ -7,7 +7,16 @@ import time
 
 import pytest
 
-from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, time_unit, wait_for_epochs
+from conftest import (
+    DIGITS,
+    assert_same_history,
+    read_history,
+    reference_history,
+    run_job,
+    start_job,
+    time_unit,
+    wait_for_epochs,
+)
 
 EPOCHS = 12
 # Mid-epoch checkpoints every 5 of the 12 steps per epoch, so kills land on every kind of position.
@@ -17,13 +26,7 @@ RECIPE = dict(epochs=EPOCHS, checkpoint_every_steps=5, **DIGITS)
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, digits_arrays):
     """An uninterrupted run's history, to compare every interrupted-and-resumed run with."""
-    import stage_dataset
-
-    root = tmp_path_factory.mktemp("reference")
-    stage_dataset.stage(digits_arrays, str(root / "digits"))
-    result = run_job(data_uri=str(root / "digits"), output_uri=str(root / "runs"), run_name="ref", **RECIPE)
-    assert result.returncode == 0, result.stdout
-    return read_history(root / "runs" / "ref")
+    return reference_history(tmp_path_factory.mktemp("reference"), digits_arrays, **RECIPE)
 
 
 @pytest.mark.parametrize("after_epochs, delay", [(1, 0.0), (3, 0.05), (5, 0.13)])

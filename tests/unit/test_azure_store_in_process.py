@@ -2,6 +2,7 @@
 Azure row on Azurite (exclusive creation and the lease, retries, refused and missing credentials).
 (The job on the emulator, through a real subprocess: tests/job/test_azure_store.py.)"""
 
+import sys
 import threading
 
 import pytest
@@ -134,3 +135,11 @@ def test_the_three_uri_forms_reach_the_same_blob(azure, configured):
 
 def test_help_names_the_azure_variables():
     assert "AZURE_STORAGE_CONNECTION_STRING" in help_text() and "Workload Identity" in help_text()
+
+
+def test_without_adlfs_an_azure_uri_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "adlfs", None)  # what `import adlfs` meets when not installed
+    monkeypatch.delitem(sys.modules, "job.azure_blob", raising=False)
+    with pytest.raises(SettingsError) as refused:
+        storage.exists("az://data/x")
+    assert refused.value.exit_code == 2 and "pip install 'trainjob[azure]'" in str(refused.value), refused.value
