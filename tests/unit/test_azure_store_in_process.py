@@ -7,11 +7,12 @@ import threading
 
 import pytest
 from azurite import ACCOUNT, KEY, connection_string
+from conftest import _free_port
 from faultproxy import FaultProxy
 
 from job import lease, storage
 from job.azure_blob import AzureBlob
-from job.errors import CredentialsError, DataError, SettingsError, TransientStorageError
+from job.errors import CredentialsError, DataError, OutputError, SettingsError, TransientStorageError
 from job.settings import Settings, help_text, load_settings, redact_text, redact_uri
 
 
@@ -143,3 +144,19 @@ def test_without_adlfs_an_azure_uri_names_the_extra_to_install(monkeypatch):
     with pytest.raises(SettingsError) as refused:
         storage.exists("az://data/x")
     assert refused.value.exit_code == 2 and "pip install 'trainjob[azure]'" in str(refused.value), refused.value
+
+
+def test_a_missing_container_is_permanent_and_an_unreachable_store_transient(azure, configured, monkeypatch):
+    configured(storage_retries=1)
+    with pytest.raises(Exception) as missing:
+        storage.write_bytes("az://nocontainer/x", b"x")
+    found = storage.classify(missing.value, "az://nocontainer/x", OutputError, "write")
+    assert isinstance(found, OutputError) and found.exit_code == 4, found  # a rerun cannot create it
+    assert "az://nocontainer/x" in str(found) and "container does not exist" in str(found), found
+
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection_string(f"http://127.0.0.1:{_free_port()}"))
+    AzureBlob.clear_instance_cache()
+    with pytest.raises(Exception) as unreachable:  # nothing listens there: connection refused
+        storage.read_bytes("az://data/x")
+    found = storage.classify(unreachable.value, "az://data/x", DataError, "read")
+    assert isinstance(found, TransientStorageError) and found.exit_code == 75, found
