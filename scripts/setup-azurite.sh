@@ -15,8 +15,15 @@ if [ "$(cat "$prefix/.version" 2>/dev/null)" = "$version" ] && [ -x "$prefix/nod
   exit 0
 fi
 if ! command -v npm >/dev/null; then
-  echo "setup-azurite: npm not found; install Node.js and npm (Debian: apt-get install nodejs npm)" >&2
-  exit 1
+  # a fresh Debian machine (CI's) has no Node.js: install Debian's when we may, else say how
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing Debian's nodejs and npm (apt-get) for Azurite"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  else
+    echo "setup-azurite: npm not found; install Node.js >= 18 and npm (Debian: apt-get install nodejs npm)" >&2
+    exit 1
+  fi
 fi
 say "installing Azurite $version into $prefix (npm)"
 npm install --prefix "$prefix" --no-audit --no-fund --loglevel=error "azurite@$version" >&2
