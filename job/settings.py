@@ -80,7 +80,7 @@ class Settings(BaseSettings):
 
     # --- data -------------------------------------------------------------------------------
     data_uri: str = Field(
-        description="dataset location: a local path, file://, s3://, gs:// or memory:// URI (required)"
+        description="dataset location: a local path, file://, s3://, gs://, az:// (abfs://) or memory:// URI (required)"
     )
     data_format: Literal["auto", "mnist", "imagefolder"] = Field(
         "auto", description="dataset layout; auto detects MNIST IDX files or class folders"
@@ -512,7 +512,8 @@ def check_uri(value: str) -> str:
         raise ValueError("must not be empty")
     if _userinfo(value) is not None:
         raise ValueError(
-            "credentials in a URI are refused; put them in AWS_* variables, a profile or the pod's service account"
+            "credentials in a URI are refused; put them in the store's variables (AWS_*, "
+            "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*), a profile or the pod's service account"
         )
     if any(ord(c) < 32 for c in value):
         raise ValueError("control characters are not allowed in a URI")
