@@ -38,6 +38,24 @@ class _Formatter(logging.Formatter):
         return redact_text(super().formatException(ei)).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+_last_line = 0.0  # time.monotonic() of this process's last log line: setup_logging's handler stamps it
+
+
+def _stamp(record: logging.LogRecord) -> bool:
+    global _last_line
+    _last_line = time.monotonic()
+    return True
+
+
+def quiet_since(mine: float) -> float:
+    """When the log went quiet: the time of this process's last line, or `mine` (the caller's own
+    last line) if later. A wait logs once JOB_LOG_EVERY_SECONDS have passed since then: no silence
+    longer than that where many short waits follow one another (a timer of each wait's own never
+    runs out), and no second line where another has just been logged. Without the job's logging
+    set up (tests in process), `mine` alone paces it."""
+    return max(_last_line, mine)
+
+
 def setup_logging(level: str = "info", rank: int | None = None) -> None:
     """Plain timestamped lines on stdout for `kubectl logs`. Under torchrun only rank 0 speaks
     (other ranks: warnings and errors, and everything at debug), each line naming its rank."""
@@ -48,6 +66,7 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stdout)  # a stop never raises into a write (job/stop.py)
     prefix = f"rank {rank} " if rank is not None else ""
     handler.setFormatter(_Formatter(f"%(asctime)s.%(msecs)03d %(levelname)s {prefix}%(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.addFilter(_stamp)
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False

@@ -8,7 +8,7 @@ import tarfile
 import threading
 import time
 
-from job import storage
+from job import report, storage
 from job.data.index import INDEX
 from job.errors import DataError, SettingsError, StoppedWaitingForData
 
@@ -35,6 +35,8 @@ class ShardCache:
         self.cursor = 0  # the plan's position of the last shard asked for: prefetch goes on from there
         self.peak = 0  # most bytes reserved at once (the limit is never passed)
         self.disk_peak = 0  # most bytes measured on disk, after each download
+        self.downloads, self.downloaded = 0, 0  # shards and bytes downloaded so far (progress lines)
+        self.said = 0.0  # when get() last said what it waits for
         self.lock = threading.Condition()
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):  # a previous process's files: the budget starts from scratch
@@ -60,7 +62,9 @@ class ShardCache:
         """The local shard, pinned until release(). Every download runs in the prefetch thread
         (this one asks for the shard first and waits), so the training thread stays free to
         answer a stop: a stalled download is given up at half the grace period, leaving the
-        loop the other half to save its last step."""
+        loop the other half to save its last step. While it waits, a line says so whenever the
+        log has been quiet for JOB_LOG_EVERY_SECONDS: the first batches of a pass can need a
+        dozen shards, each quick to fetch, and the run said nothing for 69 s (issue 24)."""
         with self.lock:
             if name in self.plan[self.cursor :]:
                 self.cursor += self.plan[self.cursor :].index(name)
@@ -73,10 +77,22 @@ class ShardCache:
                     return self.local[name]
                 self.urgent = name
                 self.lock.notify_all()
-                self.lock.wait(0.5)
+                due = report.quiet_since(self.said) + storage.log_every()
+                if time.monotonic() >= due:
+                    self.said = time.monotonic()
+                    log.info(self._waiting(name))
+                    due = self.said + storage.log_every()
+                self.lock.wait(min(0.5, max(0.0, due - time.monotonic())))
                 signum, deadline = storage.stop_pending(share=0.5)
                 if signum and time.monotonic() >= deadline:
                     raise StoppedWaitingForData(signum, f"while waiting for shard {name} to download")
+
+    def _waiting(self, name: str) -> str:
+        """What get() waits for, and how far the cache has come (call with the lock held)."""
+        here = self.plan[self.cursor:][:1] == [name]
+        where = f" (shard {self.cursor + 1}/{len(self.plan)} of this pass)" if here else ""
+        return (f"waiting for shard {name} to download{where}; {self.downloads} shards "
+                f"({self.downloaded / 1e6:,.1f} MB) downloaded so far")
 
     def release(self, name: str) -> None:
         with self.lock:
@@ -152,6 +168,7 @@ class ShardCache:
                 os.replace(tmp, path)
                 with self.lock:
                     self.disk_peak = max(self.disk_peak, self.bytes_on_disk())
+                    self.downloads, self.downloaded = self.downloads + 1, self.downloaded + len(blob)
                 return path
             log.warning(
                 f"shard {storage.redact_uri(uri)} does not match its sha256 in {INDEX} "
