@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 import warnings
 from typing import Annotated, Literal
@@ -33,6 +32,7 @@ from job import __version__, models, storage
 from job.data import images, layout
 from job.data.augment import EVAL_RESIZE
 from job.errors import DataError, JobError, OutputError, format_version, one_line
+from job.report import phase
 from job.settings import MAX_HIDDEN_LAYERS, MAX_IMAGE_SIDE, MAX_MLP_PARAMETERS, mlp_parameters
 
 log = logging.getLogger("job")
@@ -317,28 +317,6 @@ def full_fp32(device: torch.device):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@contextlib.contextmanager
-def phase(name: str, log_every: float):
-    """Log the export's phase `name` as it starts and ends, and every `log_every` seconds between
-    from a thread: a phase is often one long call (a trace, an upload) that says nothing."""
-    start = time.monotonic()
-    log.info(f"export: {name} ...")
-    ended = threading.Event()
-
-    def beat() -> None:
-        while not ended.wait(log_every):
-            log.info(f"export: {name}: {time.monotonic() - start:.0f} s")
-
-    thread = threading.Thread(target=beat, name="export-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        ended.set()
-        thread.join()
-    log.info(f"export: {name} done in {time.monotonic() - start:.1f} s")
-
-
 def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: bool = True,
           device: torch.device | None = None, threads: int | None = None, log_every: float = 10.0) -> dict:
     """Write model/ (weights, config, verified ONNX) to `out_uri`; returns the config written.
@@ -360,7 +338,7 @@ def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: boo
     shown = storage.redact_uri(out_uri)
     log.info(f"exporting the model to {shown}" + (f" (ONNX verified with PyTorch on {device})" if onnx else ""))
     with storage.errors(out_uri, OutputError, "write the model to"):
-        with phase("writing model.safetensors", log_every):
+        with phase("export: writing model.safetensors", log_every):
             # an earlier export's config and ONNX file must never sit beside other weights, whatever
             # ends this one: config.json, written last, says the folder is complete
             for name in ("config.json", "model.onnx"):
@@ -373,16 +351,16 @@ def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: boo
         if onnx:
             start = time.monotonic()
             try:
-                with phase("reading the validation samples", log_every):
+                with phase("export: reading the validation samples", log_every):
                     batches = list(batches)
                 # Traced on the CPU: tracing is symbolic work for the CPU whatever the device, and a
                 # graph traced there is the one our tests verify
-                with phase("tracing the model for ONNX", log_every):
+                with phase("export: tracing the model for ONNX", log_every):
                     blob = _onnx_bytes(model, batches[0][:1].float().cpu())
                 samples = sum(len(x) for x in batches)
-                with phase(f"verifying the ONNX model on {samples} samples (PyTorch on {device})", log_every):
+                with phase(f"export: verifying the ONNX model on {samples} samples (PyTorch on {device})", log_every):
                     config["verification"] = verify(model.to(device), blob, batches, device, threads)
-                with phase("writing model.onnx", log_every):
+                with phase("export: writing model.onnx", log_every):
                     storage.write_bytes(storage.join(out_uri, "model.onnx"), blob)
                 config.update(onnx="model.onnx", onnx_opset=OPSET)
                 onnx_seconds = time.monotonic() - start
@@ -394,7 +372,7 @@ def write(out_uri: str, model: torch.nn.Module, config: dict, batches, onnx: boo
                     f"no ONNX model written to {shown}: {config['onnx_error']}; "
                     "model.safetensors and config.json are"
                 )
-        with phase("writing config.json", log_every):
+        with phase("export: writing config.json", log_every):
             storage.write_json(storage.join(out_uri, "config.json"), config)
     if config["onnx"]:
         log.info(f"model exported to {shown} (ONNX verified on {config['verification']['samples']} samples "

@@ -16,6 +16,7 @@ from job import checkpoint, stop, storage
 from job.data import Data
 from job.data.sources import TensorSource
 from job.errors import OutputError, SettingsError
+from job.report import phase
 
 log = logging.getLogger("job")
 VERSION = 2  # bump when what is cached changes (2: the labels too, read with the features)
@@ -51,7 +52,9 @@ def inference_batch_size(batch_size: int, image_size: int) -> int:
 def compute(model: nn.Module, head: str, source, batch_size: int, autocast, what: str,
             log_every: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(the head's inputs, the labels) for every sample of `source`, in order: the model with its
-    head swapped for Identity. Logs progress (done/total, rate, ETA) every `log_every` seconds.
+    head swapped for Identity. Logs the pass as a phase: progress (done/total, rate, ETA) every
+    `log_every` seconds from its start, however long one batch takes (a batch of up to
+    MAX_FEATURE_BATCH images through a backbone is often the whole pass).
 
     The results stay where the batches are (the device), written into tensors made at the first
     batch: nothing waits for the device until the caller reads them, once. A copy to the CPU per
@@ -63,24 +66,28 @@ def compute(model: nn.Module, head: str, source, batch_size: int, autocast, what
     total, done = len(source), 0
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
-    start = last = time.monotonic()
+    start = time.monotonic()
+
+    def progress() -> str:
+        elapsed = time.monotonic() - start
+        if not done:
+            return f"0/{total}, elapsed {elapsed:.0f} s"
+        rate = done / elapsed
+        return (f"{done}/{total} ({100 * done / total:.0f}%), {rate:.1f} images/s, elapsed {elapsed:.0f} s, "
+                f"ETA {(total - done) / rate:.0f} s")
+
     try:
-        for xb, yb in source.batches(torch.arange(total), batch_size, train=False):
-            stop.check("while computing the feature cache: nothing to save yet")
-            with autocast():
-                out = model(xb)
-            if x is None or y is None:
-                x = torch.empty((total, *out.shape[1:]), dtype=torch.float32, device=out.device)
-                y = torch.empty(total, dtype=yb.dtype, device=yb.device)
-            x[done:done + len(out)] = out  # float32, as the head trains on them
-            y[done:done + len(yb)] = yb
-            done += len(yb)
-            now = time.monotonic()
-            if now - last >= log_every:
-                last = now
-                rate = done / (now - start)
-                log.info(f"feature cache: {what} {done}/{total} images ({100 * done / total:.0f}%), "
-                         f"{rate:.1f} images/s, elapsed {now - start:.0f} s, ETA {(total - done) / rate:.0f} s")
+        with phase(f"feature cache: {what}", log_every, progress):
+            for xb, yb in source.batches(torch.arange(total), batch_size, train=False):
+                stop.check("while computing the feature cache: nothing to save yet")
+                with autocast():
+                    out = model(xb)
+                if x is None or y is None:
+                    x = torch.empty((total, *out.shape[1:]), dtype=torch.float32, device=out.device)
+                    y = torch.empty(total, dtype=yb.dtype, device=yb.device)
+                x[done:done + len(out)] = out  # float32, as the head trains on them
+                y[done:done + len(yb)] = yb
+                done += len(yb)
         if x is None or y is None or done != total:
             raise RuntimeError(f"the feature pass read {done} of {total} {what}")  # a source's bug, not the data's
         return x, y
@@ -111,23 +118,24 @@ def cached(data: Data, model: nn.Module, head: str, *, model_name: str, image_si
                  f"{f' and {len(data.test)} test images' if data.test is not None else ''} (once), "
                  f"in batches of {batch}")
         try:
-            computed = compute(model, head, data.samples, batch, autocast, "images", log_every)
+            computed = compute(model, head, data.samples, batch, autocast, "train and val images", log_every)
         except SettingsError as exc:  # raised before the first batch: a shard cache sized for training's batches
             if batch == batch_size:
                 raise
             log.info(f"feature cache: {str(exc).split(':')[0]} for batches of {batch}: "
                      f"computing in batches of JOB_BATCH_SIZE={batch_size}")
             batch = batch_size
-            computed = compute(model, head, data.samples, batch, autocast, "images", log_every)
+            computed = compute(model, head, data.samples, batch, autocast, "train and val images", log_every)
         features = dict(zip(("x", "y"), computed, strict=True))
         if data.test is not None:
             features["test_x"], features["test_y"] = compute(
                 model, head, data.test, batch, autocast, "test images", log_every
             )
-        blob = checkpoint.serialize({k: v.cpu() for k, v in features.items()})  # the one read of the device
-        if publish:
-            with storage.errors(remote, OutputError, "write feature cache to"):
-                storage.write_bytes(remote, blob)
+        with phase("feature cache: saving the features", log_every):
+            blob = checkpoint.serialize({k: v.cpu() for k, v in features.items()})  # the one read of the device
+            if publish:
+                with storage.errors(remote, OutputError, "write feature cache to"):
+                    storage.write_bytes(remote, blob)
     if not os.path.exists(local):
         storage.write_bytes(local, blob)
 

@@ -3,11 +3,14 @@
 Metrics are data: the same names appear in the log line, the history rows and the plots.
 """
 
+import contextlib
 import io
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 from job import storage
 from job.settings import redact_text
@@ -70,6 +73,33 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
+
+
+@contextlib.contextmanager
+def phase(name: str, log_every: float, progress: Callable[[], str] | None = None):
+    """Log the phase `name` as it starts and ends, and between, from a thread, how far it has come
+    (`progress()`, else the seconds so far) whenever the log has been quiet for `log_every`
+    seconds: a phase is often one long call (a trace, an upload, a batch through a backbone) that
+    says nothing, and a wait inside it that speaks (a shard download) speaks for it."""
+    start = time.monotonic()
+    log.info(f"{name} ...")
+    ended = threading.Event()
+
+    def beat() -> None:
+        said = start
+        while not ended.wait(max(0.0, quiet_since(said) + log_every - time.monotonic())):
+            if time.monotonic() - quiet_since(said) >= log_every:
+                said = time.monotonic()
+                log.info(f"{name}: {progress() if progress else f'{said - start:.0f} s'}")
+
+    thread = threading.Thread(target=beat, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        thread.join()
+    log.info(f"{name} done in {time.monotonic() - start:.1f} s")
 
 
 METRIC_FORMATS = {

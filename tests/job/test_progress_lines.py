@@ -1,14 +1,16 @@
 """No silent phase (issue 24): with JOB_LOG_EVERY_SECONDS=1, the waits for shards before a streamed
-run's first step (and before its val and test passes) log what they wait for, and no two lines are
-further apart than the interval plus a slack measured in the same run. A store that answers every
-shard read in 0.7 s (under the interval, so no storage line says a read is slow) makes each phase
-several seconds long."""
+run's first step (and before its val and test passes) log what they wait for, every feature pass
+of a frozen backbone logs its progress, and no two lines are further apart than the interval plus
+a slack measured in the same run. A store that answers every shard read in 0.7 s (under the
+interval, so no storage line says a read is slow) makes each phase several seconds long."""
 
 import re
 from datetime import datetime
 
+import stage_dataset
 from conftest import DIGITS, run_job, time_unit
 from faultproxy import FaultProxy
+from test_transfer import weights_file
 
 SHARD_DELAY = 0.7  # seconds a shard read takes
 
@@ -70,3 +72,30 @@ def test_a_streamed_run_says_what_it_waits_for_before_each_pass(s3, digits_dir, 
         waits = [line for _, line in between(lines, first, last) if "waiting for shard" in line]
         assert waits and all(f"waiting for shard {text}" in line for line in waits), (text, waits)
 
+
+def test_every_feature_pass_logs_its_progress_and_nothing_between_is_silent(s3, digits_arrays, tmp_path,
+                                                                             monkeypatch):
+    """A frozen backbone's feature passes (train and val images, then test images) each took one
+    batch here, as they often do (a batch holds up to 1024 images): they logged nothing until the
+    batch was done, and nothing from the end of one pass to the end of the next one's first batch."""
+    for split in ("train", "test"):
+        stage_dataset.png_folder(digits_arrays[f"{split}_images"], digits_arrays[f"{split}_labels"],
+                                 str(tmp_path / "digits" / split))
+    proxy = slow_shards(s3, monkeypatch, str(tmp_path / "digits"), "digit-images", 160_000)
+    try:
+        unit = time_unit()
+        result = run_job(data_uri="s3://data/digit-images", output_uri=str(tmp_path / "out"), run_name="r",
+                         model="resnet18", image_size=32, freeze="all", pretrained=weights_file(str(tmp_path / "w.pt")),
+                         epochs=1, batch_size=16, num_workers=0, cache_dir=str(tmp_path / "cache"),
+                         log_every_seconds=1, **DIGITS)
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stdout
+    lines = stamped(result.stdout)
+    passes = between(lines, "feature cache: computing backbone features", "mixed precision")  # to the training
+    assert seconds(passes) > 3, passes  # the premise: the passes last several intervals
+    gap, line = longest_silence(passes)
+    assert gap <= 1 + 2 * unit, (gap, line, unit)
+    for what in ("train and val images", "test images"):  # each pass says how far it has come while it runs
+        during = between(passes, f"feature cache: {what} ...", f"feature cache: {what} done in ")
+        assert any(re.search(rf"feature cache: {what}: \d+/\d+[ ,]", line) for _, line in during), during
