@@ -33,7 +33,7 @@ COMMANDS = {
             ("model", "the model: a run's URI or its model/ folder"),
             ("inputs", "a folder or prefix of images (subfolders included), of IDX image files, or a sharded dataset"),
         ],
-        "where to write predictions.jsonl (default: <run>/predictions/<inputs>.jsonl)",
+        "where to write predictions.jsonl (default: <run>/predictions/<inputs>-<hash of its URI>.jsonl)",
     ),
     "evaluate": (
         "score an exported model on labelled data -> evaluation.json and confusion.png",

@@ -56,15 +56,15 @@ def _refuse_output_in_model(model_uri: str, output_uri: str | None) -> None:
         )
 
 
-def evaluation_name(data_uri: str, split: str) -> str:
-    """The folder evaluate writes to under <run>/evaluations/ by default: the dataset's last segment,
-    a hash of its whole URI (redacted; a local path made absolute) and the split scored, so
-    s3://a/photos and s3://b/photos, or one dataset's test and val splits, never share a folder:
-    s3://b/photos -> photos-1c2d3e4f-test."""
-    where = storage.redact_uri(data_uri).rstrip("/").removeprefix("file://")
-    if "://" not in where:  # ./photos, /work/photos and file:///work/photos are the same dataset
+def output_name(uri: str) -> str:
+    """What predict and evaluate name their default output after (<run>/predictions/<name>.jsonl,
+    <run>/evaluations/<name>-<split>/): the data's last segment and a hash of its whole URI
+    (redacted; a local path made absolute), so s3://a/photos and s3://b/photos never share one:
+    s3://b/photos -> photos-1c2d3e4f."""
+    where = storage.redact_uri(uri).rstrip("/").removeprefix("file://")
+    if "://" not in where:  # ./photos, /work/photos and file:///work/photos are the same data
         where = os.path.abspath(where)
-    return f"{dataset_name(data_uri)}-{hashlib.sha256(where.encode()).hexdigest()[:8]}-{split}"
+    return f"{dataset_name(uri)}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def predict(settings, runtime, model_uri: str, inputs_uri: str, output_uri: str 
         raise DataError(
             f"no readable input under {storage.redact_uri(inputs_uri)}{f' ({len(bad)} bad files)' if bad else ''}"
         )
-    output_uri = output_uri or storage.join(run_dir(model_uri), "predictions", f"{dataset_name(inputs_uri)}.jsonl")
+    output_uri = output_uri or storage.join(run_dir(model_uri), "predictions", f"{output_name(inputs_uri)}.jsonl")
     log.info(
         f"predicting {len(names)} inputs from {storage.redact_uri(inputs_uri)} with {config['architecture']} "
         f"({len(names_of)} classes) on {runtime.device}; {len(bad)} bad files skipped"
@@ -138,7 +138,7 @@ def evaluate(settings, runtime, model_uri: str, data_uri: str, output_uri: str |
         )
     if not len(indices):
         raise DataError(f"no readable sample in {storage.redact_uri(data_uri)}")
-    output_uri = output_uri or storage.join(run_dir(model_uri), "evaluations", evaluation_name(data_uri, split))
+    output_uri = output_uri or storage.join(run_dir(model_uri), "evaluations", f"{output_name(data_uri)}-{split}")
     log.info(
         f"evaluating {config['architecture']} on {len(indices)} samples of {storage.redact_uri(data_uri)} "
         f"({split} split); {len(bad)} bad files skipped"

@@ -73,7 +73,8 @@ def test_predict_on_idx_files_matches_the_checkpoint(digits_run):
     root, run, _ = digits_run
     result = command("predict", str(run), str(root / "digits"))
     assert result.returncode == 0, result.stdout
-    rows = predictions(run / "predictions" / "digits.jsonl")
+    (written,) = (run / "predictions").glob("digits-*.jsonl")  # named by the inputs and a hash of their URI
+    rows = predictions(written)
     config = json.loads((run / "model" / "config.json").read_text())
     x = torch.from_numpy(read_idx(str(root / "digits" / "t10k-images-idx3-ubyte.gz"), 3, 1 << 30).copy())
     with torch.no_grad():
