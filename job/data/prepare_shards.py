@@ -25,12 +25,12 @@ log = logging.getLogger("job")
 JPEG_QUALITY = 90
 
 
-def _plan(settings, source_root: str, kind: str,
+def _plan(settings, source_uri: str, source_root: str, kind: str,
           remote: layout.Folders | None = None) -> tuple[dict[str, list], list[str], dict | None]:
     """{split: [(source file or IDX item, label)]}, class names, and IDX arrays if any, split as
     training splits them: the layout's own validation folder, else a seeded split of train
     (JOB_VAL_FRACTION, JOB_SEED). `remote`: an image folder's split folders in object storage,
-    read sample by sample."""
+    read sample by sample. Errors name `source_uri`, as given, not the root read."""
     if kind == "idx":
         train = idx.read_split(source_root, "train", True, settings.max_file_bytes)
         assert train is not None  # required: read_split raised otherwise
@@ -43,7 +43,7 @@ def _plan(settings, source_root: str, kind: str,
         arrays: dict | None = {"train": train, "test": test}
     else:
         folders = remote if remote is not None else layout.local_folders(source_root)
-        classes, plan, _ = layout.image_splits(folders, source_root)
+        classes, plan, _ = layout.image_splits(folders, storage.redact_uri(source_uri).rstrip("/"))
         arrays = None
     if "val" not in plan:
         train_idx, val_idx = split_indices(len(plan["train"]), settings.val_fraction, settings.seed)
@@ -112,7 +112,7 @@ def prepare(settings, runtime, source_uri: str, dest_uri: str) -> dict:
     kind, root, remote = _open_source(settings, source_uri)
     with storage.errors(source_uri, DataError, "list the source dataset"):
         source_digest = mirror.listing_digest(source_uri)
-    plan, classes, arrays = _plan(settings, root, kind, remote)
+    plan, classes, arrays = _plan(settings, source_uri, root, kind, remote)
     # every shard a sample of all classes: a reader's shuffle mixes a few shards at a time, so
     # shards written class by class would train on batches of one or two classes (measured: 0.805
     # against 0.969 val accuracy from the same images as folders)

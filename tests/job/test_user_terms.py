@@ -51,11 +51,12 @@ def error_line(result) -> str:
 
 def test_errors_about_a_remote_dataset_name_its_uri_not_the_cache(s3, tmp_path):
     s3.pipe("data/one/train/rose/a.png", png(10))
-    for args in ((), ("--check",)):
+    for args in ((), ("--check",), ("prepare", "s3://data/one", "s3://data/one-shards")):
         result = run_job(*args, data_uri="s3://data/one", output_uri="s3://out/runs")
         assert result.returncode == DataError.exit_code, result.stdout[-3000:]
         line = error_line(result)
-        assert "s3://data/one/train holds 1 class folder(s); a classifier needs at least 2" in line, line
+        # prepare said "data/one/train holds ...": the bucket's path, not the URI given
+        assert "s3://data/one/train holds 1 class folder(s); a classifier needs at least 2" in line, (args, line)
         assert CACHE_DIR not in line, line
 
 
