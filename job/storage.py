@@ -555,6 +555,14 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+@operation("check")
+def is_file(uri: str) -> bool:
+    """`uri` is a file (an object), not a folder, a prefix or nothing. (s3fs answers False on any
+    error, a refusal included: the read that follows reports it.)"""
+    fs, path = filesystem(uri)
+    return fs.isfile(path)
+
+
 @operation("remove")
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)

@@ -127,8 +127,10 @@ def load_images(root: str, settings, runtime, normalize: bool) -> Data:
 def load(settings, runtime, normalize: bool = False, include=None) -> Data:
     """A sharded dataset (its index.json) is streamed; any other is pulled (or the files
     `include` selects: a smoke run's sample, which takes one shard per split of a sharded one)
-    into the local cache and loaded. Every problem is a DataError (exit 3)."""
+    into the local cache and loaded. Every problem is a DataError (exit 3), but a file given
+    as JOB_DATA_URI: a setting to fix (exit 2)."""
     with storage.errors(settings.data_uri, DataError, "read dataset"):
+        layout.refuse_file(settings.data_uri, "JOB_DATA_URI")
         index = find_index(settings.data_uri)
         if index is not None:
             return load_shards(settings, runtime, index, normalize, limit=1 if include else 0)

@@ -21,12 +21,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from job import storage
-from job.data.layout import MAX_CLASSES
+from job.data.layout import INDEX, MAX_CLASSES
 from job.errors import DataError, format_version, one_line
 from job.settings import MAX_IMAGE_SIDE
 
 log = logging.getLogger("job")
-INDEX = "index.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")  # as prepare writes them
 SHARD_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}\.tar"  # a plain file name: joined to the cache folder

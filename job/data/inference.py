@@ -45,6 +45,7 @@ def labelled(settings, runtime, uri: str, config: dict) -> Labelled:
     its validation folder), class folders, or MNIST-format IDX files (the t10k pair when there is
     one), checked against the classes and input of the model."""
     with storage.errors(uri, DataError, "read the labelled data"):
+        layout.refuse_file(uri)
         index = find_index(uri)
         if index is None:
             root = mirror.pull(uri, settings.cache_dir)
@@ -87,6 +88,7 @@ def inputs(settings, runtime, uri: str, config: dict) -> Inputs:
     of the IDX images file there (named <file>#<i>), else every image file under `uri`,
     subfolders included (named by their path under it)."""
     with storage.errors(uri, DataError, "read inputs"):
+        layout.refuse_file(uri)
         index = find_index(uri)
         if index is None:
             root = mirror.pull(uri, settings.cache_dir)

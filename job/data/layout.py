@@ -13,7 +13,7 @@ dataset, is recognised by its index.json (job.data.index) before anything is lis
 import os
 
 from job import storage
-from job.errors import DataError
+from job.errors import DataError, SettingsError
 
 # role -> file stem; each may be stored raw or with .gz
 MNIST_FILES = {
@@ -26,6 +26,7 @@ MNIST_FILES = {
 # device, in evaluation.json, drawn in confusion.png): 4,096 classes are 16.8 M counts (134 MB);
 # 100,000 would be 80 GB, allocated at the first evaluation.
 MAX_CLASSES = 4096
+INDEX = "index.json"  # a sharded dataset's index: the folder holding it is the dataset
 SPLIT_DIRS = ("train", "valid", "val", "test")
 VAL_DIRS = ("valid", "val")
 Folders = dict[str, dict[str, list[str]]]  # {split folder: {class: [file path or object URI]}}
@@ -39,6 +40,23 @@ def kind_of(names: list[str]) -> str | None:
     if "train" in names:
         return "imagefolder"
     return None
+
+
+def refuse_file(uri: str, setting: str = "") -> None:
+    """A file where the data's folder belongs is a setting to fix (exit 2), said as such: read as
+    a folder, it was "not found (NotADirectoryError)", or a listing of itself. A sharded dataset's
+    index.json or an IDX file names the folder to give instead. `setting`: the variable that gave
+    the URI, if one did."""
+    if not storage.is_file(uri):
+        return
+    shown = storage.redact_uri(uri).rstrip("/")
+    named = f"{setting}=" if setting else ""
+    folder, name = shown.rsplit("/", 1) if "/" in shown else (".", shown)
+    instead = f"; here {named}{folder}" if name == INDEX or kind_of([name]) == "mnist" else ""
+    raise SettingsError(
+        f"{named}{shown} is a file, not a folder: give the folder that holds the data (image files in class folders, "
+        f"MNIST-format IDX files, or a sharded dataset's {INDEX}){instead}"
+    )
 
 
 def detect(names: list[str], uri: str) -> str:

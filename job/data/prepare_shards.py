@@ -167,6 +167,7 @@ def _open_source(settings, source_uri: str) -> tuple[str, str, layout.Folders | 
     object (the source can exceed local disk); local files are read in place; IDX files are
     small enough to pull."""
     with storage.errors(source_uri, DataError, "read the source dataset"):
+        layout.refuse_file(source_uri)
         names = sorted(n for n in storage.list_names(source_uri) if not n.startswith("."))
         kind = "idx" if layout.detect(names, source_uri) == "mnist" else "image"
         if kind == "image" and not storage.is_local(source_uri):

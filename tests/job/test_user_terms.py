@@ -60,6 +60,27 @@ def test_errors_about_a_remote_dataset_name_its_uri_not_the_cache(s3, tmp_path):
         assert CACHE_DIR not in line, line
 
 
+def test_a_file_where_the_data_folder_belongs_is_a_setting_to_fix(s3, tmp_path):
+    """A file as JOB_DATA_URI was "not found (NotADirectoryError)" (exit 3), or on S3 an object
+    "listed under itself but not inside it"; it is a file, a folder is expected: exit 2."""
+    (tmp_path / "photo.png").write_bytes(png(10))
+    s3.pipe("data/photo.png", png(10))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text("{}")
+    expected = ("is a file, not a folder: give the folder that holds the data (image files in class folders, "
+                "MNIST-format IDX files, or a sharded dataset's index.json)")
+    for uri in (str(tmp_path / "photo.png"), "s3://data/photo.png"):
+        for args in ((), ("--check",)):
+            result = run_job(*args, data_uri=uri, output_uri=str(tmp_path / "out"))
+            assert result.returncode == SettingsError.exit_code, (args, result.stdout[-3000:])
+            line = error_line(result)
+            assert f"JOB_DATA_URI={uri} {expected} (exit 2" in line and "not found" not in line, (args, line)
+        prepared = run_job("prepare", uri, str(tmp_path / "dest"))  # prepare's source: no variable to name
+        assert prepared.returncode == SettingsError.exit_code and f"{uri} {expected} (exit 2" in error_line(prepared)
+    index = run_job("--check", data_uri=str(tmp_path / "shards" / "index.json"), output_uri=str(tmp_path / "out"))
+    assert f"; here JOB_DATA_URI={tmp_path / 'shards'} (exit 2" in error_line(index)  # the folder to give
+
+
 def test_a_file_that_is_not_an_image_is_named_by_its_key(s3, tmp_path):
     photos(lambda key, data: s3.pipe(f"data/photos/{key}", data))
     result = run_job(data_uri="s3://data/photos", output_uri="s3://out/runs", image_size=16, epochs=1,

@@ -194,7 +194,7 @@ CASES = {
     "compile_without_a_compiler": (2, "JOB_COMPILE=true"),
     "data_missing": (3, "nothing-here"),
     "data_empty": (3, "empty"),
-    "data_a_file": (3, "photo.png"),
+    "data_a_file": (2, "photo.png is a file, not a folder"),
     "one_class": (3, "1 class"),
     "class_folders_all_empty": (3, "train"),
     "unreadable_files_over_the_limit": (3, "JOB_MAX_BAD_FRACTION=0.01"),
