@@ -7,6 +7,7 @@ multiple of time_unit(), measured in the same test; every other timeout is a han
 enough for a machine ten times slower than ours under load, never the assertion."""
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -175,8 +176,6 @@ def corrupt_copy(src_dir, dst_dir, name: str, data: bytes) -> None:
 def read_history(run) -> list[dict]:
     """A run's history.jsonl as rows ([] while there is none): `run` is a local run directory, or
     (fs, "bucket/run") for one in the S3 server."""
-    import json
-
     if isinstance(run, tuple):
         fs, path = run
         text = fs.cat_file(f"{path}/history.jsonl").decode() if fs.exists(f"{path}/history.jsonl") else ""
@@ -229,6 +228,25 @@ def stop_within_grace(proc, grace: float, unit: float) -> str:
 
 def wait_for_epochs(run, n: int, proc=None, timeout: float = 300) -> None:
     wait_for(lambda: len(read_history(run)) >= n, proc, timeout, f"{n} epochs in the history")
+
+
+def assert_sigterm_interrupts_a_slow_pull(proxy, data_uri: str, tmp_path) -> None:
+    """Start the job on `data_uri`, reached through `proxy`, which delays every request (by 3 time
+    units or more), SIGTERM it in the pull's first request and check that it exits 143 at once.
+    The pull (a listing, then the files) takes at least two delays and the signal lands in the
+    first, so a job waiting for the pull would take another whole delay; its exit takes less than a
+    unit. The output location is local: the first request to the store is the pull's."""
+    proc = start_job(data_uri=data_uri, output_uri=str(tmp_path), run_name="r", cache_dir=str(tmp_path / "cache"))
+    wait_for(lambda: proxy.counts["delayed"] > 0, proc, what="the pull's first request at the slow store")
+    out, took = sigterm(proc)
+    assert proc.returncode == 143, out
+    # interrupted, not after the pull finished: sooner than the rest of the pull, and the job never
+    # said what it read (its next line after the pull) nor fetched a file into its cache
+    assert took < proxy.delay_seconds, (took, proxy.delay_seconds)
+    assert " INFO dataset " not in out and not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()], out
+    assert "stopped by signal 15" in out and "Traceback" not in out
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "stopped"
+    assert not (tmp_path / "r" / "checkpoints").exists()  # nothing trained, nothing to save
 
 
 def cpu_ticks(pid: int) -> tuple[int, str]:

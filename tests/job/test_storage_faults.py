@@ -2,13 +2,20 @@
 errors are retried with backoff and change nothing; persistent ones end with exit 75."""
 
 import json
-import signal
 import time
 
 import pytest
-
 import stage_dataset
-from conftest import DIGITS, assert_same_history, read_history, run_job, start_job, time_unit, wait_for, wait_for_epochs
+from conftest import (
+    DIGITS,
+    assert_same_history,
+    assert_sigterm_interrupts_a_slow_pull,
+    read_history,
+    run_job,
+    start_job,
+    time_unit,
+    wait_for_epochs,
+)
 from faultproxy import FaultProxy
 
 
@@ -57,31 +64,12 @@ def test_all_requests_failing_exits_75_in_bounded_time(s3, digits_dir, proxy_for
 
 def test_sigterm_during_a_slow_data_pull_exits_143_promptly(s3, digits_arrays, s3_server, tmp_path, monkeypatch):
     stage_dataset.stage(digits_arrays, "s3://data/digits")
-    # every request is delayed: the pull (a listing, then the files) takes at least two delays, and
-    # the signal lands in the first, so the job waiting for the pull would take another whole delay;
-    # the job's exit takes less than a unit, so a delay of 3 units leaves it 2 to spare
-    delay = max(5.0, 3 * time_unit())
-    proxy = FaultProxy(s3_server, 0.0, delay_seconds=delay)
+    proxy = FaultProxy(s3_server, 0.0, delay_seconds=max(5.0, 3 * time_unit()))
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        proc = start_job(data_uri="s3://data/digits", output_uri=str(tmp_path), run_name="r",
-                         cache_dir=str(tmp_path / "cache"))
-        # the output location is local: the first request to the store is the pull's
-        wait_for(lambda: proxy.counts["delayed"] > 0, proc, what="the pull's first request at the slow store")
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=300)[0]
-        took = time.monotonic() - signalled
+        assert_sigterm_interrupts_a_slow_pull(proxy, "s3://data/digits", tmp_path)
     finally:
         proxy.close()
-    assert proc.returncode == 143, out
-    # interrupted, not after the pull finished: sooner than the rest of the pull, and the job never
-    # said what it read (its next line after the pull) nor fetched a file into its cache
-    assert took < delay, (took, delay)
-    assert " INFO dataset " not in out and not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()], out
-    assert "stopped by signal 15" in out and "Traceback" not in out
-    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "stopped"
-    assert not (tmp_path / "r" / "checkpoints").exists()  # nothing trained, nothing to save
 
 
 def test_credentials_rotated_in_a_file_keep_a_long_run_going(s3, s3_server, digits_dir, tmp_path, monkeypatch):
