@@ -9,11 +9,9 @@ import base64
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Any, Callable
 
 import pytest
-from conftest import ROOT, SECRET, _free_port, start_server
+from conftest import ROOT, SECRET, ObjectStore, _free_port, start_server
 
 ACCOUNT = "trainjob"
 # The account's key as the job gets it: the test secret in base64 (a Shared Key is base64), so a
@@ -22,25 +20,27 @@ KEY = base64.b64encode(SECRET.encode()).decode()
 CONTAINERS = ("data", "out")  # as the S3 tests' buckets
 
 
+def _refusal(code: str, message: str) -> tuple[bytes, dict]:
+    """An answer of the service's in its own form: the code in the XML body and in x-ms-error-code."""
+    body = f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+    return body.encode(), {"Content-Type": "application/xml", "x-ms-error-code": code}
+
+
+# The service's answers to callers it does not let in (learn.microsoft.com/rest/api/storageservices/
+# common-rest-api-error-codes), which Azurite, on a Shared Key, cannot give: 401 to a token Entra ID
+# issued that has expired (Workload Identity), 403 to an identity without a role on the container
+REFUSALS = {
+    401: _refusal("InvalidAuthenticationInfo", "Server failed to authenticate the request. Please refer to the "
+                  "information in the www-authenticate header."),
+    403: _refusal("AuthorizationPermissionMismatch", "This request is not authorized to perform this operation "
+                  "using this permission."),
+}
+
+
 def connection_string(endpoint: str, key: str = KEY) -> str:
     """What AZURE_STORAGE_CONNECTION_STRING holds to reach the emulator (or a proxy in front of it):
     adlfs reads an endpoint other than <account>.blob.core.windows.net only from a connection string."""
     return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};BlobEndpoint={endpoint}/{ACCOUNT};"
-
-
-@dataclass
-class ObjectStore:
-    """What a store-generic test needs: where to write, how to point the job at the store (or at a
-    FaultProxy in front of it), and a filesystem for reading results back."""
-
-    name: str
-    prefix: str  # "az://": a container follows
-    endpoint: str  # the emulator's URL, for a FaultProxy to forward to
-    env: Callable[[str], dict]  # the variables that point a client at an endpoint (the emulator, a proxy)
-    fs: Any  # an fsspec filesystem on the emulator: paths are "<container>/<key>"
-
-    def uri(self, path: str) -> str:
-        return self.prefix + path
 
 
 def _azurite_blob() -> str:
@@ -87,10 +87,15 @@ def azure(azurite_server, monkeypatch):
     for k, v in env(azurite_server).items():
         monkeypatch.setenv(k, v)
     AzureBlob.clear_instance_cache()  # a filesystem made for another test's variables
-    fs = AzureBlob(connection_string=connection_string(azurite_server), skip_instance_cache=True)
-    for container in fs.ls("", detail=False):
-        fs.rm(container, recursive=True)
+    # no listings cache: a test reads back what the job changed after it listed (the lease, say).
+    # Without it adlfs 2026.8 cannot list the containers (it reads them back from that cache), so
+    # ours are emptied by name: the suite makes no others
+    fs = AzureBlob(connection_string=connection_string(azurite_server), skip_instance_cache=True,
+                   use_listings_cache=False)
     for container in CONTAINERS:
+        if fs.exists(container):
+            fs.rm(container, recursive=True)
         fs.mkdir(container)
-    yield ObjectStore("Azure Blob", "az://", azurite_server, env, fs)
+    yield ObjectStore("azure", "az://", azurite_server, env, fs, "AZURE_STORAGE_CONNECTION_STRING", REFUSALS,
+                      secrets=(SECRET, KEY))
     AzureBlob.clear_instance_cache()

@@ -18,6 +18,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -25,7 +27,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import stage_dataset  # noqa: E402
-from gcs_emulator import gcs, gcs_server  # noqa: E402,F401  (fixtures)
 
 SHARED_MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist-t10k")
 # Deliberately recognisable so tests can prove it never leaks into logs or outputs.
@@ -98,6 +99,28 @@ def s3(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@dataclass
+class ObjectStore:
+    """An object store's emulator as a store-generic test needs it (tests/job/test_object_stores.py;
+    the fixtures `gcs` and `azure` give one): the buckets or containers data and out, a filesystem on
+    it for this process, how to point the job at it or at a FaultProxy in front of it, and what the
+    real service answers a caller it refuses."""
+
+    name: str  # "gcs", "azure": the parametrized tests' ids
+    prefix: str  # "gs://", "az://": a bucket or container follows
+    endpoint: str  # the emulator's URL, for a FaultProxy to forward to
+    env: Callable[[str], dict]  # the variables that point a client at an endpoint (the emulator, a proxy)
+    fs: Any  # an fsspec filesystem on the emulator: paths are "<bucket>/<key>"
+    credentials_variable: str  # where the job's credentials come from: the fix its refusal names
+    # the service's own answers (body, headers) to a caller with no valid credentials (401) and to
+    # one without the role (403), for a FaultProxy to give: an emulator may accept anyone
+    refusals: dict[int, tuple[bytes, dict]]
+    secrets: tuple[str, ...] = field(default=())  # what the job is given that no log or output may show
+
+    def uri(self, path: str) -> str:
+        return self.prefix + path
+
+
 @pytest.fixture(scope="session")
 def digits_arrays():
     return stage_dataset.digits()
@@ -136,6 +159,13 @@ def run_job(*args, timeout=600, **settings) -> subprocess.CompletedProcess:
 def start_job(*args, **settings) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "job", *args], env=job_env(**settings), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The job's one ERROR line, what the person on call reads; there is no traceback."""
+    errors = [line for line in result.stdout.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in result.stdout, result.stdout
+    return errors[0]
 
 
 # A recipe that learns scikit-learn's small digits set in a few epochs (the MNIST recipe's lr 0.5
@@ -279,4 +309,6 @@ def idx_images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
 
 
-from azurite import azure, azurite_server  # noqa: E402, F401  (Azure Blob: the emulator and a clean store)
+# the object stores' emulators and a clean store each (they use the helpers above)
+from azurite import azure, azurite_server  # noqa: E402, F401
+from gcs_emulator import gcs, gcs_server  # noqa: E402, F401

@@ -35,7 +35,7 @@ class FaultProxy:
         self.delay_seconds = delay_seconds
         self.delay_paths = re.compile(delay_paths)  # only requests whose path matches are delayed
         self.revoked_keys: set[str] = set()  # access key ids answered with ExpiredToken
-        self.answers: list[tuple[re.Pattern, int, bytes]] = []  # (path pattern, status, JSON body): see answer()
+        self.answers: list[tuple[re.Pattern, int, bytes, dict]] = []  # (path pattern, status, body, headers): answer()
         self.fail_fraction = fail_fraction
         self.faults = faults  # chosen among at random: slowdown, internal, reset, drop
         self.fail_paths = re.compile(fail_paths)  # only requests whose path matches fail ("" matches all)
@@ -64,10 +64,11 @@ class FaultProxy:
                         data += chunk
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-            def _error(self, status: int, payload: bytes, content_type: str = "application/xml"):
+            def _error(self, status: int, payload: bytes, headers: dict | None = None):
                 """A response of the proxy itself: an S3-style XML error unless told otherwise."""
                 self.send_response(status)
-                self.send_header("Content-Type", content_type)
+                for k, v in (headers or {"Content-Type": "application/xml"}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 if self.command != "HEAD":
@@ -127,23 +128,25 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def answer(self, path_pattern: str, status: int, payload: bytes) -> None:
+    def answer(self, path_pattern: str, status: int, payload: bytes, headers: dict | None = None) -> None:
         """From now on, answer requests whose path (query included) matches `path_pattern` with
-        `status` and the JSON `payload`, without forwarding them."""
-        self.answers.append((re.compile(path_pattern), status, payload))
+        `status`, `payload` and `headers` (a JSON body's Content-Type unless given), without
+        forwarding them."""
+        headers = headers or {"Content-Type": "application/json"}
+        self.answers.append((re.compile(path_pattern), status, payload, headers))
 
-    def answer_for(self, path: str, authorization: str) -> tuple[int, bytes, str] | None:
-        """(status, payload, content type) the proxy answers itself, counted: ExpiredToken for a
+    def answer_for(self, path: str, authorization: str) -> tuple[int, bytes, dict] | None:
+        """(status, payload, headers) the proxy answers itself, counted: ExpiredToken for a
         revoked key, else the first answer() whose pattern matches the path; None: forward it."""
         if any(f"Credential={key}/" in authorization for key in self.revoked_keys):
             with self.lock:
                 self.counts["expired"] += 1
-            return 400, EXPIRED, "application/xml"
-        for pattern, status, payload in self.answers:
+            return 400, EXPIRED, {"Content-Type": "application/xml"}
+        for pattern, status, payload, headers in self.answers:
             if pattern.search(path):
                 with self.lock:
                     self.counts["answered"] += 1
-                return status, payload, "application/json"
+                return status, payload, headers
         return None
 
     def freeze(self):

@@ -2,32 +2,24 @@
 loopback, reached by gcsfs through STORAGE_EMULATOR_HOST with anonymous credentials, as a user
 points the job at an emulator. Registered as fixtures from tests/conftest.py.
 
-What the emulator lacks that GCS has (each probed, see tests/job/test_gcs_store.py): it ignores
+What the emulator lacks that GCS has (each probed, see tests/job/test_object_stores.py): it ignores
 preconditions (`ifGenerationMatch=0`: a second create overwrites), accepts any credentials or
 none, and never answers 5xx; the tests put tests/faultproxy.py in front of it for those."""
 
-import subprocess
+import json
 import sys
-import time
 import urllib.request
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
+from conftest import ObjectStore, _free_port, start_server
 
-
-@dataclass
-class Bucket:
-    """An object store under test, as a store-generic test needs it: buckets `data` and `out`,
-    a filesystem on it for this process, and how to put a proxy between it and the job."""
-
-    scheme: str  # "gs://"
-    fs: Any  # an fsspec filesystem on the store, to stage inputs and read results back
-    endpoint: str  # the server's URL, what a FaultProxy forwards to
-    endpoint_variable: str  # the environment variable that points the job's client at an endpoint
-
-    def uri(self, path: str) -> str:
-        return self.scheme + path
+# GCS's answers to callers it does not let in (cloud.google.com/storage/docs/json_api/v1/status-codes):
+# 401 to an anonymous caller (gcsfs goes anonymous when it finds no credentials), 403 to an identity
+# without the role
+REFUSALS = {
+    401: "Anonymous caller does not have storage.objects.list access to the Google Cloud Storage bucket.",
+    403: "trainjob@example.iam.gserviceaccount.com does not have storage.objects.create access to the bucket.",
+}
 
 
 @pytest.fixture(scope="session")
@@ -38,23 +30,10 @@ def gcs_server():
         import gcp_storage_emulator  # noqa: F401
     except ImportError:
         pytest.fail("gcp-storage-emulator is not installed: run scripts/setup-venv.sh test (trainjob[test] has it)")
-    from conftest import _free_port  # here, not at the top: conftest imports this module
-
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--in-memory", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120  # a hang guard: it starts in about a second here
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/", timeout=10)  # the emulator's health check
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"gcp-storage-emulator did not start (exit {proc.poll()})") from None
-            time.sleep(0.1)
+    proc = start_server([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                         "--port", str(port), "--in-memory", "--quiet"], endpoint + "/", "gcp-storage-emulator")
     yield endpoint
     proc.terminate()
     proc.wait(timeout=60)
@@ -67,8 +46,12 @@ def gcs(gcs_server, monkeypatch):
     import fsspec.config
     import gcsfs.core
 
+    def env(endpoint: str) -> dict:
+        return {"STORAGE_EMULATOR_HOST": endpoint}
+
     urllib.request.urlopen(gcs_server + "/wipe", timeout=120)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+    for k, v in env(gcs_server).items():
+        monkeypatch.setenv(k, v)
     # gcsfs finds no credentials here and tries, in turn, gcloud's, a cache and the metadata
     # server before going anonymous; the emulator wants none. FSSPEC_GS_TOKEN reaches the job
     # (fsspec reads it at import), the config entry this process, whose fsspec is imported.
@@ -78,5 +61,8 @@ def gcs(gcs_server, monkeypatch):
     fs = gcsfs.core.GCSFileSystem(token="anon", use_listings_cache=False)
     fs.mkdir("data")
     fs.mkdir("out")
-    yield Bucket("gs://", fs, gcs_server, "STORAGE_EMULATOR_HOST")
+    refusals = {status: (json.dumps({"error": {"code": status, "message": message}}).encode(),
+                         {"Content-Type": "application/json"}) for status, message in REFUSALS.items()}
+    # no secrets: gcsfs is anonymous on the emulator
+    yield ObjectStore("gcs", "gs://", gcs_server, env, fs, "GOOGLE_APPLICATION_CREDENTIALS", refusals)
     gcsfs.core.GCSFileSystem.clear_instance_cache()

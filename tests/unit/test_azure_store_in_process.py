@@ -1,6 +1,6 @@
 """Azure Blob in process: the URIs the job accepts, how Azure credentials are masked, and storage's
 Azure row on Azurite (exclusive creation and the lease, retries, refused and missing credentials).
-(The job on the emulator, through a real subprocess: tests/job/test_azure_store.py.)"""
+(The job on the emulator, through a real subprocess: tests/job/test_object_stores.py.)"""
 
 import sys
 import threading
