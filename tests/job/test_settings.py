@@ -74,4 +74,4 @@ def test_credentials_in_a_uri_are_refused_and_never_shown(tmp_path, variable, ur
     result = run_job(**{"data_uri": str(tmp_path), variable[4:].lower(): uri})
     assert result.returncode == 2, result.stdout
     assert variable in result.stdout and "credentials in a URI are refused" in result.stdout
-    assert "AWS_* variables" in result.stdout and secret not in result.stdout
+    assert "put them in the store's variables (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)" in result.stdout and secret not in result.stdout
