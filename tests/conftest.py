@@ -164,7 +164,7 @@ def start_job(*args, **settings) -> subprocess.Popen:
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The job's one ERROR line, what the person on call reads; there is no traceback."""
     errors = [line for line in result.stdout.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "Traceback" not in result.stdout, result.stdout
+    assert len(errors) == 1 and "Traceback" not in result.stdout, result.stdout[-3000:]
     return errors[0]
 
 

@@ -10,16 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import stage_dataset
-from conftest import DIGITS, read_history, run_job
+from conftest import DIGITS, error_line, read_history, run_job
 from PIL import Image
-
-
-def error_line(result) -> str:
-    """The job's one error line; there is no traceback."""
-    assert "Traceback" not in result.stdout, result.stdout
-    errors = [line for line in result.stdout.splitlines() if " ERROR " in line]
-    assert len(errors) == 1, result.stdout
-    return errors[0]
 
 
 def files(root) -> dict:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import CACHE_DIR, ROOT, job_env, run_job
+from conftest import CACHE_DIR, ROOT, error_line, job_env, run_job
 from PIL import Image
 from test_launch import run_launcher
 
@@ -41,12 +41,6 @@ def local_photos(root) -> str:
 
     photos(put)
     return str(root)
-
-
-def error_line(result) -> str:
-    errors = [line for line in result.stdout.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "Traceback" not in result.stdout, result.stdout[-3000:]
-    return errors[0]
 
 
 def test_errors_about_a_remote_dataset_name_its_uri_not_the_cache(s3, tmp_path):
