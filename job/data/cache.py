@@ -1,6 +1,7 @@
 """The bounded local shard cache: shards on local disk, fetched ahead of need, checked against
 the index's sha256, least recently used out first, never more than JOB_SHARD_CACHE_BYTES."""
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ class ShardCache:
         self.downloads, self.downloaded = 0, 0  # shards and bytes downloaded so far (progress lines)
         self.said = 0.0  # when get() last said what it waits for
         self.lock = threading.Condition()
+        folder = self.folder = claim(folder)
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):  # a previous process's files: the budget starts from scratch
             os.remove(os.path.join(folder, name))
@@ -245,6 +247,25 @@ def _members(path: str, expected: int, classes: int) -> list[tuple[int, int, int
         )
     return samples
 
+
+
+def claim(folder: str) -> str:
+    """`folder`, or `folder-1`, `folder-2`, ... the first that no live process holds: each is held
+    through an flock on `<folder>.lock` beside it, held while the process lives (as the cache's
+    prefetch thread does) and released by the kernel when it ends, kill -9 included. A cache
+    empties its folder at start, so a --check, a predict or a second job streaming the same dataset
+    through the same JOB_CACHE_DIR once deleted the shards a running job was reading."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    for n in range(1000):
+        candidate = folder if n == 0 else f"{folder}-{n}"
+        fd = os.open(candidate + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return candidate  # fd stays open: the flock is this process's until it ends
+    raise SettingsError(f"1000 processes hold shard cache folders beside {folder}; is JOB_CACHE_DIR shared by all?")
 
 
 def cache_folder(settings, uri: str, local_rank: int) -> str:

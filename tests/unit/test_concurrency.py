@@ -569,3 +569,23 @@ def test_a_signal_is_recorded_where_it_lands_never_raised_into_the_code_it_inter
               "print(seen, stop.signum, flush=True)\nos._exit(0)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "recorded 15", done
+
+
+def test_a_shard_cache_folder_held_by_a_live_process_is_never_taken_and_a_dead_ones_is(tmp_path):
+    """A cache empties its folder at start: a --check, a predict or a second job streaming the same
+    dataset through the same JOB_CACHE_DIR deleted the shards a running job was reading."""
+    import subprocess
+    import sys
+
+    from job.data.cache import claim
+
+    folder = str(tmp_path / "shards" / "abc" / "process-0")
+    code = f"from job.data.cache import claim; print(claim({folder!r}), flush=True); import time; time.sleep(300)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == folder  # the running job's folder
+        assert claim(folder) == folder + "-1"  # the second process gets its own
+    finally:
+        holder.kill()  # kill -9: the kernel releases its lock
+        holder.wait()
+    assert claim(folder) == folder  # a dead process's folder is taken over (and emptied by the cache)
