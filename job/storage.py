@@ -153,8 +153,17 @@ def _gcs_refused(exc: BaseException) -> bool:
     finds none, and the store then answers 401)."""
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
         return exc.errno is None and str(exc).startswith("Forbidden: ")
+    if _gcs_key_refused(exc):
+        return True
     return type(exc).__name__ == "HttpError" and type(exc).__module__.startswith("gcsfs") and \
         getattr(exc, "code", None) == 401
+
+
+def _gcs_key_refused(exc: BaseException) -> bool:
+    """A token refresh the identity provider refused for good (a revoked or invalid service-account
+    key: invalid_grant): google-auth marks it not retryable, though gcsfs retries every RefreshError."""
+    return type(exc).__name__ == "RefreshError" and type(exc).__module__.startswith("google.auth") and \
+        not getattr(exc, "retryable", False)
 
 
 def _gcs_rejected(exc: BaseException) -> bool:
@@ -164,9 +173,11 @@ def _gcs_rejected(exc: BaseException) -> bool:
 
 
 def _gcs_transient(exc: BaseException) -> bool:
-    """What gcsfs itself retries (5xx, 408, 429, connection errors, a token refresh that failed),
-    still failing once its attempts are spent."""
+    """What gcsfs itself retries (5xx, 408, 429, connection errors, a token refresh that failed
+    for a passing reason), still failing once its attempts are spent."""
     if not type(exc).__module__.startswith(("gcsfs", "requests", "google")):
+        return False
+    if _gcs_key_refused(exc):
         return False
     from gcsfs.retry import is_retriable
 
@@ -226,6 +237,8 @@ _GCS = Store("GCS", _gcs_options, _pipe_create, _gcs_refused, extra="gcs", trans
              noisy_logger="gcsfs")
 _AZURE = Store("Azure Blob", _azure_options, _pipe_create, _azure_refused, extra="azure", transient=_azure_transient,
                missing=_azure_missing, fs_class="job.azure_blob:AzureBlob",
+               # DefaultAzureCredential logs each source it tried as a multi-line WARNING, unmasked
+               noisy_logger="azure.identity",
                credentials="set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with "
                "AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or AZURE_STORAGE_ACCOUNT_NAME alone with the "
                "pod's AKS Workload Identity; and check the identity's role on the container (Storage Blob Data "
@@ -269,6 +282,10 @@ def filesystem(uri: str):
             # abfss://container@account.dfs.core.windows.net/)
             return cls(**{**cls._get_kwargs_from_urls(uri), **row.options(_config)}), cls._strip_protocol(uri)
         return fsspec.core.url_to_fs(uri, **(row.options(_config) if row else {}))
+    except ValueError as exc:  # adlfs refuses to make a filesystem with no account: exit 2, wherever it is made
+        if row is None or not row.missing(exc):
+            raise
+        raise CredentialsError(f"{redact_uri(uri)}: no credentials found ({_short(exc)}); {row.credentials}") from None
     except ImportError as exc:  # fsspec names the missing library
         if row is None or not row.extra:
             raise

@@ -3,13 +3,14 @@ lease, and a store that cannot, or whose library is missing, is refused in one l
 rather than run unguarded. memory:// stands in for an object store."""
 
 import dataclasses
+import os
 import sys
 import uuid
 
 import pytest
 
 from job import lease, storage
-from job.errors import SettingsError
+from job.errors import CredentialsError, DataError, SettingsError, TransientStorageError
 from job.settings import URI_SCHEMES
 
 
@@ -36,3 +37,25 @@ def test_a_store_whose_library_is_missing_names_the_extra_to_install(monkeypatch
     with pytest.raises(SettingsError) as refused:
         storage.exists("gs://bucket/data")
     assert refused.value.exit_code == 2 and "pip install 'trainjob[gcs]'" in str(refused.value), refused.value
+
+
+def test_a_gcs_key_the_identity_provider_refuses_is_exit_2_not_a_retry_for_ever():
+    """gcsfs retries every RefreshError; a revoked or invalid service-account key (invalid_grant,
+    which google-auth marks not retryable) was exit 75, so the scheduler retried it without end."""
+    from google.auth.exceptions import RefreshError
+
+    refused = storage.classify(RefreshError("invalid_grant: Invalid JWT Signature.", retryable=False),
+                               "gs://data/digits", DataError, "read")
+    assert isinstance(refused, CredentialsError) and "GOOGLE_APPLICATION_CREDENTIALS" in str(refused)
+    passing = storage.classify(RefreshError("temporarily unavailable", retryable=True), "gs://data/digits", DataError,
+                               "read")
+    assert isinstance(passing, TransientStorageError)
+
+
+def test_an_azure_uri_with_no_account_anywhere_is_exit_2_wherever_its_filesystem_is_made(monkeypatch):
+    """adlfs refuses to make a filesystem with no account: outside storage.errors (prepare's check
+    of its destination, predict's output check) that was a ValueError and exit 1 with a traceback."""
+    for name in [n for n in os.environ if n.startswith("AZURE_")]:
+        monkeypatch.delenv(name)
+    with pytest.raises(CredentialsError, match="az://c/p: no credentials found .*AZURE_STORAGE_CONNECTION_STRING"):
+        storage.is_local("az://c/p")
