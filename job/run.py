@@ -81,7 +81,8 @@ def check(settings, runtime: Runtime) -> str:
     """--check: the run's own start-up up to its first step, in the same functions and order
     (begin, a completed run's records, the dataset pull and scan, the model with its weights and
     the checkpoint restored), so it refuses what the run refuses, with the same exit code. It
-    writes nothing to the output location and takes no lease (it waits for one another job holds,
+    leaves nothing in the output location (a probe proves its root takes writes, then goes; no run
+    directory is made) and takes no lease (it waits for one another job holds,
     as the run would); the dataset it pulls stays in JOB_CACHE_DIR for the run. Returns what it
     found and what the run would do with the run: new, resumable or complete."""
     run_uri = storage.join(settings.output_uri, settings.run_name)
@@ -156,7 +157,7 @@ def resolve_run_name(settings):
 def begin(settings, runtime: Runtime, run_uri: str, check: bool = False) -> Lease | None:
     """Say what runs where, then make sure the output location takes writes before any work.
     Returns rank 0's lease on the run (None on other ranks). check (--check): the same, taking
-    nothing and writing nothing (look_at_output)."""
+    nothing and leaving nothing behind (look_at_output)."""
     log.info(
         f"run {storage.redact_uri(run_uri)} | "
         + " ".join(f"{k} {v}" for k, v in versions().items())

@@ -322,7 +322,8 @@ class Settings(BaseSettings):
         10,
         ge=1,
         le=100,
-        description="attempts per object-store request (botocore standard retry mode: exponential backoff with jitter)",
+        description="attempts per object-store request, with exponential backoff (S3: botocore's standard mode; "
+        "Azure Blob: the job's client; GCS: gcsfs's own 6 attempts instead)",
     )
     storage_timeout_seconds: float = Field(
         300.0,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install Azurite, Microsoft's Azure Blob Storage emulator, into .cache/azurite (ignored by git) for
-# the Azure end-to-end tests (tests/azurite.py starts it). Needs Node.js and npm: .ci/run installs
-# Debian's when they are missing. Nothing to do when the pinned version is already there.
+# the Azure end-to-end tests (tests/azurite.py starts it). Needs Node.js and npm: installs Debian's
+# when they are missing (as root with apt-get). Nothing to do when the pinned version is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # 3.35.0: the newest release that still runs on Node 18 and 20 (3.36 requires Node 21, 3.37 Node 22;

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv with the test extra, lint, and run the tests (CPU only, offline).
+# Set up .venv with the test extra (and Azurite, with npm), lint, and run the tests (CPU only; the
+# tests themselves reach no network).
 #
 #   scripts/test.sh              ruff + mypy, then every suite (what CI runs)
 #   scripts/test.sh unit         tests/unit: in process, about a minute: the inner loop
