@@ -115,10 +115,10 @@ def remote_folders(uri: str) -> Folders:
     """The split folders of an image folder in object storage, from one listing (prepare reads
     the objects one by one: the source need not fit on local disk)."""
     fs, root = storage.filesystem(uri)
-    protocol = uri.split("://", 1)[0] + "://"
     tree: Folders = {}
     for path, info in sorted(storage.find(uri).items()):
-        parts = path[len(root.rstrip("/")) + 1 :].split("/")
+        relative = path[len(root.rstrip("/")) + 1 :]
+        parts = relative.split("/")
         if (
             info.get("type") == "directory"
             or path.endswith("/")
@@ -126,7 +126,8 @@ def remote_folders(uri: str) -> Folders:
             or any(p.startswith(".") for p in parts)
         ):
             continue
-        tree.setdefault(parts[0], {}).setdefault(parts[1], []).append(protocol + path)
+        # under the URI as given, not protocol + path: abfss://container@account... keeps its account
+        tree.setdefault(parts[0], {}).setdefault(parts[1], []).append(storage.join(uri, relative))
     return tree
 
 

@@ -171,14 +171,15 @@ def _open_source(settings, source_uri: str) -> tuple[str, str, layout.Folders | 
         names = sorted(n for n in storage.list_names(source_uri) if not n.startswith("."))
         kind = "idx" if layout.detect(names, source_uri) == "mnist" else "image"
         if kind == "image" and not storage.is_local(source_uri):
-            return kind, storage.filesystem(source_uri)[1], layout.remote_folders(source_uri)
+            # the objects are named under the URI as given (remote_folders): so is their root
+            return kind, source_uri.rstrip("/"), layout.remote_folders(source_uri)
         return kind, mirror.pull(source_uri, settings.cache_dir), None
 
 
 def _relative(path: str, root: str) -> str:
     """A source file's name under the source's root, for an object URI or a local path alike."""
-    if "://" in path:
-        return path.split("://", 1)[1][len(root.rstrip("/")) + 1:]
+    if "://" in path:  # an object's URI under the source URI (layout.remote_folders)
+        return path[len(root.rstrip("/")) + 1:]
     return os.path.relpath(path, root)
 
 
